@@ -1,0 +1,1 @@
+"""Runtimes for exported CQIL models: ONNX Runtime, TensorRT, PyTorch CUDA streams."""

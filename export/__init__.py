@@ -1,0 +1,1 @@
+"""torch.export -> ONNX for CQIL models (DESIGN.md section 4)."""

@@ -1,0 +1,1 @@
+"""Subcommands of `cqil`, one module per stage; each has register(subparsers)."""

@@ -1,0 +1,109 @@
+"""Text for calibration, training and evaluation, cut into token chunks by one fixed convention.
+
+A text source is tokenized as one stream with no special tokens added and cut into consecutive
+`seq_len` chunks, the remainder dropped. `--data` is split deterministically: the last 10% of its
+chunks are held out. `--eval-data` is held out whole. The default text is the Python reference
+documentation shipped in every CPython (`pydoc_data.topics`), joined in sorted topic order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import CqilError
+
+HELD_OUT_FRACTION = 0.1
+DEFAULT_SEQ_LEN = 256
+DEFAULT_TEXT_NAME = "pydoc_data.topics"
+
+
+def default_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def read_text(source: str | Path | None) -> str:
+    """Text of a .txt file, a directory of .txt files (sorted), a .jsonl with a 'text' field, or the default."""
+    if source is None:
+        return default_text()
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise CqilError(f"text source '{source}' does not exist: pass a .txt file, a directory of them, or a .jsonl")
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise CqilError(f"directory '{source}' holds no .txt files")
+        return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+    if path.suffix == ".jsonl":
+        return "\n\n".join(_jsonl_texts(path))
+    if path.suffix == ".txt":
+        return path.read_text(encoding="utf-8")
+    raise CqilError(f"text source '{source}' is neither .txt, .jsonl nor a directory")
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    texts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CqilError(f"{path}:{number} is not valid JSON ({exc.msg})") from exc
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise CqilError(f"{path}:{number} has no string field 'text'")
+        texts.append(record["text"])
+    return texts
+
+
+def chunk_tokens(tokenizer, text: str, seq_len: int) -> torch.Tensor:
+    """[n_chunks, seq_len] int64: the whole text as one token stream, cut consecutively."""
+    if seq_len < 2:
+        raise CqilError(f"--seq-len {seq_len} is too short: use at least 2 (default {DEFAULT_SEQ_LEN})")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    count = len(ids) // seq_len
+    return torch.tensor(ids[: count * seq_len], dtype=torch.long).view(count, seq_len)
+
+
+@dataclass
+class TextSplit:
+    train: torch.Tensor  # calibration / training chunks
+    held_out: torch.Tensor
+    source: str
+
+    def describe(self) -> str:
+        seq = self.held_out.shape[1] if self.held_out.numel() else 0
+        return (f"{self.source}: {len(self.train)} training and {len(self.held_out)} held-out "
+                f"chunks of {seq} tokens")
+
+
+def split_chunks(chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last 10% of chunks (at least one) held out; the rest for training/calibration."""
+    held = max(1, round(len(chunks) * HELD_OUT_FRACTION))
+    return chunks[:-held], chunks[-held:]
+
+
+def load_split(tokenizer, data: str | Path | None = None, eval_data: str | Path | None = None,
+               seq_len: int = DEFAULT_SEQ_LEN) -> TextSplit:
+    """Chunks for training/calibration and held-out evaluation, by the convention above."""
+    name = str(data) if data is not None else DEFAULT_TEXT_NAME
+    chunks = chunk_tokens(tokenizer, read_text(data), seq_len)
+    if eval_data is not None:
+        held_out = chunk_tokens(tokenizer, read_text(eval_data), seq_len)
+        train = chunks
+        name = f"{name} + held-out {eval_data}"
+    else:
+        if len(chunks) < 2:
+            raise CqilError(
+                f"'{name}' gives {len(chunks)} chunk(s) of {seq_len} tokens: it needs at least 2 to hold "
+                "some out; give more text, a shorter --seq-len, or --eval-data"
+            )
+        train, held_out = split_chunks(chunks)
+    if len(held_out) == 0:
+        raise CqilError(f"'{eval_data}' is shorter than one chunk of {seq_len} tokens")
+    return TextSplit(train=train, held_out=held_out, source=name)

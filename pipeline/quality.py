@@ -1,0 +1,63 @@
+"""Quality of CQIL models against the original: held-out perplexity, KL(original || model), top-1 agreement."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline.cqil_model import CqilModel
+
+
+class _Totals:
+    def __init__(self) -> None:
+        self.nll = 0.0
+        self.kl = 0.0
+        self.agree = 0
+        self.predicted = 0  # next-token predictions (for perplexity)
+        self.positions = 0  # positions compared with the original (for KL and top-1)
+
+    def add(self, log_probs: torch.Tensor, targets: torch.Tensor, reference: torch.Tensor | None) -> None:
+        nll = F.nll_loss(log_probs[:, :-1].flatten(0, 1), targets[:, 1:].flatten(), reduction="sum")
+        self.nll += float(nll)
+        self.predicted += targets[:, 1:].numel()
+        if reference is not None:
+            kl = (reference.exp() * (reference - log_probs)).sum(-1)
+            self.kl += float(kl.double().sum())
+            self.agree += int((reference.argmax(-1) == log_probs.argmax(-1)).sum())
+            self.positions += kl.numel()
+
+    def result(self) -> dict[str, float]:
+        out = {"ppl": math.exp(self.nll / self.predicted), "nll": self.nll / self.predicted}
+        if self.positions:
+            out.update(kl=self.kl / self.positions, top1=self.agree / self.positions)
+        return out
+
+
+@torch.no_grad()
+def evaluate(original: CqilModel, candidates: Mapping[str, CqilModel], chunks: torch.Tensor,
+             batch_size: int = 4, progress: bool = True) -> dict:
+    """Metrics of the original and of each candidate on the same held-out chunks, in one pass.
+
+    KL and top-1 compare each candidate's next-token distribution with the original's at every
+    position; perplexity scores each model on the text itself.
+    """
+    totals = {"original": _Totals(), **{name: _Totals() for name in candidates}}
+    start = time.perf_counter()
+    batches = torch.split(chunks, batch_size)
+    for batch in tqdm(batches, desc="eval", unit="batch", disable=not progress, leave=False):
+        reference = F.log_softmax(original(batch)[0].float(), -1)
+        totals["original"].add(reference, batch, None)
+        for name, model in candidates.items():
+            totals[name].add(F.log_softmax(model(batch)[0].float(), -1), batch, reference)
+    seconds = time.perf_counter() - start
+    tokens = chunks.numel()
+    result = {name: total.result() for name, total in totals.items()}
+    result["tokens"] = tokens
+    result["seconds"] = round(seconds, 2)
+    result["tokens_per_s"] = round(tokens * len(totals) / seconds, 1)
+    return result

@@ -1,0 +1,17 @@
+# Sourced by the scripts: make (or reuse) the virtualenv and install the project into it.
+# VENV defaults to .venv in the repository; CPU torch is pinned first so pip never pulls a CUDA build.
+VENV="${VENV:-$PWD/.venv}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+stamp="$VENV/.cqil-installed"
+if [[ ! -x "$VENV/bin/python" ]]; then
+  python3 -m venv "$VENV"
+fi
+if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
+  echo "installing cqil-pipeline into $VENV ..." >&2
+  "$VENV/bin/python" -m pip install -q --upgrade pip >&2
+  "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" >&2
+  "$VENV/bin/python" -m pip install -q -e ".[test]" >&2
+  touch "$stamp"
+fi
+export PATH="$VENV/bin:$PATH"
+export TOKENIZERS_PARALLELISM=false

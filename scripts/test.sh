@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Run the test suite in a project virtualenv (created on first use).
+#   scripts/test.sh            fast suite (tiny random models, no downloads)
+#   scripts/test.sh --slow     also the real-model tests (fetches SmolLM2-135M once, ~1 min per test file)
+#   extra arguments go to pytest, e.g. scripts/test.sh -k plan -x
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+
+markers=(-m "not slow")
+args=()
+for arg in "$@"; do
+  if [[ "$arg" == "--slow" ]]; then markers=(-m "slow or not slow"); else args+=("$arg"); fi
+done
+exec "$VENV/bin/python" -m pytest "${markers[@]}" "${args[@]}"
