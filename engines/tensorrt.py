@@ -20,9 +20,8 @@ the largest group size minus one, read from the plan in the ONNX metadata.
 
 from __future__ import annotations
 
-import json
 import shlex
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -168,14 +167,12 @@ def build_script_text(plan: BuildPlan) -> str:
     command = " \\\n  ".join(shlex.quote(arg) if i else '"${TRTEXEC:-trtexec}"'
                              for i, arg in enumerate(build_engine_command(plan, base=here)))
     engine = _relative(plan.engine, here)
-    settings = json.dumps(settings_record(plan), sort_keys=True)
     return (
         "#!/usr/bin/env bash\n"
         "# Builds the TensorRT engine for this ONNX on a GPU host with TensorRT 10 (trtexec on PATH, or TRTEXEC=...).\n"
-        "# Written by `cqil engine` where TensorRT was not installed; the same build in Python:\n"
+        "# Written by `cqil engine`; the same build through the TensorRT Python API, run in this folder:\n"
         f"#   cqil engine --onnx {shlex.quote(plan.onnx.name)} --out {shlex.quote(str(engine))} "
         f"{' '.join(cli_options(plan))}\n"
-        f"# settings: {settings}\n"
         "set -euo pipefail\n"
         'cd "$(dirname "$0")"\n'
         f"mkdir -p {shlex.quote(str(engine.parent))}\n"
@@ -191,15 +188,9 @@ def cli_options(plan: BuildPlan) -> list[str]:
                f"--max-seq {s.max_seq}", f"--opt-past {s.opt_past}", f"--max-context {s.max_context}"]
     if s.workspace_mib is not None:
         options.append(f"--workspace-mib {s.workspace_mib}")
+    if s.timing_cache is not None:
+        options.append(f"--timing-cache {shlex.quote(str(_relative(s.timing_cache, plan.onnx.parent)))}")
     return options
-
-
-def settings_record(plan: BuildPlan) -> dict[str, Any]:
-    record = asdict(plan.settings)
-    record["timing_cache"] = str(plan.timing_cache)
-    record["aux_streams"] = plan.aux_streams
-    record["profiles"] = [{name: asdict(r) for name, r in p.items()} for p in plan.profiles]
-    return record
 
 
 def write_build_script(onnx_dir: Path, plan: BuildPlan) -> Path:
