@@ -11,8 +11,9 @@ Two profiles, in this order (the runner picks by the past length):
 A past of 0 is an empty tensor. TensorRT supports empty tensors (developer guide, "Working with
 Empty Tensors": a zero-length dimension needs no special handling, a concatenation with an empty
 input is the other input), so the prefill profile pins past to exactly 0 rather than feeding a dummy
-masked-out cache slot; decode starts at past 1. An empty binding still needs a valid address, which
-the runner gives it (a one-element buffer).
+masked-out cache slot, and decode starts at past 1. Older TensorRT wanted at least one byte behind an
+empty binding (TensorRT 10 also accepts null for an empty input); the runner binds a one-element
+buffer, valid for both.
 
 Auxiliary streams: a group of p layers is p independent branches, so `max_aux_streams` defaults to
 the largest group size minus one, read from the plan in the ONNX metadata.
@@ -23,7 +24,6 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from engines.kv_contract import ContractSpec, find_onnx, output_names, past_names, read_contract
 from pipeline.errors import CqilError
