@@ -17,7 +17,7 @@ def cmd_engine(args: argparse.Namespace) -> None:
     plan = trt_engine.plan_build(args.onnx, args.out, settings)
     script = trt_engine.write_build_script(plan.onnx.parent, plan)
     groups = f"plan {plan.spec.plan.describe()}" if plan.spec.plan else "no plan metadata"
-    print(f"{plan.onnx}: {plan.spec.num_layers} layers, {groups}")
+    print(f"{plan.onnx}: {plan.spec.num_layers} layers, cache {plan.spec.kv_dtype}, {groups}")
     print(f"profiles: prefill {_describe(plan.profiles[0])}; decode {_describe(plan.profiles[1])}")
     print(f"max_aux_streams {plan.aux_streams}, precision {settings.precision}")
     print(f"wrote {script} (builds the same engine with trtexec on a GPU host)")
