@@ -76,6 +76,7 @@ def limit_chunks(chunks, max_chunks: int | None):
 # command functions so that `cqil --help` is quick and every module imports on a CPU-only machine.
 COMMAND_MODULES = (
     "pipeline.commands.core",
+    "pipeline.commands.engines",
 )
 
 
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
-        args.func(args)
+        status = args.func(args)  # a command may return a non-zero status (e.g. a failed gate)
     except CqilError as exc:
         if args.debug:
             raise
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cqil {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":
