@@ -11,11 +11,26 @@ another numpy ABI (the stub shipped in nvidia-pytriton 0.7 returns garbage under
 describes the buffer itself and works with either.
 """
 
+import ctypes
 import os
 
 import numpy as np
 import onnxruntime
 import triton_python_backend_utils as pb_utils
+
+# The backend renames a capsule it consumed "used_dlpack" instead of DLPack's "used_dltensor", so
+# numpy's capsule destructor would print a ValueError traceback for every output tensor. Renaming it
+# as the protocol says tells numpy the backend owns (and will release) the buffer.
+_USED_CAPSULE = b"used_dltensor"
+_set_capsule_name = ctypes.pythonapi.PyCapsule_SetName
+_set_capsule_name.argtypes = (ctypes.py_object, ctypes.c_char_p)
+
+
+def output_tensor(name, array):
+    capsule = array.__dlpack__()
+    tensor = pb_utils.Tensor.from_dlpack(name, capsule)
+    _set_capsule_name(capsule, _USED_CAPSULE)
+    return tensor
 
 
 class TritonPythonModel:
@@ -32,8 +47,7 @@ class TritonPythonModel:
                 feed = {name: np.from_dlpack(pb_utils.get_input_tensor_by_name(request, name))
                         for name in self.input_names}
                 results = self.session.run(self.output_names, feed)
-                outputs = [pb_utils.Tensor.from_dlpack(name, value)
-                           for name, value in zip(self.output_names, results)]
+                outputs = [output_tensor(name, value) for name, value in zip(self.output_names, results)]
                 responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
             except Exception as exc:  # one bad request must not take down the others in the batch
                 responses.append(pb_utils.InferenceResponse(

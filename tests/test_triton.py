@@ -131,7 +131,21 @@ class FakeTensor:
 
     @classmethod
     def from_dlpack(cls, name, tensor):
-        return cls(name, np.from_dlpack(tensor).copy())
+        source = tensor if hasattr(tensor, "__dlpack__") else Capsule(tensor)
+        return cls(name, np.from_dlpack(source).copy())
+
+
+class Capsule:
+    """Lets numpy consume a bare DLPack capsule, as the backend's C++ does."""
+
+    def __init__(self, capsule):
+        self.capsule = capsule
+
+    def __dlpack__(self, **kwargs):
+        return self.capsule
+
+    def __dlpack_device__(self):
+        return (1, 0)  # kDLCPU, device 0
 
 
 class FakeResponse:
