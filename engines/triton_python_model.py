@@ -49,7 +49,7 @@ class TritonPythonModel:
                 results = self.session.run(self.output_names, feed)
                 outputs = [output_tensor(name, value) for name, value in zip(self.output_names, results)]
                 responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
-            except Exception as exc:  # one bad request must not take down the others in the batch
+            except Exception as exc:  # noqa: BLE001 -- one bad request must not fail the others in the batch
                 responses.append(pb_utils.InferenceResponse(
                     output_tensors=[], error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}")))
         return responses
