@@ -12,4 +12,9 @@ args=()
 for arg in "$@"; do
   if [[ "$arg" == "--slow" ]]; then markers=(-m "slow or not slow"); else args+=("$arg"); fi
 done
+if [[ "${markers[1]}" != "not slow" ]] && ! "$VENV/bin/python" -c "import importlib.util as u; assert u.find_spec('pytriton')" 2>/dev/null; then
+  # The real-Triton test runs the tritonserver binary shipped in this wheel. --no-deps: the wheel pins
+  # numpy<2 for its own Python API, which the tests do not use (docs/triton.md).
+  "$VENV/bin/python" -m pip install -q --no-deps "nvidia-pytriton==0.7.0" >&2
+fi
 exec "$VENV/bin/python" -m pytest "${markers[@]}" "${args[@]}"

@@ -1,0 +1,217 @@
+"""A Triton Inference Server model repository for the exported decoder (issue 6, item 3).
+
+    <repo>/<name>_onnx/config.pbtxt       backend "onnxruntime"
+                       1/model.onnx       + its external data, at the same relative locations
+    <repo>/<name>_trt/config.pbtxt        platform "tensorrt_plan"   (only when an engine is given)
+                      1/model.plan
+    <repo>/<name>_python/config.pbtxt     backend "python": ONNX Runtime on CPU inside Triton
+                         1/model.py       + model.onnx and its data (hard links to the _onnx copy)
+
+Every model declares the ONNX graph's own inputs and outputs (DESIGN.md section 4) with their dtypes
+and dims, -1 where the graph has a symbolic dim, and `max_batch_size: 0` because batch is already an
+explicit dynamic dim; so a client sends the same tensors to any of the three. The configs are plain
+text here (no Triton import needed to write them); the tests parse them with Triton's ModelConfig schema.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from engines.kv_contract import PLAN_METADATA_KEY, ContractSpec, find_onnx, output_names, read_contract
+from pipeline.errors import CqilError
+from pipeline.fsutil import atomic_dir
+
+ONNX_TO_TRITON = {"INT64": "TYPE_INT64", "INT32": "TYPE_INT32", "FLOAT": "TYPE_FP32",
+                  "FLOAT16": "TYPE_FP16", "BFLOAT16": "TYPE_BF16"}
+# `cqil engine` builds two optimization profiles (0 prefill, 1 decode); Triton uses only profile 0
+# unless the instance group lists them.
+ENGINE_PROFILES = ("0", "1")
+PYTHON_MODEL_SOURCE = Path(__file__).with_name("triton_python_model.py")
+VERSION = "1"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    data_type: str  # Triton's name, e.g. TYPE_FP32
+    dims: tuple[int, ...]  # -1 for a dynamic dim
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """What the configs need from the ONNX file: its contract, tensors and external data files."""
+
+    onnx: Path
+    spec: ContractSpec
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    external_data: tuple[str, ...]  # locations relative to the ONNX file's folder
+
+
+@dataclass(frozen=True)
+class Repository:
+    path: Path
+    models: dict[str, str]  # model name -> what serves it
+    io: GraphIO
+
+
+def model_names(model_name: str) -> dict[str, str]:
+    return {kind: f"{model_name}_{kind}" for kind in ("onnx", "trt", "python")}
+
+
+def read_graph_io(onnx: Path) -> GraphIO:
+    """Check the file against the contract and read its tensors (declarations only, not the weights)."""
+    import onnx as onnx_lib
+
+    path = find_onnx(onnx)
+    spec = read_contract(path)
+    model = onnx_lib.load(str(path), load_external_data=False)
+    outputs = [value.name for value in model.graph.output]
+    missing = [name for name in output_names(spec.num_layers) if name not in outputs]
+    unknown = sorted(set(outputs) - set(output_names(spec.num_layers)))
+    if missing or unknown:
+        problem = f"lacks outputs {', '.join(missing)}" if missing else f"has outputs outside the contract: {', '.join(unknown)}"
+        raise CqilError(f"'{path}' {problem}: it does not follow the cqil ONNX contract (export it with `cqil export`)")
+    inputs = tuple(_tensor(value, path) for value in model.graph.input)
+    return GraphIO(path, spec, inputs, tuple(_tensor(value, path) for value in model.graph.output),
+                   _external_data(model, path))
+
+
+def _tensor(value, path: Path) -> TensorSpec:
+    import onnx as onnx_lib
+
+    tensor_type = value.type.tensor_type
+    elem = onnx_lib.TensorProto.DataType.Name(tensor_type.elem_type)
+    if elem not in ONNX_TO_TRITON:
+        raise CqilError(f"'{path}': tensor {value.name} has type {elem}, which the Triton configs do not map "
+                        f"(supported: {', '.join(ONNX_TO_TRITON)})")
+    if not tensor_type.HasField("shape"):
+        raise CqilError(f"'{path}': tensor {value.name} declares no shape: export it again with `cqil export`")
+    dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim)
+    return TensorSpec(value.name, ONNX_TO_TRITON[elem], dims)
+
+
+def _external_data(model, path: Path) -> tuple[str, ...]:
+    from onnx.external_data_helper import uses_external_data
+
+    locations = set()
+    for tensor in _all_tensors(model.graph):
+        if uses_external_data(tensor):
+            locations.add(next(entry.value for entry in tensor.external_data if entry.key == "location"))
+    for location in locations:
+        relative = Path(location)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise CqilError(f"'{path}': external data location '{location}' is not inside the ONNX folder; "
+                            "export it again with `cqil export`")
+        if not (path.parent / relative).is_file():
+            raise CqilError(f"'{path}': its external data file '{path.parent / relative}' is missing: "
+                            "copy the whole export directory")
+    return tuple(sorted(locations))
+
+
+def _all_tensors(graph) -> Iterator:
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _all_tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _all_tensors(subgraph)
+
+
+# -- config.pbtxt --------------------------------------------------------------------------------------
+
+def config_text(name: str, kind: str, io: GraphIO) -> str:
+    """The config.pbtxt of one model of the repository; `kind` is onnx, trt or python."""
+    header = {
+        "onnx": ['backend: "onnxruntime"', 'default_model_filename: "model.onnx"'],
+        "trt": ['platform: "tensorrt_plan"', 'default_model_filename: "model.plan"'],
+        "python": ['backend: "python"'],
+    }[kind]
+    lines = [f'name: "{name}"', *header, "max_batch_size: 0"]
+    lines += _tensors_text("input", io.inputs) + _tensors_text("output", io.outputs)
+    if kind == "trt":
+        profiles = ", ".join(f'"{p}"' for p in ENGINE_PROFILES)
+        lines.append(f"instance_group [ {{ kind: KIND_GPU count: 1 profile: [ {profiles} ] }} ]")
+    elif kind == "python":
+        lines.append("instance_group [ { kind: KIND_CPU count: 1 } ]")
+    # The ONNX Runtime model keeps Triton's default placement: the GPU where there is one, else the CPU.
+    if io.spec.plan is not None:
+        plan = json.dumps(io.spec.plan.to_dict(), sort_keys=True, ensure_ascii=False)
+        lines.append(f'parameters {{ key: "{PLAN_METADATA_KEY}" value {{ string_value: "{_quote(plan)}" }} }}')
+    return "\n".join(lines) + "\n"
+
+
+def _tensors_text(field: str, tensors: tuple[TensorSpec, ...]) -> list[str]:
+    entries = [f'  {{ name: "{t.name}" data_type: {t.data_type} dims: [ {", ".join(map(str, t.dims))} ] }}'
+               for t in tensors]
+    return [f"{field} [", ",\n".join(entries), "]"]
+
+
+def _quote(text: str) -> str:
+    """Escape for a protobuf text-format string literal."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+# -- the repository ------------------------------------------------------------------------------------
+
+def write_model_repository(onnx: Path, repo_dir: Path, model_name: str = "cqil",
+                           engine_plan: Path | None = None) -> Repository:
+    """Write the repository at `repo_dir` (replacing an earlier one) in one step: all of it or nothing."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", model_name):
+        raise CqilError(f"model name '{model_name}' is not a plain folder name: use letters, digits, _ . -")
+    io = read_graph_io(Path(onnx))
+    if engine_plan is not None and not (Path(engine_plan).is_file() and Path(engine_plan).stat().st_size):
+        raise CqilError(f"--engine '{engine_plan}' is not a TensorRT engine file: build it with `cqil engine`")
+    repo_dir = Path(repo_dir)
+    names = model_names(model_name)
+    _refuse_foreign(repo_dir, names)
+    models = {names["onnx"]: "ONNX Runtime backend", names["python"]: "Python backend, ONNX Runtime on CPU"}
+    with atomic_dir(repo_dir) as tmp:
+        onnx_version = tmp / names["onnx"] / VERSION
+        _place(io.onnx, onnx_version / "model.onnx")
+        for location in io.external_data:
+            _place(io.onnx.parent / location, onnx_version / location)
+
+        python_version = tmp / names["python"] / VERSION
+        for relative in ("model.onnx", *io.external_data):
+            _place(onnx_version / relative, python_version / relative)
+        shutil.copyfile(PYTHON_MODEL_SOURCE, python_version / "model.py")
+
+        if engine_plan is not None:
+            _place(Path(engine_plan), tmp / names["trt"] / VERSION / "model.plan")
+            models[names["trt"]] = "TensorRT engine"
+        for kind, name in names.items():
+            if name in models:
+                (tmp / name / "config.pbtxt").write_text(config_text(name, kind, io))
+    return Repository(repo_dir, dict(sorted(models.items())), io)
+
+
+def _refuse_foreign(repo_dir: Path, names: dict[str, str]) -> None:
+    """The repository is replaced as a whole, so never replace a folder holding anything else."""
+    if not repo_dir.exists():
+        return
+    if not repo_dir.is_dir():
+        raise CqilError(f"--out '{repo_dir}' is a file: give a directory for the model repository")
+    foreign = sorted(p.name for p in repo_dir.iterdir() if p.name not in names.values())
+    if foreign:
+        raise CqilError(f"--out '{repo_dir}' holds other files ({', '.join(foreign[:3])}): "
+                        "give an empty or new directory, it is replaced as a whole")
+
+
+def _place(source: Path, target: Path) -> None:
+    """Hard-link (no copy of a multi-GB file on the same filesystem), else copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)

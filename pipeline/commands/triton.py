@@ -1,0 +1,29 @@
+"""`cqil triton`: a Triton Inference Server model repository from the exported ONNX (and engine)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def cmd_triton(args: argparse.Namespace) -> None:
+    from engines import triton
+
+    repo = triton.write_model_repository(args.onnx, args.out, model_name=args.name, engine_plan=args.engine)
+    io = repo.io
+    plan = f"plan {io.spec.plan.describe()}" if io.spec.plan else "no plan metadata"
+    print(f"{io.onnx}: {len(io.inputs)} inputs, {len(io.outputs)} outputs, {io.spec.num_layers} layers, {plan}")
+    for name, what in repo.models.items():
+        print(f"  {repo.path / name}: {what}")
+    if args.engine is None:
+        print("  no --engine: the TensorRT model was not written (build one with `cqil engine`)")
+    print(f"serve with: tritonserver --model-repository {repo.path}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("triton", help="write a Triton model repository (ONNX Runtime, Python backend, TensorRT)")
+    p.add_argument("--onnx", type=Path, required=True, help="exported ONNX file or its directory")
+    p.add_argument("--out", type=Path, required=True, help="model repository directory (replaced as a whole)")
+    p.add_argument("--engine", type=Path, default=None, help="TensorRT engine from `cqil engine` (adds <name>_trt)")
+    p.add_argument("--name", default="cqil", help="model name prefix (default %(default)s)")
+    p.set_defaults(func=cmd_triton)
