@@ -98,8 +98,9 @@ def validate_adapter(adapter_dir: Path, model: nn.Module) -> None:
     """Refuse, before any work, an adapter that was not made for this model's architecture and size."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
+    weights = adapter_weights_file(adapter_dir)
     config = read_adapter_config(adapter_dir)
-    shapes = adapter_tensor_shapes(adapter_weights_file(adapter_dir))
+    shapes = adapter_tensor_shapes(weights)
     modules = dict(model.named_modules())
     num_layers = model.config.num_hidden_layers
 

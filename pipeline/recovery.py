@@ -194,7 +194,7 @@ def finetune(hf_model: torch.nn.Module, plan: Plan, train: torch.Tensor, held_ou
 
     def held_out_point() -> dict[str, float]:
         peft_model.eval()
-        metrics = evaluate(teacher, {"cqil": student}, eval_chunks, settings.batch_size, progress=False)
+        metrics = evaluate(teacher, {"cqil": student}, eval_chunks, settings.batch_size, progress=progress)
         peft_model.train()
         row = metrics["cqil"]
         return {"step": run.step, "kl": row["kl"], "ppl": row["ppl"], "top1": row["top1"],

@@ -17,7 +17,6 @@ from pipeline.errors import CqilError
 from pipeline.fsutil import sha256_file
 from pipeline.merge import BASE_KEY, merge_adapter
 from pipeline.plan import CONFIG_KEY, identity_plan, plan_from_config, uniform_plan
-from pipeline.quality import evaluate
 from pipeline.recovery import DataOrder, FinetuneSettings, distill_loss, finetune
 from pipeline.sources import load_model
 from tests.conftest import tiny_model

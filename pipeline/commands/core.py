@@ -66,9 +66,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     loaded = load_model(args.model)
     config = loaded.model.config
     plan = plan_with_adapter(args, config)
+    original, candidates, provenance = comparison_models(loaded, plan, args.adapter, args.base_model)
     split = load_split(loaded.tokenizer, args.data, args.eval_data, args.seq_len)
     chunks = limit_chunks(split.held_out, args.max_chunks)
-    original, candidates, provenance = comparison_models(loaded, plan, args.adapter, args.base_model)
     result = evaluate(original, candidates, chunks, args.batch_size)
     result["plan"] = plan.to_dict()
     result["model"] = loaded.name
