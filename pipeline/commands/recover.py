@@ -12,11 +12,16 @@ def plan_with_adapter(args: argparse.Namespace, config):
     """The plan from the command line or the checkpoint, else the one the adapter was trained for."""
     from pipeline.adapters import adapter_plan
 
+    from pipeline.errors import CqilError
+
     plan = plan_from_args(args, config, required=False)
     if plan is None and getattr(args, "adapter", None):
-        plan = adapter_plan(args.adapter, config.num_hidden_layers)
-        if plan is not None:
-            plan.check_fits(config)
+        try:
+            plan = adapter_plan(args.adapter, config.num_hidden_layers)
+            if plan is not None:
+                plan.check_fits(config)
+        except CqilError as exc:
+            raise CqilError(f"adapter '{args.adapter}' was trained for another model ({exc})") from exc
     return plan or plan_from_args(args, config)  # no plan anywhere: the usual error
 
 
