@@ -1,0 +1,289 @@
+"""Recovery: LoRA self-distillation of a CQIL model towards the original (DESIGN.md section 2, recover).
+
+One copy of the weights: peft injects LoRA layers into the loaded model in place. The student is the
+CQIL model over those modules (adapters on); the teacher is the same modules under the identity plan
+with the adapters disabled, run under no_grad. The loss is the per-token KL(teacher || student) at
+temperature 1, so any text works and no labels are needed.
+
+A run is resumable: a checkpoint holds the LoRA weights, optimizer, scheduler, RNG state, the step
+reached and the curves so far; the data order is a pure function of (seed, step), so a resumed run
+reproduces the loss curve of an uninterrupted one. Ctrl-C finishes the current step and saves one.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import signal
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline.adapters import DEFAULT_RANK, DEFAULT_TARGETS, RUN_RECORD, AdaptersOff, check_targets_exist, lora_config
+from pipeline.cqil_model import CqilModel
+from pipeline.errors import CqilError
+from pipeline.fsutil import atomic_dir
+from pipeline.plan import Plan, identity_plan
+from pipeline.quality import evaluate
+
+RUN_FORMAT = "cqil-finetune/1"
+CHECKPOINT_STATE = "state.pt"
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Everything that shapes the loss curve (a resumed run must match it exactly)."""
+
+    steps: int
+    lr: float = 1e-4  # official
+    warmup_steps: int = 0
+    weight_decay: float = 0.1  # official
+    max_grad_norm: float = 1.0  # 0 turns clipping off (the official run used 0)
+    batch_size: int = 4
+    grad_accum: int = 1
+    seed: int = 0
+    rank: int = DEFAULT_RANK
+    alpha: float | None = None  # None: alpha = rank
+    dropout: float = 0.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    eval_every: int = 50
+    eval_chunks: int = 16
+    save_every: int = 50
+
+    def check(self, train_chunks: int) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_chunks"):
+            if getattr(self, name) < 1:
+                raise CqilError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
+        for name in ("warmup_steps", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise CqilError(f"--{name.replace('_', '-')} {getattr(self, name)} must not be negative")
+        if self.lr <= 0:
+            raise CqilError(f"--lr {self.lr} must be positive")
+        if train_chunks < self.batch_size:
+            raise CqilError(f"the training text gives {train_chunks} chunks, fewer than --batch-size "
+                            f"{self.batch_size}: give more text or a shorter --seq-len")
+
+
+def distill_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL(teacher || student) over the vocabulary at temperature 1."""
+    teacher = F.log_softmax(teacher_logits.float(), -1).flatten(0, -2)
+    student = F.log_softmax(student_logits.float(), -1).flatten(0, -2)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+class DataOrder:
+    """An endless stream of training chunks, reshuffled every epoch from (seed, epoch) alone."""
+
+    def __init__(self, chunks: torch.Tensor, seed: int, batch_size: int):
+        self.chunks = chunks
+        self.seed = seed
+        self.batch_size = batch_size
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(len(self.chunks), generator=generator)
+        return self._perms[epoch]
+
+    def batch(self, index: int) -> torch.Tensor:
+        """Micro-batch number `index` of the stream."""
+        rows = []
+        for position in range(index * self.batch_size, (index + 1) * self.batch_size):
+            epoch, offset = divmod(position, len(self.chunks))
+            rows.append(int(self._perm(epoch)[offset]))
+        return self.chunks[rows]
+
+
+class StopOnInterrupt:
+    """First Ctrl-C asks the loop to stop after the current step (and checkpoint); a second aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("interrupted: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    def __enter__(self) -> StopOnInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    held_out: list[dict[str, float]] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def default_checkpoint_dir(out: Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".checkpoint")
+
+
+def finetune(hf_model: torch.nn.Module, plan: Plan, train: torch.Tensor, held_out: torch.Tensor,
+             settings: FinetuneSettings, out: Path, checkpoint_dir: Path | None = None, resume: bool = False,
+             source: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train LoRA adapters so that the CQIL model matches the original; save them to `out`.
+
+    Returns the run record that is also written as `out/training_run.json`.
+    """
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import get_cosine_schedule_with_warmup
+
+    settings.check(len(train))
+    plan.check_fits(hf_model.config)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out)
+    state_file = checkpoint_dir / CHECKPOINT_STATE
+    if resume and not state_file.is_file():
+        raise CqilError(f"--resume: there is no checkpoint at '{checkpoint_dir}'; run without --resume to start")
+    if not resume and state_file.is_file():
+        raise CqilError(f"a checkpoint of an earlier run is at '{checkpoint_dir}': pass --resume to continue it, "
+                        "or delete it to start over")
+    identity = {
+        "settings": asdict(settings) | {"targets": list(settings.targets)},
+        "plan": plan.to_dict(),
+        "seq_len": int(train.shape[1]),
+        "train_chunks": len(train),
+        "held_out_chunks": min(len(held_out), settings.eval_chunks),
+        "model": dict(source or {}),
+    }
+
+    check_targets_exist(hf_model, settings.targets)
+    torch.manual_seed(settings.seed)
+    peft_model = get_peft_model(hf_model, lora_config(settings.rank, settings.alpha, settings.dropout,
+                                                      settings.targets))
+    student = CqilModel(hf_model, plan)
+    teacher = AdaptersOff(student.with_plan(identity_plan(plan.num_layers)), peft_model)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
+    order = DataOrder(train, settings.seed, settings.batch_size)
+    eval_chunks = held_out[: settings.eval_chunks]
+    run = RunState()
+
+    def save_checkpoint() -> None:
+        with atomic_dir(checkpoint_dir) as tmp:
+            torch.save({"identity": identity, "run": asdict(run),
+                        "lora": get_peft_model_state_dict(peft_model),
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "rng": torch.get_rng_state()}, tmp / CHECKPOINT_STATE)
+
+    def held_out_point() -> dict[str, float]:
+        peft_model.eval()
+        metrics = evaluate(teacher, {"cqil": student}, eval_chunks, settings.batch_size, progress=progress)
+        peft_model.train()
+        row = metrics["cqil"]
+        return {"step": run.step, "kl": row["kl"], "ppl": row["ppl"], "top1": row["top1"],
+                "original_ppl": metrics["original"]["ppl"]}
+
+    if resume:
+        saved = torch.load(state_file, map_location="cpu", weights_only=False)
+        _check_same_run(saved["identity"], identity, checkpoint_dir)
+        set_peft_model_state_dict(peft_model, saved["lora"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        run = RunState(**saved["run"])
+    peft_model.train()
+    if not run.held_out:
+        run.held_out.append(held_out_point())
+
+    tokens_per_step = settings.batch_size * settings.grad_accum * train.shape[1]
+    with StopOnInterrupt() as stop, tqdm(total=settings.steps, initial=run.step, desc="finetune", unit="step",
+                                         disable=not progress) as bar:
+        for step in range(run.step, settings.steps):
+            started = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for micro in range(settings.grad_accum):
+                batch = order.batch(step * settings.grad_accum + micro)
+                with torch.no_grad():
+                    teacher_logits = teacher(batch)[0]
+                loss = distill_loss(teacher_logits, student(batch)[0]) / settings.grad_accum
+                loss.backward()
+                loss_sum += loss.detach().item()
+            if settings.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            run.step = step + 1
+            run.losses.append(loss_sum)
+            run.step_seconds.append(time.perf_counter() - started)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if run.step == settings.steps or (settings.eval_every and run.step % settings.eval_every == 0):
+                point = held_out_point()
+                run.held_out.append(point)
+                tqdm.write(f"step {run.step}: held-out KL {point['kl']:.4f}, PPL {point['ppl']:.3f} "
+                           f"(original {point['original_ppl']:.3f})")
+            if stop.requested:
+                save_checkpoint()
+                tqdm.write(f"saved a checkpoint at step {run.step} in {checkpoint_dir}; continue with --resume")
+                raise KeyboardInterrupt
+            if settings.save_every and run.step % settings.save_every == 0 and run.step < settings.steps:
+                save_checkpoint()
+
+    peft_model.eval()
+    record = {
+        "format": RUN_FORMAT,
+        **identity,
+        "steps": run.step,
+        "tokens_seen": run.step * tokens_per_step,
+        "tokens_per_step": tokens_per_step,
+        "losses": run.losses,
+        "held_out": run.held_out,
+        "seconds_per_step": round(statistics.median(run.step_seconds), 3),
+        "seconds_training": round(sum(run.step_seconds), 1),
+        "peak_memory_mb": peak_memory_mb(),
+        "trainable_parameters": sum(p.numel() for p in trainable),
+    }
+    with atomic_dir(out) as tmp:
+        peft_model.save_pretrained(str(tmp))
+        (tmp / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the run is complete: its checkpoint is spent
+    return record
+
+
+def _check_same_run(saved: dict, current: dict, checkpoint_dir: Path) -> None:
+    """A checkpoint resumes only the run that wrote it: same settings, plan, data and model."""
+    differ = []
+    for key in current:
+        if key == "settings":
+            differ += [f"--{k.replace('_', '-')}" for k in current[key] if saved[key].get(k) != current[key][k]]
+        elif saved.get(key) != current[key]:
+            differ.append(key.replace("_", " "))
+    if differ:
+        raise CqilError(f"the checkpoint in '{checkpoint_dir}' is from a run with another {', '.join(differ)}: "
+                        "resume with the same options, or delete it to start over")
+
+
+def summary_line(record: dict[str, Any]) -> str:
+    first, last = record["held_out"][0], record["held_out"][-1]
+    return (f"held-out KL {first['kl']:.4f} -> {last['kl']:.4f}, PPL {first['ppl']:.3f} -> {last['ppl']:.3f} "
+            f"(original {last['original_ppl']:.3f}); {record['tokens_seen']} tokens, "
+            f"{record['seconds_per_step']} s/step, peak {record['peak_memory_mb']} MB")
+
