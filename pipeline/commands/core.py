@@ -7,9 +7,12 @@ import json
 from pathlib import Path
 
 from pipeline.cli import add_data_options, add_model_options, add_plan_options, limit_chunks, plan_from_args
+from pipeline.commands.autoplan import add_auto_options, auto_requested, cmd_auto_plan
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
+    if auto_requested(args):
+        return cmd_auto_plan(args)
     from transformers import AutoConfig
 
     from pipeline import plan as plans
@@ -122,11 +125,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("analysis"), help="output directory (default %(default)s)")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("plan", help="write plan.json from explicit groups, a uniform S:E:P spec or an official config")
+    p = sub.add_parser("plan", help="write plan.json from explicit groups, a uniform S:E:P spec, an official config, or --auto search")
     add_model_options(p)
     add_plan_options(p)
     p.add_argument("--official", type=Path, help="official CQIL config (JSON with cqil_layers and d)")
     p.add_argument("--out", type=Path, default=Path("plan.json"), help="output file (default %(default)s)")
+    add_auto_options(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("eval", help="held-out perplexity, KL and top-1 of the original and the CQIL model")
