@@ -76,6 +76,7 @@ def limit_chunks(chunks, max_chunks: int | None):
 # command functions so that `cqil --help` is quick and every module imports on a CPU-only machine.
 COMMAND_MODULES = (
     "pipeline.commands.core",
+    "pipeline.commands.export",
 )
 
 
