@@ -67,6 +67,7 @@ def check_branch_structure(source) -> StructureReport:
     graph = model.graph
     labels = [_label(node) for node in graph.node]
     producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    graph_inputs = {value.name for value in graph.input}
     problems: list[str] = []
 
     for i, node in enumerate(graph.node):
@@ -97,9 +98,8 @@ def check_branch_structure(source) -> StructureReport:
                                     f"the plan says {layer}")
                     break
                 if label.role == "attn_norm":
-                    norm_inputs |= {name for name in node.input
-                                    if name in producer and labels[producer[name]].group != index
-                                    or name in {v.name for v in graph.input}}
+                    norm_inputs |= {name for name in node.input if name in graph_inputs
+                                    or name in producer and labels[producer[name]].group != index}
             if not found:
                 problems.append(f"group {index}: no nodes for layer {layer} (branch {position})")
             inputs_per_branch.append(norm_inputs)

@@ -311,3 +311,22 @@ def test_same_inputs_same_bytes(exported):
     assert files == sorted(p.name for p in second.iterdir())
     for name in files:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_original_model_export_equals_transformers(tiny_model_dir, tmp_path):
+    """`--original` (the reference for cqil bench) computes what HF's own forward computes."""
+    from transformers import AutoModelForCausalLM
+
+    source = tiny_model_dir("qwen2", 2)
+    out = tmp_path / "onnx"
+    assert main(["export", "--model", str(source), "--original", "--out", str(out)]) == 0
+    ids, mask = batch(seq=7, pad=(2, 0))
+    logits, _ = run(session(out / "model.onnx"), ids, mask)
+    hf = AutoModelForCausalLM.from_pretrained(source).eval()
+    with torch.no_grad():
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        expected = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    real = mask.bool().numpy()
+    assert np.abs(logits - expected.numpy())[real].max() <= TOL
+    report = check_branch_structure(out / "model.onnx")
+    assert report.ok and report.groups == report.branches == 2

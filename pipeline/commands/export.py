@@ -59,6 +59,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="branches (one branch per layer of a group, default) or fused (wide operations)")
     p.add_argument("--dtype", default="fp32", help="fp32 (default) or fp16")
     p.add_argument("--external-data", action="store_true",
-                   help="always put the weights in model.onnx.data (default: only past 1 GiB)")
+                   help="always put the weights in model.onnx.data (default: past 64 MiB)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_export)
