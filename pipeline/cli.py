@@ -77,6 +77,7 @@ def limit_chunks(chunks, max_chunks: int | None):
 COMMAND_MODULES = (
     "pipeline.commands.core",
     "pipeline.commands.recover",
+    "pipeline.commands.export",
     "pipeline.commands.engines",
     "pipeline.commands.triton",
 )

@@ -1,0 +1,177 @@
+"""`cqil export`: write a self-describing ONNX folder for a CQIL model (or the original model).
+
+    out/model.onnx (+ model.onnx.data when large)   the graph of DESIGN.md section 4
+    out/config.json, generation_config.json          the HF config, with the plan under `cqil_plan`
+    out/tokenizer files                              so the folder alone can serve text
+
+The folder is written through a temporary sibling and renamed into place, so a failed export leaves
+nothing behind; the same model, plan, layout and dtype give the same bytes (no timestamps, no paths
+of the tool in the graph). Time, peak memory and size are returned, not written, for that reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import resource
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from export import contract
+from export.check import StructureReport, check_branch_structure
+from pipeline.cqil_model import CqilModel
+from pipeline.errors import CqilError
+from pipeline.fsutil import atomic_dir
+from pipeline.plan import CONFIG_KEY
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+LAYOUTS = ("branches", "fused")
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+# Weights past 64 MiB go to model.onnx.data. Protobuf refuses messages over 2 GiB, and writing one
+# large message is costly: the 540 MB SmolLM2 export peaked at 4.2 GB resident inline, 1.1 GB external.
+EXTERNAL_DATA_THRESHOLD = 64 << 20
+
+
+@dataclass
+class ExportResult:
+    path: Path  # the model.onnx file
+    layout: str
+    dtype: str
+    seconds: float
+    peak_rss_mb: float  # peak resident memory of this process so far (resource.getrusage)
+    size_bytes: int  # model.onnx plus its external data
+    external_data: bool
+    nodes: int
+    structure: StructureReport | None  # branch layout only
+
+    def to_dict(self) -> dict:
+        return {
+            "path": str(self.path), "layout": self.layout, "dtype": self.dtype,
+            "seconds": round(self.seconds, 2), "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "size_bytes": self.size_bytes, "size_mb": round(self.size_bytes / 1e6, 1),
+            "external_data": self.external_data, "nodes": self.nodes,
+            "structure": self.structure.describe() if self.structure else None,
+        }
+
+
+def check_options(layout: str, dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise CqilError(f"unsupported dtype '{dtype}': use --dtype {' or '.join(DTYPES)}")
+    if layout not in LAYOUTS:
+        raise CqilError(f"unknown layout '{layout}': use --layout {' or '.join(LAYOUTS)}")
+
+
+def check_writable(out: Path) -> None:
+    """Fail before the (minute-long) export if `out` cannot become a directory we write."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CqilError(f"--out '{out}' is a file: give a directory to write model.onnx into")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent))
+    except OSError as exc:
+        raise CqilError(f"cannot write to '{out}' ({exc.strerror or exc}): choose another --out") from exc
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def _in_dtype(model: CqilModel, dtype: torch.dtype) -> CqilModel:
+    """The model in `dtype`; a cast copy only when it differs (callers may load it in dtype already)."""
+    if model.hf.model.embed_tokens.weight.dtype == dtype:
+        return model
+    return CqilModel(copy.deepcopy(model.hf).to(dtype), model.plan)
+
+
+def _layout_module(model: CqilModel, layout: str) -> torch.nn.Module:
+    if layout == "fused":
+        from export.fused import FusedLayout
+
+        return FusedLayout(model)
+    from export.branches import BranchLayout
+
+    return BranchLayout(model)
+
+
+def _metadata(model: CqilModel, layout: str, dtype: str, source: dict) -> dict[str, str]:
+    from pipeline import __version__
+
+    kv_shape = {"layers": model.num_layers, "kv_heads": model.num_kv_heads, "head_dim": model.head_dim}
+    return {
+        contract.PLAN_KEY: json.dumps(model.plan.to_dict(), sort_keys=True),
+        contract.LAYOUT_KEY: layout,
+        contract.DTYPE_KEY: dtype,
+        contract.SOURCE_KEY: json.dumps(source, sort_keys=True),
+        contract.VERSION_KEY: f"cqil-pipeline {__version__}",
+        contract.KV_SHAPE_KEY: json.dumps(kv_shape, sort_keys=True),
+    }
+
+
+def _write_side_files(folder: Path, model: CqilModel, dtype: str, tokenizer) -> None:
+    config = copy.deepcopy(model.hf.config)
+    setattr(config, CONFIG_KEY, model.plan.to_dict())
+    config.dtype = DTYPES[dtype]
+    config.save_pretrained(folder)
+    generation = getattr(model.hf, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def export_model(model: CqilModel, out: Path, layout: str = "branches", dtype: str = "fp32",
+                 source: dict | None = None, tokenizer=None, external_data: bool | None = None,
+                 progress: bool = True) -> ExportResult:
+    """Export `model` (its plan decides the groups) into the folder `out`, replacing it on success.
+
+    `external_data` None: weights go to model.onnx.data past EXTERNAL_DATA_THRESHOLD bytes.
+    """
+    import onnx
+    import onnx_ir as ir
+
+    from export.onnx_export import export_layout
+
+    check_options(layout, dtype)
+    out = Path(out)
+    check_writable(out)
+    start = time.perf_counter()
+    steps = tqdm(total=4, desc="export", unit="step", disable=not progress, leave=False)
+    steps.set_postfix_str("torch.export -> ONNX")
+    model = _in_dtype(model, DTYPES[dtype])
+    ir_model = export_layout(_layout_module(model, layout), model, DTYPES[dtype])
+    contract.name_total_dims(ir_model.graph)
+    ir_model.metadata_props.update(_metadata(model, layout, dtype, source or {}))
+    nodes = len(list(ir_model.graph))
+    steps.update()
+    weight_bytes = sum(value.const_value.nbytes for value in ir_model.graph.initializers.values())
+    external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    with atomic_dir(out) as tmp:
+        steps.set_postfix_str("save")
+        ir.save(ir_model, tmp / MODEL_FILE, external_data=DATA_FILE if external else None,
+                size_threshold_bytes=1024)
+        del ir_model
+        _write_side_files(tmp, model, dtype, tokenizer)
+        steps.update()
+        steps.set_postfix_str("onnx.checker + shape inference")
+        onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
+        steps.update()
+        structure = None
+        if layout == "branches":
+            steps.set_postfix_str("branch structure")
+            structure = check_branch_structure(tmp / MODEL_FILE)
+            if not structure.ok:
+                raise CqilError(f"the exported graph lost its branches: {structure.describe()}")
+        steps.update()
+        size = sum(f.stat().st_size for f in (tmp / MODEL_FILE, tmp / DATA_FILE) if f.exists())
+    steps.close()
+    return ExportResult(path=out / MODEL_FILE, layout=layout, dtype=dtype, seconds=time.perf_counter() - start,
+                        peak_rss_mb=_peak_rss_mb(), size_bytes=size, external_data=external, nodes=nodes,
+                        structure=structure)

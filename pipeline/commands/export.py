@@ -1,0 +1,64 @@
+"""`cqil export`: the CQIL model (or the original, with --original) as an ONNX folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pipeline.cli import add_model_options, add_plan_options, plan_from_args
+from pipeline.errors import CqilError
+
+
+def _plan(args: argparse.Namespace, config):
+    from pipeline.plan import identity_plan, plan_from_config
+
+    given = [f"--{name}" for name in ("plan", "uniform", "groups") if getattr(args, name)]
+    if args.original:
+        if given:
+            raise CqilError(f"--original exports the model without a plan: drop {', '.join(given)}")
+        return identity_plan(config.num_hidden_layers)
+    if not given and plan_from_config(config) is None:
+        raise CqilError("no plan: pass --plan plan.json, --uniform S:E:P or --groups A-B,..., a merged "
+                        "CQIL checkpoint as --model, or --original to export the original model")
+    return plan_from_args(args, config)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from export.writer import DTYPES, check_options, check_writable, export_model
+    from pipeline.cqil_model import CqilModel
+    from pipeline.sources import load_model
+
+    check_options(args.layout, args.dtype)
+    check_writable(args.out)
+    loaded = load_model(args.model, dtype=str(DTYPES[args.dtype]).removeprefix("torch."))
+    plan = _plan(args, loaded.model.config)
+    model = CqilModel(loaded.model, plan)
+    result = export_model(model, args.out, args.layout, args.dtype,
+                          source={"name": loaded.name, "path": str(loaded.path)}, tokenizer=loaded.tokenizer,
+                          external_data=True if args.external_data else None)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    print(f"{result.path}: {loaded.name}, {plan.describe()}, layout {result.layout}, {result.dtype}")
+    data = " (weights in model.onnx.data)" if result.external_data else ""
+    print(f"{result.nodes} nodes, {result.size_bytes / 1e6:.1f} MB{data}; "
+          f"{result.seconds:.1f} s, peak memory {result.peak_rss_mb:.0f} MB")
+    if result.structure is not None:
+        print(result.structure.describe())
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="ONNX with explicit parallel branches per group and a KV cache")
+    add_model_options(p)
+    add_plan_options(p)
+    p.add_argument("--original", action="store_true",
+                   help="export the original model (every layer alone): the reference for cqil bench")
+    p.add_argument("--out", type=Path, default=Path("onnx"), help="output directory (default %(default)s)")
+    p.add_argument("--layout", default="branches",
+                   help="branches (one branch per layer of a group, default) or fused (wide operations)")
+    p.add_argument("--dtype", default="fp32", help="fp32 (default) or fp16")
+    p.add_argument("--external-data", action="store_true",
+                   help="always put the weights in model.onnx.data (default: past 64 MiB)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_export)
