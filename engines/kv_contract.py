@@ -2,8 +2,8 @@
 
 Inputs: `input_ids` [batch, seq], `attention_mask` [batch, past+seq], `position_ids` [batch, seq],
 `past_key_values.{i}.key|value` [batch, kv_heads, past, head_dim]; outputs `logits` and
-`present.{i}.key|value`. The plan rides in the graph's `metadata_props` under `cqil_plan`
-(the JSON of `Plan.to_dict()`), the same key a merged checkpoint's config uses.
+`present.{i}.key|value`, defined once in export/contract.py. The plan rides in the graph's
+`metadata_props` under `cqil.plan` (the JSON of `Plan.to_dict()`).
 
 Only the graph's declarations are read (`load_external_data=False`), so this is quick on a 7B export.
 """
@@ -14,27 +14,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from export.contract import PLAN_KEY, input_names, past_pair
 from pipeline.errors import CqilError
-from pipeline.plan import CONFIG_KEY, Plan, plan_from_dict
+from pipeline.plan import Plan, plan_from_dict
 
-TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids")
-PLAN_METADATA_KEY = CONFIG_KEY
-
-
-def past_names(layer: int) -> tuple[str, str]:
-    return f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
-
-
-def present_names(layer: int) -> tuple[str, str]:
-    return f"present.{layer}.key", f"present.{layer}.value"
-
-
-def input_names(num_layers: int) -> list[str]:
-    return [*TOKEN_INPUTS, *(name for i in range(num_layers) for name in past_names(i))]
-
-
-def output_names(num_layers: int) -> list[str]:
-    return ["logits", *(name for i in range(num_layers) for name in present_names(i))]
+PLAN_METADATA_KEY = PLAN_KEY
 
 
 @dataclass(frozen=True)
@@ -80,7 +64,7 @@ def read_contract(onnx_path: Path) -> ContractSpec:
             raise CqilError(f"'{onnx_path}' has no '{name}' input: it does not follow the cqil "
                             "ONNX contract (export it with `cqil export`)")
     num_layers = 0
-    while past_names(num_layers)[0] in inputs:
+    while past_pair(num_layers)[0] in inputs:
         num_layers += 1
     if num_layers == 0:
         raise CqilError(f"'{onnx_path}' has no past_key_values.0.key input: export it with the KV cache")
@@ -92,7 +76,7 @@ def read_contract(onnx_path: Path) -> ContractSpec:
         raise CqilError(f"'{onnx_path}': past_key_values.0.key must be [batch, kv_heads, past, head_dim] "
                         f"with fixed kv_heads and head_dim, found {shape}")
     for layer in range(num_layers):
-        for name in past_names(layer):
+        for name in past_pair(layer):
             if name not in inputs or _dims(inputs[name]) != shape:
                 raise CqilError(f"'{onnx_path}': input {name} is missing or differs in shape from "
                                 f"past_key_values.0.key {shape}")

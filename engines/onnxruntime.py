@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines.kv_contract import ContractSpec, find_onnx, output_names, past_names, read_contract
+from engines.kv_contract import ContractSpec, find_onnx, read_contract
+from export.contract import output_names, past_pair
 from pipeline.cqil_model import positions_from_mask
 from pipeline.errors import CqilError
 
@@ -103,7 +104,7 @@ class OrtRunner:
                  if name in self.spec.inputs}
         empty = np.zeros((batch, self.spec.kv_heads, 0, self.spec.head_dim), dtype=self.cache_dtype)
         for layer in range(self.spec.num_layers):
-            for slot, name in enumerate(past_names(layer)):
+            for slot, name in enumerate(past_pair(layer)):
                 value = past_key_values[2 * layer + slot] if past_key_values else None
                 feeds[name] = empty if value is None else np.ascontiguousarray(
                     value.detach().cpu().numpy().astype(self.cache_dtype))

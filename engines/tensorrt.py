@@ -25,7 +25,8 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engines.kv_contract import ContractSpec, find_onnx, output_names, past_names, read_contract
+from engines.kv_contract import ContractSpec, find_onnx, read_contract
+from export.contract import output_names, past_pair
 from pipeline.errors import CqilError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -91,7 +92,7 @@ class BuildPlan:
 
 def default_aux_streams(spec: ContractSpec, onnx_path: Path) -> int:
     if spec.plan is None:
-        raise CqilError(f"'{onnx_path}' carries no cqil_plan metadata, so the group size is unknown: "
+        raise CqilError(f"'{onnx_path}' carries no cqil.plan metadata, so the group size is unknown: "
                         "pass --aux-streams N (N = largest group size - 1; 0 for the original model)")
     return spec.plan.max_group_size - 1
 
@@ -116,7 +117,7 @@ def _profile(spec: ContractSpec, batch: Shape, seq: Shape, past: Shape) -> dict[
     }
     cache = ranges(lambda i: (batch[i], spec.kv_heads, past[i], spec.head_dim))
     for layer in range(spec.num_layers):
-        for name in past_names(layer):
+        for name in past_pair(layer):
             shapes[name] = cache
     return {name: shapes[name] for name in spec.inputs}
 
@@ -321,7 +322,7 @@ class TensorRTRunner:
             position_ids = positions_from_mask(attention_mask, input_ids.shape[1])
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         for layer in range(self.num_layers if past else 0):
-            key, value = past_names(layer)
+            key, value = past_pair(layer)
             feeds[key], feeds[value] = past[2 * layer], past[2 * layer + 1]
         profile = DECODE if past else PREFILL
         if profile != self.profile:

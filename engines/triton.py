@@ -23,7 +23,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from engines.kv_contract import PLAN_METADATA_KEY, ContractSpec, find_onnx, output_names, read_contract
+from engines.kv_contract import (
+    PLAN_METADATA_KEY,
+    ContractSpec,
+    find_onnx,
+    read_contract,
+)
+from export.contract import output_names
 from pipeline.errors import CqilError
 from pipeline.fsutil import atomic_dir
 

@@ -17,16 +17,27 @@ BATCH, SEQ, PAST, TOTAL = "batch", "seq", "past", "total"
 EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 4
 
 
+TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def past_pair(layer: int) -> tuple[str, str]:
+    return f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
+
+
+def present_pair(layer: int) -> tuple[str, str]:
+    return f"present.{layer}.key", f"present.{layer}.value"
+
+
 def past_names(num_layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    return [name for i in range(num_layers) for name in past_pair(i)]
 
 
 def present_names(num_layers: int) -> list[str]:
-    return [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    return [name for i in range(num_layers) for name in present_pair(i)]
 
 
 def input_names(num_layers: int) -> list[str]:
-    return ["input_ids", "attention_mask", "position_ids", *past_names(num_layers)]
+    return [*TOKEN_INPUTS, *past_names(num_layers)]
 
 
 def output_names(num_layers: int) -> list[str]:

@@ -7,12 +7,10 @@ shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from pipeline.errors import CqilError
-
 
 # -- shared options ---------------------------------------------------------------------------------
 

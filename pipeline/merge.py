@@ -14,7 +14,13 @@ from pipeline.adapters import load_adapter
 from pipeline.errors import CqilError
 from pipeline.fsutil import atomic_dir, cache_dir
 from pipeline.plan import CONFIG_KEY, Plan
-from pipeline.sources import DEFAULT_MODEL_NAME, LoadedModel, check_model_dir, default_model_dir, model_name
+from pipeline.sources import (
+    DEFAULT_MODEL_NAME,
+    LoadedModel,
+    check_model_dir,
+    default_model_dir,
+    model_name,
+)
 
 BASE_KEY = "cqil_base_model"  # config.json: {"name": ..., "path": ...} of the model before merging
 

@@ -27,7 +27,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.adapters import DEFAULT_RANK, DEFAULT_TARGETS, RUN_RECORD, AdaptersOff, check_targets_exist, lora_config
+from pipeline.adapters import (
+    DEFAULT_RANK,
+    DEFAULT_TARGETS,
+    RUN_RECORD,
+    AdaptersOff,
+    check_targets_exist,
+    lora_config,
+)
 from pipeline.cqil_model import CqilModel
 from pipeline.errors import CqilError
 from pipeline.fsutil import atomic_dir
@@ -151,7 +158,11 @@ def finetune(hf_model: torch.nn.Module, plan: Plan, train: torch.Tensor, held_ou
 
     Returns the run record that is also written as `out/training_run.json`.
     """
-    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from peft import (
+        get_peft_model,
+        get_peft_model_state_dict,
+        set_peft_model_state_dict,
+    )
     from transformers import get_cosine_schedule_with_warmup
 
     settings.check(len(train))

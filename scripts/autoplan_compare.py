@@ -21,8 +21,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.autoplan import (SearchRequest, calibration_kl, group_costs, parse_bypass_choices,  # noqa: E402
-                               predicted_kl, score_candidates, select)
+from pipeline.autoplan import (  # noqa: E402
+    SearchRequest,
+    calibration_kl,
+    group_costs,
+    parse_bypass_choices,
+    predicted_kl,
+    score_candidates,
+    select,
+)
 from pipeline.cqil_model import CqilModel  # noqa: E402
 from pipeline.data import load_split  # noqa: E402
 from pipeline.plan import Plan, identity_plan, uniform_plan  # noqa: E402

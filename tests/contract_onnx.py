@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.kv_contract import input_names, output_names
+from export.contract import PLAN_KEY, input_names, output_names
 from pipeline.plan import Plan
 
 TOY_LAYERS, TOY_KV_HEADS, TOY_HEAD_DIM, TOY_HIDDEN, TOY_VOCAB = 2, 2, 4, 8, 16
@@ -75,7 +75,7 @@ def write_toy_decoder(path: Path, plan: Plan | None = TOY_PLAN, external_data: b
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     if plan is not None:
-        helper.set_model_props(model, {"cqil_plan": json.dumps(plan.to_dict())})
+        helper.set_model_props(model, {PLAN_KEY: json.dumps(plan.to_dict())})
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(path), save_as_external_data=external_data, all_tensors_to_one_file=True,
@@ -133,6 +133,6 @@ def export_cqil_model(model, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path), external_data=True)
     proto = onnx.load(str(path), load_external_data=False)
-    onnx.helper.set_model_props(proto, {"cqil_plan": json.dumps(model.plan.to_dict())})
+    onnx.helper.set_model_props(proto, {PLAN_KEY: json.dumps(model.plan.to_dict())})
     onnx.save(proto, str(path))
     return path

@@ -8,13 +8,31 @@ import random
 
 import pytest
 
-from pipeline.autoplan import (Candidate, Choice, SearchRequest, best_by_depth, calibration_kl, group_costs,
-                               parse_bypass_choices, predicted_kl, repair, score_candidates, search, select)
+from pipeline.autoplan import (
+    Candidate,
+    Choice,
+    SearchRequest,
+    best_by_depth,
+    calibration_kl,
+    group_costs,
+    parse_bypass_choices,
+    predicted_kl,
+    repair,
+    score_candidates,
+    search,
+    select,
+)
 from pipeline.cli import main
 from pipeline.cqil_model import CqilModel
 from pipeline.data import load_split
 from pipeline.errors import CqilError
-from pipeline.plan import Plan, from_parallel_groups, identity_plan, load_plan, model_record
+from pipeline.plan import (
+    Plan,
+    from_parallel_groups,
+    identity_plan,
+    load_plan,
+    model_record,
+)
 from pipeline.quality import evaluate
 
 LAYERS = 6

@@ -7,7 +7,13 @@ import json
 import pytest
 import torch
 
-from pipeline.data import chunk_tokens, default_text, load_split, read_text, split_chunks
+from pipeline.data import (
+    chunk_tokens,
+    default_text,
+    load_split,
+    read_text,
+    split_chunks,
+)
 from pipeline.errors import CqilError
 
 

@@ -8,7 +8,13 @@ import pytest
 
 from pipeline.errors import CqilError
 from pipeline.plan import (
-    Plan, identity_plan, load_plan, model_record, parse_groups_spec, parse_uniform_spec, plan_from_dict,
+    Plan,
+    identity_plan,
+    load_plan,
+    model_record,
+    parse_groups_spec,
+    parse_uniform_spec,
+    plan_from_dict,
 )
 from tests.conftest import tiny_config
 

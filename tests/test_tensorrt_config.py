@@ -14,6 +14,7 @@ import pytest
 
 from engines import tensorrt as trt_engine
 from engines.tensorrt import EngineSettings, ShapeRange
+from export.contract import PLAN_KEY
 from pipeline.cli import main
 from pipeline.errors import CqilError
 from pipeline.plan import Plan
@@ -46,7 +47,7 @@ def write_contract_onnx(path: Path, plan: Plan | None = PLAN, layers: int = LAYE
                               initializer=[helper.make_tensor("axis", TensorProto.INT64, [1], [2])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     if plan is not None:
-        helper.set_model_props(model, {"cqil_plan": json.dumps(plan.to_dict())})
+        helper.set_model_props(model, {PLAN_KEY: json.dumps(plan.to_dict())})
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))

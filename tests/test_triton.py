@@ -19,6 +19,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from engines.triton import write_model_repository
+from export.contract import PLAN_KEY
 from pipeline.cli import main
 from pipeline.errors import CqilError
 from tests.contract_onnx import TOY_PLAN, toy_feed, write_toy_decoder
@@ -77,7 +78,7 @@ def test_configs_parse_and_match_the_onnx_graph(onnx_dir, engine, tmp_path):
         assert config.max_batch_size == 0
         assert config_tensors(config.input) == inputs
         assert config_tensors(config.output) == outputs
-        assert json.loads(config.parameters["cqil_plan"].string_value) == TOY_PLAN.to_dict()
+        assert json.loads(config.parameters[PLAN_KEY].string_value) == TOY_PLAN.to_dict()
     assert configs["toy_onnx"].backend == "onnxruntime" and not configs["toy_onnx"].platform
     assert configs["toy_onnx"].default_model_filename == "model.onnx"
     assert configs["toy_trt"].platform == "tensorrt_plan" and not configs["toy_trt"].backend

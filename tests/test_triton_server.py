@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from engines.kv_contract import input_names, output_names
+from export.contract import input_names, output_names
 from pipeline.cli import main
 from pipeline.cqil_model import CqilModel
 from pipeline.plan import Plan

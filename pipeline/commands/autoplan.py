@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 from pipeline.cli import add_data_options, limit_chunks
 from pipeline.errors import CqilError

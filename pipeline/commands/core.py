@@ -6,7 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-from pipeline.cli import add_data_options, add_model_options, add_plan_options, limit_chunks, plan_from_args
+from pipeline.cli import (
+    add_data_options,
+    add_model_options,
+    add_plan_options,
+    limit_chunks,
+    plan_from_args,
+)
 from pipeline.commands.autoplan import add_auto_options, auto_requested, cmd_auto_plan
 
 
@@ -34,7 +40,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from pipeline.analysis import layer_input_similarity, save_heatmap, similarity_report
+    from pipeline.analysis import (
+        layer_input_similarity,
+        save_heatmap,
+        similarity_report,
+    )
     from pipeline.cqil_model import CqilModel
     from pipeline.data import load_split
     from pipeline.fsutil import atomic_dir

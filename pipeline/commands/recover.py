@@ -5,13 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.cli import add_data_options, add_model_options, add_plan_options, limit_chunks, plan_from_args
+from pipeline.cli import (
+    add_data_options,
+    add_model_options,
+    add_plan_options,
+    limit_chunks,
+    plan_from_args,
+)
 
 
 def plan_with_adapter(args: argparse.Namespace, config):
     """The plan from the command line or the checkpoint, else the one the adapter was trained for."""
     from pipeline.adapters import adapter_plan
-
     from pipeline.errors import CqilError
 
     plan = plan_from_args(args, config, required=False)
