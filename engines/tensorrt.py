@@ -162,9 +162,12 @@ def _relative(target: Path, base: Path) -> Path:
     return Path(os.path.relpath(Path(target).absolute(), Path(base).absolute()))
 
 
-def build_script_text(plan: BuildPlan) -> str:
-    """A bash script, run from anywhere, that builds the engine with trtexec relative to its own folder."""
-    here = plan.onnx.parent
+def build_script_text(plan: BuildPlan, script_dir: Path | None = None) -> str:
+    """A bash script, run from anywhere, that builds the engine with trtexec relative to its own folder.
+
+    `script_dir` is where the script will live (default: beside the ONNX).
+    """
+    here = Path(script_dir) if script_dir is not None else plan.onnx.parent
     command = " \\\n  ".join(shlex.quote(arg) if i else '"${TRTEXEC:-trtexec}"'
                              for i, arg in enumerate(build_engine_command(plan, base=here)))
     engine = _relative(plan.engine, here)
@@ -172,7 +175,7 @@ def build_script_text(plan: BuildPlan) -> str:
         "#!/usr/bin/env bash\n"
         "# Builds the TensorRT engine for this ONNX on a GPU host with TensorRT 10 (trtexec on PATH, or TRTEXEC=...).\n"
         "# Written by `cqil engine`; the same build through the TensorRT Python API, run in this folder:\n"
-        f"#   cqil engine --onnx {shlex.quote(plan.onnx.name)} --out {shlex.quote(str(engine))} "
+        f"#   cqil engine --onnx {shlex.quote(str(_relative(plan.onnx, here)))} --out {shlex.quote(str(engine))} "
         f"{' '.join(cli_options(plan))}\n"
         "set -euo pipefail\n"
         'cd "$(dirname "$0")"\n'

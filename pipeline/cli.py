@@ -78,6 +78,7 @@ COMMAND_MODULES = (
     "pipeline.commands.export",
     "pipeline.commands.engines",
     "pipeline.commands.triton",
+    "pipeline.commands.build",
 )
 
 
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
+    import logging
     import os
     import warnings
 
@@ -105,6 +107,14 @@ def _quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notes
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()  # "Writing model shards" on every save
+    except ImportError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

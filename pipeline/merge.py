@@ -25,12 +25,15 @@ from pipeline.sources import (
 BASE_KEY = "cqil_base_model"  # config.json: {"name": ..., "path": ...} of the model before merging
 
 
-def merge_adapter(loaded: LoadedModel, plan: Plan, adapter_dir: Path, out: Path) -> Path:
-    """Merge `adapter_dir` into `loaded` (peft merge_and_unload) and write the checkpoint to `out`."""
+def merge_adapter(loaded: LoadedModel, plan: Plan, adapter_dir: Path | None, out: Path) -> Path:
+    """Merge `adapter_dir` into `loaded` (peft merge_and_unload) and write the checkpoint to `out`.
+
+    Without an adapter the checkpoint is the base weights carrying the plan (a CQIL model without recovery).
+    """
     model = loaded.model
     plan.check_fits(model.config)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    merged = load_adapter(model, adapter_dir).merge_and_unload()
+    merged = load_adapter(model, adapter_dir).merge_and_unload() if adapter_dir else model
     if tied and merged.get_output_embeddings().weight is not merged.get_input_embeddings().weight:
         raise CqilError(f"merging '{adapter_dir}' untied the input and output embeddings: the adapter "
                         "changes one of them; merge only adapters of the decoder layers")

@@ -37,6 +37,7 @@ class StageContext:
     out: Path  # the stage's temporary directory; renamed into place on success
     build_dir: Path
     params: dict[str, Any]
+    key: str  # this run's stage key (names state that must outlive a killed stage, e.g. checkpoints)
 
     def upstream(self, name: str) -> Path:
         """The finished output directory of an earlier stage."""
@@ -140,7 +141,7 @@ def run_stages(stages: Sequence[Stage], build_dir: Path, force: Sequence[str] = 
                 log(f"[{stage.name}] running ...")
                 start = time.perf_counter()
                 with atomic_dir(final) as tmp:
-                    metrics = stage.run(StageContext(out=tmp, build_dir=build_dir, params=stage.params)) or {}
+                    metrics = stage.run(StageContext(out=tmp, build_dir=build_dir, params=stage.params, key=key)) or {}
                     record = {
                         "stage": stage.name,
                         "key": key,

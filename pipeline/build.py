@@ -1,0 +1,320 @@
+"""`cqil build`: the stages of DESIGN.md section 2 wired to the stage runner.
+
+    source -> analyze -> plan -> recover -> merge -> export -> engines -> validate -> bench -> package
+
+Each stage reads only the finished directories of the stages it names in `after` and the section of
+the build configuration that its key hashes. The stage directories hold what DESIGN.md names:
+`source/`, `analyze/` (similarity.json + png), `plan/plan.json`, `recover/adapter/`,
+`merge/model/`, `export/onnx/`, `engines/trt/`, `validate/` (validation.json, quality.json),
+`bench/` (latency.json + png), `package/triton/`; `manifest.json`, `report.md` and the resolved
+`build.toml` sit at the top of the build directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import CqilError
+from pipeline.stages import Stage, StageContext
+
+STAGE_ORDER = ("source", "analyze", "plan", "recover", "merge", "export", "engines", "validate", "bench",
+               "package")
+
+
+# -- helpers shared by the stages --------------------------------------------------------------------
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link where the filesystem allows (the cache and the build share a disk), else copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _text(config: dict, key: str) -> str | None:
+    return config["data"][key] or None
+
+
+def _split(loaded, config: dict, seq_len: int | None = None):
+    from pipeline.data import load_split
+
+    data = config["data"]
+    return load_split(loaded.tokenizer, _text(config, "data"), _text(config, "eval_data"),
+                      seq_len or data["seq_len"])
+
+
+def _source_model(ctx: StageContext):
+    from pipeline.sources import load_model
+
+    return load_model(ctx.upstream("source"))
+
+
+def _plan(ctx: StageContext, config):
+    from pipeline.plan import load_plan
+
+    return load_plan(ctx.upstream("plan") / "plan.json", config.num_hidden_layers)
+
+
+def _merged(ctx: StageContext):
+    """The merged CQIL checkpoint (the PyTorch reference of every engine) as a CqilModel."""
+    from pipeline.cqil_model import CqilModel
+    from pipeline.plan import plan_from_config
+    from pipeline.sources import load_model
+
+    loaded = load_model(ctx.upstream("merge") / "model")
+    return loaded, CqilModel(loaded.model, plan_from_config(loaded.model.config))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# -- the stages ------------------------------------------------------------------------------------------
+
+def run_source(ctx: StageContext) -> dict:
+    from pipeline.sources import SOURCE_RECORD, model_name, resolve_model_dir
+
+    path = Path(ctx.params["resolved"])
+    resolve_model_dir(path)  # checks it again: the cache may have been cleaned since the key was made
+    for file in sorted(path.iterdir()):
+        if file.is_file():
+            _link_or_copy(file, ctx.out / file.name)
+    if not (ctx.out / SOURCE_RECORD).exists():  # keep the model's own name, not "source"
+        _write_json(ctx.out / SOURCE_RECORD, {"name": model_name(path), "source": str(path)})
+    config = json.loads((path / "config.json").read_text())
+    return {"model_dir": str(path), "layers": config["num_hidden_layers"], "hidden": config["hidden_size"]}
+
+
+def run_analyze(ctx: StageContext, config: dict) -> dict:
+    from pipeline.analysis import (
+        layer_input_similarity,
+        save_heatmap,
+        similarity_report,
+    )
+    from pipeline.cqil_model import CqilModel
+    from pipeline.plan import identity_plan
+
+    loaded = _source_model(ctx)
+    chunks = _split(loaded, config).train[: ctx.params["max_chunks"]]
+    model = CqilModel(loaded.model, identity_plan(loaded.model.config.num_hidden_layers))
+    matrix = layer_input_similarity(model, chunks, ctx.params["batch_size"])
+    report = similarity_report(matrix, chunks.numel(), loaded.name)
+    _write_json(ctx.out / "similarity.json", report)
+    save_heatmap(matrix, ctx.out / "similarity.png", f"{loaded.name}: layer-input cosine similarity")
+    adjacent = report["adjacent"]
+    return {"tokens": chunks.numel(), "min_adjacent": min(adjacent[1:] or adjacent)}
+
+
+def run_plan(ctx: StageContext, config: dict) -> dict:
+    from transformers import AutoConfig
+
+    from pipeline import plan as plans
+
+    params = ctx.params
+    from pipeline.sources import model_name
+
+    model_config = AutoConfig.from_pretrained(ctx.upstream("source"))
+    layers = model_config.num_hidden_layers
+    record = {**plans.model_record(model_config), "name": model_name(ctx.upstream("source"))}
+    chosen = [key for key in ("uniform", "groups", "file") if params[key]] + (["auto"] if params["auto"] else [])
+    if len(chosen) != 1:
+        raise CqilError(f"[plan] needs exactly one of uniform, groups, file, auto (got {chosen or 'none'})")
+    if params["auto"]:
+        plan, search_report = _auto_plan(ctx, config, model_config)
+        _write_json(ctx.out / "plan.search.json", search_report)
+    elif params["uniform"]:
+        plan = plans.parse_uniform_spec(params["uniform"], layers, params["bypass"], record)
+    elif params["groups"]:
+        plan = plans.parse_groups_spec(params["groups"], layers, params["bypass"], record)
+    else:
+        loaded = plans.load_plan(Path(params["file"]), layers)
+        plan = plans.Plan(loaded.groups, loaded.bypass, record)
+    plan.check_fits(model_config)
+    plan.save(ctx.out / "plan.json")
+    return {"depth": plan.depth, "layers": plan.num_layers, "bypass": plan.bypass, "plan": plan.describe()}
+
+
+def _auto_plan(ctx: StageContext, config: dict, model_config):
+    from pipeline.autoplan import SearchRequest, parse_bypass_choices, search
+    from pipeline.cqil_model import CqilModel
+    from pipeline.plan import identity_plan, model_record
+
+    params = ctx.params
+    request = SearchRequest(params["target_depth"] or None, params["max_kl"] or None, params["max_group_size"],
+                            parse_bypass_choices(params["bypass_choices"]))
+    request.check(model_config.num_hidden_layers)
+    loaded = _source_model(ctx)
+    split = _split(loaded, config)
+    original = CqilModel(loaded.model, identity_plan(model_config.num_hidden_layers))
+    result = search(original, split.train[: params["calibration_chunks"]], split.held_out[: params["eval_chunks"]],
+                    request, model_record(model_config))
+    return result.plan, result.report
+
+
+def run_recover(ctx: StageContext, config: dict) -> dict:
+    from pipeline.recovery import FinetuneSettings, finetune
+
+    params = ctx.params
+    if params["steps"] == 0:
+        _write_json(ctx.out / "recovery.json", {"skipped": "recover.steps = 0"})
+        return {"skipped": True}
+    loaded = _source_model(ctx)
+    plan = _plan(ctx, loaded.model.config)
+    split = _split(loaded, config, params["seq_len"])
+    settings = FinetuneSettings(steps=params["steps"], lr=params["lr"], warmup_steps=params["warmup_steps"],
+                                batch_size=params["batch_size"], grad_accum=params["grad_accum"],
+                                seed=params["seed"], rank=params["rank"], eval_every=0,
+                                eval_chunks=min(8, len(split.held_out)), save_every=10)
+    # Checkpoints outlive a killed build (the stage's own directory does not): named by the stage key.
+    checkpoint = ctx.build_dir / f".recover-{ctx.key}.checkpoint"
+    record = finetune(loaded.model, plan, split.train, split.held_out, settings, ctx.out / "adapter",
+                      checkpoint_dir=checkpoint, resume=(checkpoint / "state.pt").is_file(),
+                      source={"name": loaded.name})
+    first, last = record["held_out"][0], record["held_out"][-1]
+    return {"steps": params["steps"], "tokens_seen": record["tokens_seen"],
+            "seconds_per_step": record["seconds_per_step"], "kl_before": first["kl"], "kl_after": last["kl"]}
+
+
+def run_merge(ctx: StageContext, config: dict) -> dict:
+    from pipeline.merge import merge_adapter
+    from pipeline.stages import read_record
+
+    loaded = _source_model(ctx)
+    # Record the base model by its canonical location, not this build's copy, so that builds in
+    # different directories write the same bytes.
+    loaded.path = Path(read_record(ctx.upstream("source"))["metrics"]["model_dir"])
+    plan = _plan(ctx, loaded.model.config)
+    adapter = ctx.upstream("recover") / "adapter"
+    merge_adapter(loaded, plan, adapter if adapter.is_dir() else None, ctx.out / "model")
+    return {"recovered": adapter.is_dir()}
+
+
+def run_export(ctx: StageContext, config: dict) -> dict:
+    from export.writer import export_model
+
+    loaded, model = _merged(ctx)
+    result = export_model(model, ctx.out / "onnx", ctx.params["layout"], ctx.params["dtype"],
+                          source={"name": loaded.name}, tokenizer=loaded.tokenizer)
+    return {key: result.to_dict()[key] for key in ("seconds", "size_mb", "nodes", "structure", "peak_rss_mb")}
+
+
+def run_engines(ctx: StageContext, config: dict) -> dict:
+    from engines.tensorrt import (
+        EngineSettings,
+        build_engine,
+        build_script_text,
+        import_tensorrt,
+        plan_build,
+    )
+
+    params = dict(ctx.params)
+    settings = EngineSettings(**params)
+    trt_dir, final_dir = ctx.out / "trt", ctx.build_dir / "engines" / "trt"
+    trt_dir.mkdir()
+    build = plan_build(ctx.upstream("export") / "onnx", trt_dir / "model.plan", settings)
+    _write_json(trt_dir / "engine_settings.json",
+                {"aux_streams": build.aux_streams, **params,
+                 "profiles": [{name: vars(r) for name, r in p.items()} for p in build.profiles]})
+    # The script sits in trt/ and names the engine and the ONNX by their final places, relative to itself.
+    script = trt_dir / "build_engine.sh"
+    script.write_text(build_script_text(dataclasses.replace(build, engine=final_dir / "model.plan"), final_dir))
+    script.chmod(0o755)
+    if import_tensorrt() is None:
+        return {"tensorrt": "not installed: engine NOT built; run engines/trt/build_engine.sh on a GPU host",
+                "aux_streams": build.aux_streams}
+    build_engine(build)
+    return {"tensorrt": "built", "aux_streams": build.aux_streams}
+
+
+def run_validate(ctx: StageContext, config: dict) -> dict:
+    from engines.validate import validate_onnx
+
+    from pipeline.cqil_model import CqilModel
+    from pipeline.plan import identity_plan
+    from pipeline.quality import evaluate
+
+    params = ctx.params
+    loaded, merged = _merged(ctx)
+    split = _split(loaded, config)
+    validation = validate_onnx(ctx.upstream("export") / "onnx", merged, split.held_out[: params["chunks"]],
+                               decode_steps=params["decode_steps"])
+    _write_json(ctx.out / "validation.json", validation)
+
+    source = _source_model(ctx)
+    layers = source.model.config.num_hidden_layers
+    original = CqilModel(source.model, identity_plan(layers))
+    candidates = {"cqil": original.with_plan(merged.plan)}
+    if (ctx.upstream("recover") / "adapter").is_dir():
+        candidates["cqil_recovered"] = merged
+    quality = evaluate(original, candidates, split.held_out[: params["quality_chunks"]])
+    _write_json(ctx.out / "quality.json", quality)
+    return {"passed": validation["passed"],
+            **{f"{name}_kl": round(quality[name]["kl"], 4) for name in candidates},
+            "original_ppl": round(quality["original"]["ppl"], 3)}
+
+
+def run_bench(ctx: StageContext, config: dict) -> dict:
+    from engines.bench import BenchSettings, reference_onnx, run_bench
+
+    params = ctx.params
+    settings = BenchSettings(batch=params["batch"], seq=params["seq"], past=params["past"],
+                             repeats=params["repeats"], threads=params["threads"] or None)
+    source = _source_model(ctx)
+    reference = reference_onnx(source, dtype=config["export"]["dtype"])
+    result = run_bench(ctx.upstream("export") / "onnx", reference, settings, out=ctx.out)
+    return {name: round(scenario["ratio"], 3) for name, scenario in result["scenarios"].items()}
+
+
+def run_package(ctx: StageContext, config: dict) -> dict:
+    from engines.triton import write_model_repository
+
+    engine = ctx.upstream("engines") / "trt" / "model.plan"
+    repo = write_model_repository(ctx.upstream("export") / "onnx", ctx.out / "triton", ctx.params["name"],
+                                  engine_plan=engine if engine.is_file() else None)
+    return {"models": sorted(p.name for p in (ctx.out / "triton").iterdir() if p.is_dir()),
+            "repository": str(getattr(repo, "root", ctx.out / "triton"))}
+
+
+def _file_text(path: str) -> str:
+    """A plan file's content, so that editing the file changes the plan stage's key."""
+    if not path:
+        return ""
+    if not Path(path).is_file():
+        raise CqilError(f"[plan] file '{path}' does not exist")
+    return Path(path).read_text()
+
+
+# -- the stage list ---------------------------------------------------------------------------------------
+
+def make_stages(config: dict[str, dict[str, Any]]) -> list[Stage]:
+    """The ten stages with their parameters (their config section) and what they read."""
+    from pipeline.fsutil import sha256_file
+    from pipeline.sources import resolve_model_dir
+
+    model_dir = resolve_model_dir(config["source"]["model"] or None)
+    weights = {f.name: sha256_file(f) for f in sorted(model_dir.glob("*.safetensors"))}
+    data = config["data"]
+
+    def stage(name: str, run, after: tuple[str, ...], params: dict, with_data: bool = False) -> Stage:
+        keyed = {**params, **({"data": data} if with_data else {})}
+        return Stage(name, lambda ctx: run(ctx, config), keyed, after)
+
+    return [
+        Stage("source", run_source, {"resolved": str(model_dir), "weights": weights}),
+        stage("analyze", run_analyze, ("source",), config["analyze"], with_data=True),
+        stage("plan", run_plan, ("source",), {**config["plan"], "file_content": _file_text(config["plan"]["file"])},
+              with_data=config["plan"]["auto"]),
+        stage("recover", run_recover, ("source", "plan"), config["recover"], with_data=True),
+        stage("merge", run_merge, ("source", "plan", "recover"), {}),
+        stage("export", run_export, ("merge",), config["export"]),
+        stage("engines", run_engines, ("export",), config["engines"]),
+        stage("validate", run_validate, ("source", "recover", "merge", "export"), config["validate"], with_data=True),
+        stage("bench", run_bench, ("source", "export"), config["bench"]),
+        stage("package", run_package, ("export", "engines"), config["package"]),
+    ]

@@ -1,0 +1,78 @@
+"""`cqil build` (the staged build-once pipeline) and `cqil verify` (recheck a build's file hashes)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from pipeline.build import STAGE_ORDER, make_stages
+    from pipeline.build_config import load_config, to_toml
+    from pipeline.fsutil import atomic_write_text
+    from pipeline.manifest import write_manifest
+    from pipeline.report import render
+    from pipeline.stages import run_stages
+
+    overrides = list(args.set or [])
+    shortcuts = {"model": "source.model", "uniform": "plan.uniform", "bypass": "plan.bypass",
+                 "steps": "recover.steps", "layout": "export.layout", "dtype": "export.dtype"}
+    for option, key in shortcuts.items():
+        value = getattr(args, option)
+        if value is not None:
+            overrides.append(f"{key}={value}" if not isinstance(value, str) else f'{key}="{value}"')
+    config = load_config(args.config, overrides)
+    start = time.perf_counter()
+    stages = make_stages(config)
+    assert [s.name for s in stages] == list(STAGE_ORDER)
+    results = run_stages(stages, args.out, force=args.force or (), until=args.until,
+                         log=lambda message: print(message, file=sys.stderr))
+    seconds = time.perf_counter() - start
+    atomic_write_text(args.out / "build.toml", to_toml(config))
+    write_manifest(args.out, results)
+    atomic_write_text(args.out / "report.md", render(args.out, results, seconds))
+    ran = sum(r.status == "ran" for r in results)
+    print(f"{args.out}: {ran} stage(s) ran, {len(results) - ran} up to date, {seconds:.0f} s; "
+          f"report: {args.out / 'report.md'}")
+    validation = next((r for r in results if r.name == "validate"), None)
+    if validation and validation.record["metrics"].get("passed") is False:
+        print(f"validation FAILED: see {args.out / 'validate' / 'validation.json'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.errors import CqilError
+    from pipeline.stages import verify_build
+
+    if not (args.dir / "manifest.json").is_file():
+        raise CqilError(f"'{args.dir}' is not a cqil build (no manifest.json): pass the --out of `cqil build`")
+    problems = verify_build(args.dir)
+    for problem in problems:
+        print(problem)
+    print(f"{args.dir}: {'OK, every file matches its recorded sha256' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from pipeline.build import STAGE_ORDER
+
+    p = sub.add_parser("build", help="the staged build-once pipeline: source -> ... -> package (report.md)")
+    p.add_argument("--config", type=Path, help="build.toml: [section] key = value for any stage parameter")
+    p.add_argument("--out", type=Path, default=Path("artifacts"), help="build directory (default %(default)s)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one parameter (repeatable)")
+    p.add_argument("--model", help="shortcut for --set source.model=...")
+    p.add_argument("--uniform", metavar="S:E:P", help="shortcut for --set plan.uniform=...")
+    p.add_argument("--bypass", type=int, help="shortcut for --set plan.bypass=...")
+    p.add_argument("--steps", type=int, help="shortcut for --set recover.steps=... (0 = no recovery)")
+    p.add_argument("--layout", choices=("branches", "fused"), help="shortcut for --set export.layout=...")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), help="shortcut for --set export.dtype=...")
+    p.add_argument("--force", action="append", choices=STAGE_ORDER, metavar="STAGE", help="rerun this stage (repeatable)")
+    p.add_argument("--until", choices=STAGE_ORDER, metavar="STAGE", help="stop after this stage")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("verify", help="recheck a build's files against the sha256 its stages recorded")
+    p.add_argument("dir", type=Path, help="the build directory")
+    p.set_defaults(func=cmd_verify)

@@ -1,0 +1,96 @@
+"""`report.md` of a build: what was built, how good it is, how fast, and what was skipped and why."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.stages import StageResult
+
+
+def _load(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _quality_rows(quality: dict) -> list[str]:
+    labels = {"original": "original", "cqil": "CQIL (no recovery)", "cqil_recovered": "CQIL + recovery (merged)"}
+    rows = ["| model | held-out PPL | KL(original ‖ model) | top-1 agreement |", "|---|---:|---:|---:|"]
+    for key, label in labels.items():
+        if key in quality:
+            row = quality[key]
+            kl = f"{row['kl']:.4f}" if "kl" in row else "–"
+            top1 = f"{row['top1']:.3f}" if "top1" in row else "–"
+            rows.append(f"| {label} | {row['ppl']:.3f} | {kl} | {top1} |")
+    rows.append(f"\n{quality['tokens']} held-out tokens.")
+    return rows
+
+
+def _validation_rows(validation: dict) -> list[str]:
+    rows = [f"Overall: **{'PASS' if validation['passed'] else 'FAIL'}**", "",
+            "| engine | phase | logits max abs | top-1 | KL | passed |", "|---|---|---:|---:|---:|---|"]
+    for check in validation.get("checks", []):
+        rows.append(f"| {check['engine']} | {check['phase']} | {check['logits_max_abs']:.2e} | "
+                    f"{check['top1']:.3f} | {check['kl']:.2e} | {'yes' if check['passed'] else 'NO'} |")
+    for note in validation.get("skipped", []):
+        rows.append(f"\nSkipped: {note}")
+    return rows
+
+
+def _latency_rows(latency: dict) -> list[str]:
+    rows = ["| scenario | reference p50 ms | CQIL p50 ms | ratio (95% CI) | ideal depth ratio |",
+            "|---|---:|---:|---|---:|"]
+    ideal = latency.get("ideal_depth_ratio")
+    for name, s in latency["scenarios"].items():
+        lo, hi = s["ratio_ci"]
+        rows.append(f"| {name} | {s['reference']['p50_ms']:.2f} | {s['candidate']['p50_ms']:.2f} | "
+                    f"{s['ratio']:.3f} ({lo:.3f}–{hi:.3f}) | {ideal:.3f} |" if ideal else
+                    f"| {name} | {s['reference']['p50_ms']:.2f} | {s['candidate']['p50_ms']:.2f} | "
+                    f"{s['ratio']:.3f} ({lo:.3f}–{hi:.3f}) | – |")
+    return rows
+
+
+def render(build_dir: Path, results: list[StageResult], seconds: float) -> str:
+    build_dir = Path(build_dir)
+    plan = _load(build_dir / "plan" / "plan.json")
+    lines = ["# CQIL build report", ""]
+    if plan:
+        parallel = [g for g in plan["groups"] if len(g) > 1]
+        spans = ", ".join(f"{g[0]}-{g[-1]}" for g in parallel) or "none"
+        lines += [f"**Plan**: depth {plan['depth']} of {plan['num_layers']} layers, bypass d = {plan['bypass']}, "
+                  f"parallel groups {spans} (model: {plan['model'].get('name') or plan['model'].get('model_type')}).", ""]
+    if (build_dir / "analyze" / "similarity.png").is_file():
+        lines += ["## Layer-input similarity", "", "![similarity](analyze/similarity.png)", ""]
+    quality = _load(build_dir / "validate" / "quality.json")
+    if quality:
+        lines += ["## Quality", "", *_quality_rows(quality), ""]
+    validation = _load(build_dir / "validate" / "validation.json")
+    if validation:
+        lines += ["## Validation against the PyTorch reference", "", *_validation_rows(validation), ""]
+    latency = _load(build_dir / "bench" / "latency.json")
+    if latency:
+        lines += ["## Latency", "", *_latency_rows(latency), ""]
+        if (build_dir / "bench" / "latency.png").is_file():
+            lines += ["![latency](bench/latency.png)", ""]
+    lines += ["## Stages", "", "| stage | status | seconds | key | headline |", "|---|---|---:|---|---|"]
+    for r in results:
+        metrics = ", ".join(f"{k}: {v}" for k, v in r.record["metrics"].items() if not isinstance(v, (dict, list)))
+        status = "ran" if r.status == "ran" else "up to date"
+        lines.append(f"| {r.name} | {status} | {r.record['seconds']} | `{r.record['key']}` | {metrics} |")
+    lines += ["", f"Wall time of this run: {seconds:.0f} s.", "", "## Skipped", ""]
+    lines += skipped_notes(build_dir) or ["Nothing."]
+    return "\n".join(lines) + "\n"
+
+
+def skipped_notes(build_dir: Path) -> list[str]:
+    """What this build could not do, in plain words."""
+    from pipeline.manifest import library_versions
+
+    notes = []
+    versions = library_versions()
+    if versions["tensorrt"] == "not installed":
+        notes.append("- TensorRT is not installed here: no engine was built or run. "
+                     "`engines/trt/build_engine.sh` builds it on a GPU host with the same settings.")
+    if not (Path(build_dir) / "recover" / "adapter").is_dir():
+        notes.append("- Recovery was skipped (recover.steps = 0): the model is CQIL without fine-tuning.")
+    return notes
