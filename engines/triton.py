@@ -16,7 +16,6 @@ text here (no Triton import needed to write them); the tests parse them with Tri
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from engines.kv_contract import (
 )
 from export.contract import output_names
 from pipeline.errors import CqilError
-from pipeline.fsutil import atomic_dir
+from pipeline.fsutil import atomic_dir, link_or_copy
 
 ONNX_TO_TRITON = {"INT64": "TYPE_INT64", "INT32": "TYPE_INT32", "FLOAT": "TYPE_FP32",
                   "FLOAT16": "TYPE_FP16", "BFLOAT16": "TYPE_BF16"}
@@ -184,17 +183,17 @@ def write_model_repository(onnx: Path, repo_dir: Path, model_name: str = "cqil",
     models = {names["onnx"]: "ONNX Runtime backend", names["python"]: "Python backend, ONNX Runtime on CPU"}
     with atomic_dir(repo_dir) as tmp:
         onnx_version = tmp / names["onnx"] / VERSION
-        _place(io.onnx, onnx_version / "model.onnx")
+        link_or_copy(io.onnx, onnx_version / "model.onnx")
         for location in io.external_data:
-            _place(io.onnx.parent / location, onnx_version / location)
+            link_or_copy(io.onnx.parent / location, onnx_version / location)
 
         python_version = tmp / names["python"] / VERSION
         for relative in ("model.onnx", *io.external_data):
-            _place(onnx_version / relative, python_version / relative)
+            link_or_copy(onnx_version / relative, python_version / relative)
         shutil.copyfile(PYTHON_MODEL_SOURCE, python_version / "model.py")
 
         if engine_plan is not None:
-            _place(Path(engine_plan), tmp / names["trt"] / VERSION / "model.plan")
+            link_or_copy(Path(engine_plan), tmp / names["trt"] / VERSION / "model.plan")
             models[names["trt"]] = "TensorRT engine"
         for kind, name in names.items():
             if name in models:
@@ -214,10 +213,4 @@ def _refuse_foreign(repo_dir: Path, names: dict[str, str]) -> None:
                         "give an empty or new directory, it is replaced as a whole")
 
 
-def _place(source: Path, target: Path) -> None:
-    """Hard-link (no copy of a multi-GB file on the same filesystem), else copy."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
+

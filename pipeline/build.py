@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +25,6 @@ STAGE_ORDER = ("source", "analyze", "plan", "recover", "merge", "export", "engin
 
 
 # -- helpers shared by the stages --------------------------------------------------------------------
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    """Hard-link where the filesystem allows (the cache and the build share a disk), else copy."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-
 
 def _text(config: dict, key: str) -> str | None:
     return config["data"][key] or None
@@ -78,13 +67,14 @@ def _write_json(path: Path, data: Any) -> None:
 # -- the stages ------------------------------------------------------------------------------------------
 
 def run_source(ctx: StageContext) -> dict:
+    from pipeline.fsutil import link_or_copy
     from pipeline.sources import SOURCE_RECORD, model_name, resolve_model_dir
 
     path = Path(ctx.params["resolved"])
     resolve_model_dir(path)  # checks it again: the cache may have been cleaned since the key was made
     for file in sorted(path.iterdir()):
         if file.is_file():
-            _link_or_copy(file, ctx.out / file.name)
+            link_or_copy(file, ctx.out / file.name)
     if not (ctx.out / SOURCE_RECORD).exists():  # keep the model's own name, not "source"
         _write_json(ctx.out / SOURCE_RECORD, {"name": model_name(path), "source": str(path)})
     config = json.loads((path / "config.json").read_text())

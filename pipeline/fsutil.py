@@ -28,6 +28,16 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link where the filesystem allows (no second copy of multi-GB weights), else copy."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `final`; rename it into place only if the block succeeds.
