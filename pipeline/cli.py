@@ -78,6 +78,7 @@ COMMAND_MODULES = (
     "pipeline.commands.export",
     "pipeline.commands.engines",
     "pipeline.commands.triton",
+    "pipeline.commands.validate",
 )
 
 
