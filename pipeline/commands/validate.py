@@ -84,6 +84,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     settings = BenchSettings(batch=args.batch, seq=args.seq, past=args.past, prefill_repeats=args.prefill_repeats,
                              decode_repeats=args.decode_repeats, warmup=args.warmup, threads=args.threads)
     onnx_path, spec, plan = _onnx_and_plan(args)
+    if args.reference is not None and not args.reference.exists():
+        raise CqilError(f"--reference '{args.reference}' does not exist: pass the folder written by "
+                        "`cqil export --original`, or leave --reference out to export it into the cache")
     reference = args.reference or cached_reference(spec, onnx_path, args.model)
     torch_models = None
     if not args.no_torch:
