@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.kv_contract import ContractSpec, find_onnx, read_contract
+from engines.kv_contract import ContractSpec, find_onnx
 from engines.latency import BenchResult, compare, interleaved_times, ratio_ci, stats_ms
 from export.contract import DTYPE_KEY, LAYOUT_KEY
 from pipeline.errors import CqilError
 from pipeline.fsutil import cache_dir, sha256_file
+
 
 @dataclass(frozen=True)
 class BenchSettings:
@@ -113,7 +114,7 @@ def _vocab(runner) -> int:
     return size if isinstance(size, int) and size > 0 else 2
 
 
-def _ort_calls(runner, ids: torch.Tensor, past_len: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
+def ort_calls(runner, ids: torch.Tensor, past_len: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
     """Prefill and decode-step callables that only run the session (inputs are prepared once)."""
     batch = ids.shape[0]
     prefill = runner.feeds(ids[:, past_len:], torch.ones(batch, ids.shape[1] - past_len, dtype=torch.long))
@@ -123,7 +124,7 @@ def _ort_calls(runner, ids: torch.Tensor, past_len: int) -> tuple[Callable[[], A
     return (lambda: session.run(outputs, prefill)), (lambda: session.run(outputs, decode))
 
 
-def _torch_calls(model, ids: torch.Tensor, past_len: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
+def torch_calls(model, ids: torch.Tensor, past_len: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
     batch = ids.shape[0]
     prefill_ids, prefill_mask = ids[:, past_len:], torch.ones(batch, ids.shape[1] - past_len, dtype=torch.long)
     with torch.no_grad():
@@ -158,10 +159,10 @@ def run_bench(candidate_onnx: Path, reference_onnx: Path, settings: BenchSetting
     if settings.threads:
         torch.set_num_threads(settings.threads)
     try:
-        calls = {"reference": _ort_calls(reference, ids, settings.past),
-                 "candidate": _ort_calls(candidate, ids, settings.past)}
+        calls = {"reference": ort_calls(reference, ids, settings.past),
+                 "candidate": ort_calls(candidate, ids, settings.past)}
         for name, model in (torch_models or {}).items():
-            calls[f"pytorch_{name}"] = _torch_calls(model, ids, settings.past)
+            calls[f"pytorch_{name}"] = torch_calls(model, ids, settings.past)
         shapes = {"prefill": {"batch": settings.batch, "seq": settings.seq, "past": 0},
                   "decode": {"batch": settings.batch, "seq": 1, "past": settings.past}}
         repeats = {"prefill": settings.prefill_repeats, "decode": settings.decode_repeats}

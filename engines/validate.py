@@ -148,10 +148,11 @@ class _Phase:
             failures.append(f"top-1 agreement {agreement['top1']:.4f} < {self.thresholds.min_top1}")
         if not agreement["kl"] <= self.thresholds.max_kl:
             failures.append(f"KL {agreement['kl']:.3g} > {self.thresholds.max_kl}")
-        worst = max(self.outputs.items(), key=lambda item: item[1].max_abs)
+        presents = [(name, error) for name, error in self.outputs.items() if name != "logits"]
+        worst_name, worst = max(presents, key=lambda item: item[1].max_abs)
         return {**agreement, "passed": not failures, "failures": failures,
                 "logits": self.outputs["logits"].to_dict(),
-                "worst_present": {"name": worst[0], **worst[1].to_dict()} if worst[0] != "logits" else None,
+                "worst_present": {"name": worst_name, **worst.to_dict()},
                 "outputs": {name: error.to_dict() for name, error in self.outputs.items()}}
 
 
@@ -260,8 +261,10 @@ def validate_onnx(onnx_dir: Path, reference: CqilModel, chunks: torch.Tensor, de
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
     """A human summary of a validation result, one line per engine and phase."""
-    lines = [f"{result['onnx']} ({result['precision']}) vs PyTorch reference, "
-             f"{result['data']['chunks']} chunks x {result['data']['seq_len']} tokens"]
+    data = result["data"]
+    header = (f"{result['onnx']} ({result['precision']}) vs PyTorch reference, {data['chunks']} chunks x "
+              f"{data['seq_len']} tokens ({data['decode_steps']} decoded with the cache)")
+    lines = [header]
     for name, engine in result["engines"].items():
         if "skipped" in engine:
             lines.append(f"  {name}: skipped ({engine['skipped']})")
@@ -269,11 +272,10 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         for phase in ("prefill", "decode"):
             p = engine[phase]
             worst = p["worst_present"]
-            present = f", worst present {worst['name']} {worst['max_abs']:.3g}" if worst else ""
+            failures = f"  [{'; '.join(p['failures'])}]" if p["failures"] else ""
             lines.append(f"  {name} {phase}: {'ok' if p['passed'] else 'FAIL'}  max|dlogits| "
-                         f"{p['logits']['max_abs']:.3g} (rel {p['logits']['max_rel']:.3g}){present}, "
-                         f"top-1 {p['top1']:.4f}, KL {p['kl']:.3g}"
-                         + (f"  [{'; '.join(p['failures'])}]" if p["failures"] else ""))
+                         f"{p['logits']['max_abs']:.3g} (rel {p['logits']['max_rel']:.3g}), worst present "
+                         f"{worst['name']} {worst['max_abs']:.3g}, top-1 {p['top1']:.4f}, KL {p['kl']:.3g}{failures}")
     structure = result["structure"]
     lines.append(f"  structure: {structure['detail']}")
     lines.extend(f"  note: {note}" for note in result["notes"])
