@@ -11,10 +11,10 @@ Only the graph's declarations are read (`load_external_data=False`), so this is 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from export.contract import PLAN_KEY, input_names, past_pair
+from export.contract import PLAN_KEY, SOURCE_KEY, input_names, past_pair
 from pipeline.errors import CqilError
 from pipeline.plan import Plan, plan_from_dict
 
@@ -31,6 +31,15 @@ class ContractSpec:
     kv_dtype: str  # ONNX element type name of the cache, e.g. "FLOAT" or "FLOAT16"
     plan: Plan | None
     inputs: tuple[str, ...]  # the contract inputs the graph declares, in contract order
+    metadata: dict[str, str] = field(default_factory=dict)  # the model's metadata_props (cqil.* keys)
+
+    def source_model(self) -> dict:
+        """The `cqil.source_model` record (name, path) of the exported model; {} when absent."""
+        try:
+            record = json.loads(self.metadata.get(SOURCE_KEY, "{}"))
+        except json.JSONDecodeError:
+            return {}
+        return record if isinstance(record, dict) else {}
 
 
 def find_onnx(path: Path) -> Path:
@@ -83,7 +92,9 @@ def read_contract(onnx_path: Path) -> ContractSpec:
     elem = inputs["past_key_values.0.key"].type.tensor_type.elem_type
     plan = _plan_from_metadata(model, num_layers, onnx_path)
     declared = tuple(name for name in input_names(num_layers) if name in inputs)
-    return ContractSpec(num_layers, shape[1], shape[3], onnx.TensorProto.DataType.Name(elem), plan, declared)
+    metadata = {prop.key: prop.value for prop in model.metadata_props}
+    return ContractSpec(num_layers, shape[1], shape[3], onnx.TensorProto.DataType.Name(elem), plan, declared,
+                        metadata)
 
 
 def _dims(value) -> list[int | str]:

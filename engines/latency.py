@@ -21,6 +21,9 @@ Bench JSON (format "cqil-bench/1"), the layout a bench writes and a gate reads:
       },
       ...                                   # any further fields (engine, device, extra rows) are kept
     }
+
+A scenario may carry further keys too (`cqil bench` adds "rows": the eager PyTorch models timed in
+the same rounds); readers ignore what they do not know.
 """
 
 from __future__ import annotations
@@ -77,12 +80,15 @@ class BenchResult:
 # -- measuring --------------------------------------------------------------------------------------
 
 def interleaved_times(callables: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 3,
-                      synchronize: Callable[[], None] | None = None) -> dict[str, np.ndarray]:
+                      synchronize: Callable[[], None] | None = None,
+                      progress: str | None = None) -> dict[str, np.ndarray]:
     """Seconds per call of each callable, run round-robin `repeats` times after `warmup` rounds.
 
     `synchronize` (e.g. torch.cuda.synchronize) runs before each clock read, so asynchronous work
-    is counted in the call that launched it.
+    is counted in the call that launched it. `progress` names a tqdm bar over the rounds.
     """
+    from tqdm import tqdm
+
     if repeats < 1:
         raise CqilError(f"repeats {repeats} must be at least 1")
     sync = synchronize or (lambda: None)
@@ -91,7 +97,7 @@ def interleaved_times(callables: Mapping[str, Callable[[], Any]], repeats: int, 
             fn()
     sync()
     times = {name: np.empty(repeats) for name in callables}
-    for i in range(repeats):
+    for i in tqdm(range(repeats), desc=progress, unit="round", disable=progress is None, leave=False):
         for name, fn in callables.items():
             start = time.perf_counter()
             fn()

@@ -57,6 +57,7 @@ def create_session(onnx_path: Path, providers: Sequence[str] | None = None, thre
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     if optimized_model is not None:
+        Path(optimized_model).parent.mkdir(parents=True, exist_ok=True)
         options.optimized_model_filepath = str(optimized_model)
     options.log_severity_level = 3
     try:
@@ -73,10 +74,10 @@ class OrtRunner:
     """Runs an exported decoder with ONNX Runtime; call it like `CqilModel`."""
 
     def __init__(self, onnx: Path, providers: Sequence[str] | None = None, threads: int | None = None,
-                 opt_level: str = "all"):
+                 opt_level: str = "all", optimized_model: Path | None = None):
         self.path = find_onnx(Path(onnx))
         self.spec: ContractSpec = read_contract(self.path)
-        self.session = create_session(self.path, providers, threads, opt_level)
+        self.session = create_session(self.path, providers, threads, opt_level, optimized_model)
         self.cache_dtype = _NUMPY_DTYPES.get(self.spec.kv_dtype)
         if self.cache_dtype is None:
             raise CqilError(f"'{self.path}': cache element type {self.spec.kv_dtype} is not supported")
@@ -90,15 +91,29 @@ class OrtRunner:
               position_ids: torch.Tensor | None = None,
               past_key_values: Sequence[torch.Tensor] | None = None) -> dict[str, np.ndarray]:
         """The contract's input dict; an absent cache is fed as past = 0."""
+        _check_tokens("input_ids", input_ids, 2)
         batch, seq = input_ids.shape
+        if past_key_values and len(past_key_values) != 2 * self.spec.num_layers:
+            raise CqilError(f"past_key_values holds {len(past_key_values)} tensors, expected "
+                            f"2 x {self.spec.num_layers} layers (k0, v0, k1, v1, ...)")
         past_len = past_key_values[0].shape[2] if past_key_values else 0
         if attention_mask is None:
             attention_mask = torch.ones(batch, past_len + seq, dtype=torch.long)
         if attention_mask.shape != (batch, past_len + seq):
             raise CqilError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
                             f"[batch, past + seq] = [{batch}, {past_len + seq}]")
+        _check_tokens("attention_mask", attention_mask, 2)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, seq)
+        _check_tokens("position_ids", position_ids, 2)
+        if position_ids.shape != (batch, seq):
+            raise CqilError(f"position_ids has shape {tuple(position_ids.shape)}, expected [batch, seq] = "
+                            f"[{batch}, {seq}]")
+        expected = (batch, self.spec.kv_heads, past_len, self.spec.head_dim)
+        for index, value in enumerate(past_key_values or ()):
+            if value.is_complex() or not value.is_floating_point() or tuple(value.shape) != expected:
+                raise CqilError(f"past_key_values[{index}] is {value.dtype} {tuple(value.shape)}, expected a float "
+                                f"tensor [batch, kv_heads, past, head_dim] = {list(expected)}")
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         feeds = {name: np.ascontiguousarray(value.cpu().numpy().astype(np.int64)) for name, value in feeds.items()
                  if name in self.spec.inputs}
@@ -115,5 +130,17 @@ class OrtRunner:
                  past_key_values: Sequence[torch.Tensor] | None = None,
                  ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         feeds = self.feeds(input_ids, attention_mask, position_ids, past_key_values)
-        results = self.session.run(self.outputs, feeds)
+        try:
+            results = self.session.run(self.outputs, feeds)
+        except Exception as exc:  # ORT's own error types; their messages span lines
+            raise CqilError(f"ONNX Runtime failed on '{self.path}' ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200]})") from exc
         return torch.from_numpy(results[0]), tuple(torch.from_numpy(r) for r in results[1:])
+
+
+def _check_tokens(name: str, value: torch.Tensor, dims: int) -> None:
+    """Token inputs are integer tensors; a float here is a caller's bug, not something to cast."""
+    if not isinstance(value, torch.Tensor) or value.dtype.is_floating_point or value.dtype.is_complex \
+            or value.dtype == torch.bool or value.dim() != dims:
+        what = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise CqilError(f"{name} is {what}: expected an integer tensor of {dims} dims [batch, ...]")

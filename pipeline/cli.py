@@ -79,6 +79,7 @@ COMMAND_MODULES = (
     "pipeline.commands.engines",
     "pipeline.commands.triton",
     "pipeline.commands.build",
+    "pipeline.commands.validate",
 )
 
 

@@ -18,7 +18,7 @@ multi-stream or multi-rank runner can schedule the per-layer pieces itself.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -186,9 +186,12 @@ class CqilModel(nn.Module):
 
 
 @torch.no_grad()
-def greedy_generate(model: CqilModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
-    """Greedy decoding with the KV cache; returns only the new tokens [batch, <= max_new_tokens]."""
+def greedy_generate(model: Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, ...]]], input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
+    """Greedy decoding with the KV cache; returns only the new tokens [batch, <= max_new_tokens].
+
+    `model` is anything called like `CqilModel` (an ONNX Runtime or TensorRT runner, too).
+    """
     logits, past = model(input_ids, attention_mask)
     generated = []
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)

@@ -79,3 +79,17 @@ def cache_env(tmp_path, monkeypatch):
     """An empty, private CQIL cache."""
     monkeypatch.setenv("CQIL_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def tiny_cqil_onnx(tmp_path_factory, tiny_model_dir):
+    """One `cqil export` of a tiny 4-layer llama under groups 1-3, d=1 (branches): (model dir, onnx dir).
+
+    Shared by the engine tests (runner, validate, bench): a tiny export takes 10-30 s here.
+    """
+    from pipeline.cli import main
+
+    model_dir = tiny_model_dir("llama", 4)
+    out = tmp_path_factory.mktemp("cqil-onnx") / "onnx"
+    assert main(["export", "--model", str(model_dir), "--groups", "1-3", "--bypass", "1", "--out", str(out)]) == 0
+    return model_dir, out

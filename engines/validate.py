@@ -1,0 +1,283 @@
+"""Outputs of every available engine against the PyTorch reference (DESIGN.md section 5).
+
+The reference is the merged CQIL model in PyTorch (fp32), under the plan stored in the ONNX. Each
+engine and the reference run the same held-out chunks: a prefill of all but the last few tokens,
+then those tokens one at a time, each side chained with its *own* presents (so an engine's cache
+errors accumulate as they would in serving). Per output (logits, every present) we record the max
+abs and max rel error, and for the logits the top-1 agreement and the mean KL(reference || engine).
+
+Pass rule per precision (`Thresholds`): every element within atol + rtol * |reference| (numpy's
+allclose rule, the one polygraphy's Comparator uses with both tolerances), top-1 agreement at least
+`min_top1`, mean KL at most `max_kl`. For the branch layout the graph must also still have its
+branches (`export.check.check_branch_structure`).
+
+Polygraphy is not used: its Comparator feeds every runner the same inputs from one data loader,
+while decode here chains each engine's own presents; it has no KL or top-1; and the element-wise
+rule above is a few lines of torch. See docs/validate-bench.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from engines.kv_contract import ContractSpec, find_onnx, read_contract
+from export.contract import LAYOUT_KEY, output_names
+from pipeline.cqil_model import CqilModel
+from pipeline.errors import CqilError
+
+VALIDATION_FORMAT = "cqil-validation/1"
+Runner = Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, ...]]]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Pass limits for one precision; the reference is fp32 PyTorch."""
+
+    logits_atol: float
+    logits_rtol: float
+    present_atol: float
+    present_rtol: float
+    min_top1: float  # fraction of positions whose argmax agrees
+    max_kl: float  # mean KL(reference || engine) per position, nats
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+# fp32: ORT against PyTorch on SmolLM2-135M differs by ~1e-4 in logits (docs/export.md), so 1e-3 has
+# margin while a changed weight (errors ~1e-1 and up) fails. fp16 keeps ~3 significant digits per
+# op; over 30 layers logits drift by a few 1e-2, so the fp16 limits lean on top-1 and KL.
+DEFAULT_THRESHOLDS = {
+    "FLOAT": Thresholds(logits_atol=1e-3, logits_rtol=1e-3, present_atol=1e-3, present_rtol=1e-3,
+                        min_top1=0.99, max_kl=1e-4),
+    "FLOAT16": Thresholds(logits_atol=0.25, logits_rtol=0.02, present_atol=0.05, present_rtol=0.02,
+                          min_top1=0.9, max_kl=0.02),
+}
+PRECISION_NAMES = {"FLOAT": "fp32", "FLOAT16": "fp16"}
+
+
+def default_thresholds(spec: ContractSpec) -> Thresholds:
+    if spec.kv_dtype not in DEFAULT_THRESHOLDS:
+        raise CqilError(f"no validation thresholds for element type {spec.kv_dtype}: export fp32 or fp16")
+    return DEFAULT_THRESHOLDS[spec.kv_dtype]
+
+
+# -- comparing tensors ------------------------------------------------------------------------------
+
+class _OutputError:
+    """Running max abs / rel error of one output over the steps it is compared at."""
+
+    def __init__(self, atol: float, rtol: float):
+        self.atol, self.rtol = atol, rtol
+        self.max_abs = 0.0
+        self.max_rel = 0.0
+        self.worst_excess = -math.inf  # max of |d| - (atol + rtol |ref|); > 0 means an element fails
+        self.finite = True
+
+    def add(self, reference: torch.Tensor, actual: torch.Tensor) -> None:
+        reference, actual = reference.detach().double().cpu(), actual.detach().double().cpu()
+        if reference.shape != actual.shape:
+            raise CqilError(f"engine output has shape {tuple(actual.shape)}, the reference "
+                            f"{tuple(reference.shape)}: the ONNX is not for this model")
+        if actual.numel() == 0:
+            return
+        if not bool(torch.isfinite(actual).all()):
+            self.finite = False
+            actual = torch.nan_to_num(actual, nan=math.inf)
+        diff = (actual - reference).abs()
+        self.max_abs = max(self.max_abs, float(diff.max()))
+        # Relative error where the reference is not ~0 (a tiny floor keeps it finite).
+        self.max_rel = max(self.max_rel, float((diff / reference.abs().clamp_min(1e-6)).max()))
+        self.worst_excess = max(self.worst_excess, float((diff - self.atol - self.rtol * reference.abs()).max()))
+
+    @property
+    def passed(self) -> bool:
+        return self.finite and self.worst_excess <= 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_abs": _round(self.max_abs), "max_rel": _round(self.max_rel), "passed": self.passed}
+
+
+class _LogitAgreement:
+    def __init__(self) -> None:
+        self.kl = 0.0
+        self.agree = 0
+        self.positions = 0
+
+    def add(self, reference: torch.Tensor, actual: torch.Tensor) -> None:
+        ref = F.log_softmax(reference.detach().double().cpu(), -1)
+        act = F.log_softmax(actual.detach().double().cpu(), -1)
+        self.kl += float((ref.exp() * (ref - act)).sum(-1).sum())
+        self.agree += int((ref.argmax(-1) == act.argmax(-1)).sum())
+        self.positions += ref.shape[0] * ref.shape[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"top1": _round(self.agree / self.positions), "kl": _round(self.kl / self.positions),
+                "positions": self.positions}
+
+
+class _Phase:
+    """Errors of every output, and logit agreement, over one phase (prefill or decode)."""
+
+    def __init__(self, names: Sequence[str], thresholds: Thresholds):
+        self.thresholds = thresholds
+        self.outputs = {name: _OutputError(thresholds.logits_atol, thresholds.logits_rtol) if name == "logits"
+                        else _OutputError(thresholds.present_atol, thresholds.present_rtol) for name in names}
+        self.agreement = _LogitAgreement()
+
+    def add(self, reference: tuple, actual: tuple) -> None:
+        (ref_logits, ref_presents), (logits, presents) = reference, actual
+        if len(presents) != len(ref_presents):
+            raise CqilError(f"engine returned {len(presents)} presents, the reference {len(ref_presents)}")
+        self.agreement.add(ref_logits, logits)
+        for name, ref, act in zip(self.outputs, (ref_logits, *ref_presents), (logits, *presents)):
+            self.outputs[name].add(ref, act)
+
+    def to_dict(self) -> dict[str, Any]:
+        agreement = self.agreement.to_dict()
+        failures = [f"{name} max abs {error.max_abs:.3g}" for name, error in self.outputs.items() if not error.passed]
+        if agreement["top1"] < self.thresholds.min_top1:
+            failures.append(f"top-1 agreement {agreement['top1']:.4f} < {self.thresholds.min_top1}")
+        if not agreement["kl"] <= self.thresholds.max_kl:
+            failures.append(f"KL {agreement['kl']:.3g} > {self.thresholds.max_kl}")
+        presents = [(name, error) for name, error in self.outputs.items() if name != "logits"]
+        worst_name, worst = max(presents, key=lambda item: item[1].max_abs)
+        return {**agreement, "passed": not failures, "failures": failures,
+                "logits": self.outputs["logits"].to_dict(),
+                "worst_present": {"name": worst_name, **worst.to_dict()},
+                "outputs": {name: error.to_dict() for name, error in self.outputs.items()}}
+
+
+def _round(value: float) -> float:
+    return float(f"{value:.6g}") if math.isfinite(value) else value
+
+
+# -- running ----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def compare_runner(runner: Runner, reference: CqilModel, chunks: torch.Tensor, decode_steps: int,
+                   thresholds: Thresholds, names: Sequence[str], progress: bool = True) -> dict[str, Any]:
+    """Prefill chunks[:, :-decode_steps] then decode the rest token by token, both sides on their own cache."""
+    prefill_len = chunks.shape[1] - decode_steps
+    phases = {"prefill": _Phase(names, thresholds), "decode": _Phase(names, thresholds)}
+    mask = torch.ones(chunks.shape[0], prefill_len, dtype=torch.long)
+    ids = chunks[:, :prefill_len]
+    ref_out, out = reference(ids, mask), runner(ids, mask)
+    phases["prefill"].add(ref_out, out)
+    for step in tqdm(range(decode_steps), desc="decode", unit="tok", disable=not progress, leave=False):
+        ids = chunks[:, prefill_len + step: prefill_len + step + 1]
+        mask = torch.ones(chunks.shape[0], prefill_len + step + 1, dtype=torch.long)
+        ref_out = reference(ids, mask, past_key_values=ref_out[1])
+        out = runner(ids, mask, past_key_values=out[1])
+        phases["decode"].add(ref_out, out)
+    result = {name: phase.to_dict() for name, phase in phases.items()}
+    result["passed"] = all(phase["passed"] for phase in result.values())
+    return result
+
+
+def _check_reference(spec: ContractSpec, reference: CqilModel, onnx_path: Path) -> None:
+    if spec.num_layers != reference.num_layers:
+        raise CqilError(f"'{onnx_path}' has {spec.num_layers} layers, the reference model "
+                        f"{reference.num_layers}: pass the --model it was exported from")
+    if (spec.kv_heads, spec.head_dim) != (reference.num_kv_heads, reference.head_dim):
+        raise CqilError(f"'{onnx_path}' caches {spec.kv_heads} kv heads x {spec.head_dim}, the reference "
+                        f"{reference.num_kv_heads} x {reference.head_dim}: pass the --model it was exported from")
+    if spec.plan is not None and (spec.plan.groups, spec.plan.bypass) != (reference.plan.groups, reference.plan.bypass):
+        raise CqilError(f"the reference plan ({reference.plan.describe()}) differs from the plan in "
+                        f"'{onnx_path}' ({spec.plan.describe()}): validate against the plan it was exported with")
+
+
+def _structure(spec: ContractSpec, onnx_path: Path) -> dict[str, Any]:
+    from export.check import check_branch_structure
+
+    layout = spec.metadata.get(LAYOUT_KEY)
+    if layout != "branches":
+        return {"checked": False, "layout": layout, "passed": True,
+                "detail": f"not a branch-layout file (layout {layout or 'unknown'})"}
+    report = check_branch_structure(onnx_path)
+    return {"checked": True, "layout": layout, "passed": report.ok, "detail": report.describe()}
+
+
+def validate_onnx(onnx_dir: Path, reference: CqilModel, chunks: torch.Tensor, decode_steps: int = 4,
+                  thresholds: Thresholds | None = None, engine: Path | None = None, threads: int | None = None,
+                  providers: Sequence[str] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Validate the exported model (and a TensorRT engine, if given and TensorRT imports) against `reference`.
+
+    `chunks` [n, seq] int64 of held-out text; the last `decode_steps` tokens of each are decoded.
+    Returns the JSON-able result; `result["passed"]` is the verdict.
+    """
+    from engines.onnxruntime import OrtRunner
+    from engines.tensorrt import TensorRTRunner, import_tensorrt
+
+    onnx_path = find_onnx(Path(onnx_dir))
+    spec = read_contract(onnx_path)
+    _check_reference(spec, reference, onnx_path)
+    if chunks.dim() != 2 or chunks.dtype != torch.long:
+        raise CqilError(f"validation chunks must be int64 [n, seq], got {chunks.dtype} {tuple(chunks.shape)}")
+    if not 1 <= decode_steps < chunks.shape[1]:
+        raise CqilError(f"--decode-steps {decode_steps} must be at least 1 and below the chunk length "
+                        f"{chunks.shape[1]}")
+    limits = thresholds or default_thresholds(spec)
+    names = output_names(spec.num_layers)
+    ort_runner = OrtRunner(onnx_path, providers=providers, threads=threads)
+    engines: dict[str, Any] = {}
+    runners: dict[str, Runner] = {"onnxruntime": ort_runner}
+    notes = []
+    if engine is not None:
+        if import_tensorrt() is None:
+            notes.append(f"TensorRT is not installed here: engine '{engine}' was not validated")
+            engines["tensorrt"] = {"skipped": "TensorRT not installed", "engine": str(engine)}
+        else:
+            runners["tensorrt"] = TensorRTRunner(Path(engine), spec.num_layers)
+    reference.eval()
+    for name, runner in runners.items():
+        engines[name] = compare_runner(runner, reference, chunks, decode_steps, limits, names, progress)
+    engines["onnxruntime"]["providers"] = ort_runner.session.get_providers()
+    structure = _structure(spec, onnx_path)
+    ran = [result for result in engines.values() if "skipped" not in result]
+    return {
+        "format": VALIDATION_FORMAT,
+        "onnx": str(onnx_path),
+        "precision": PRECISION_NAMES.get(spec.kv_dtype, spec.kv_dtype),
+        "plan": reference.plan.to_dict(),
+        "source_model": spec.source_model(),
+        "data": {"chunks": int(chunks.shape[0]), "seq_len": int(chunks.shape[1]),
+                 "prefill_tokens": int(chunks.shape[1] - decode_steps), "decode_steps": decode_steps},
+        "thresholds": limits.to_dict(),
+        "structure": structure,
+        "engines": engines,
+        "notes": notes,
+        "passed": structure["passed"] and all(result["passed"] for result in ran),
+    }
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """A human summary of a validation result, one line per engine and phase."""
+    data = result["data"]
+    header = (f"{result['onnx']} ({result['precision']}) vs PyTorch reference, {data['chunks']} chunks x "
+              f"{data['seq_len']} tokens ({data['decode_steps']} decoded with the cache)")
+    lines = [header]
+    for name, engine in result["engines"].items():
+        if "skipped" in engine:
+            lines.append(f"  {name}: skipped ({engine['skipped']})")
+            continue
+        for phase in ("prefill", "decode"):
+            p = engine[phase]
+            worst = p["worst_present"]
+            failures = f"  [{'; '.join(p['failures'])}]" if p["failures"] else ""
+            lines.append(f"  {name} {phase}: {'ok' if p['passed'] else 'FAIL'}  max|dlogits| "
+                         f"{p['logits']['max_abs']:.3g} (rel {p['logits']['max_rel']:.3g}), worst present "
+                         f"{worst['name']} {worst['max_abs']:.3g}, top-1 {p['top1']:.4f}, KL {p['kl']:.3g}{failures}")
+    structure = result["structure"]
+    lines.append(f"  structure: {structure['detail']}")
+    lines.extend(f"  note: {note}" for note in result["notes"])
+    lines.append(f"validation {'passed' if result['passed'] else 'FAILED'}")
+    return lines
