@@ -243,32 +243,48 @@ def run_validate(ctx: StageContext, config: dict) -> dict:
     if (ctx.upstream("recover") / "adapter").is_dir():
         candidates["cqil_recovered"] = merged
     quality = evaluate(original, candidates, split.held_out[: params["quality_chunks"]])
+    # Timings go to the stage record, not into the artifact: the same inputs give the same bytes.
+    timing = {key: quality.pop(key) for key in ("seconds", "tokens_per_s")}
     _write_json(ctx.out / "quality.json", quality)
     return {"passed": validation["passed"],
             **{f"{name}_kl": round(quality[name]["kl"], 4) for name in candidates},
-            "original_ppl": round(quality["original"]["ppl"], 3)}
+            "original_ppl": round(quality["original"]["ppl"], 3), "eval_tokens_per_s": timing["tokens_per_s"]}
 
 
 def run_bench(ctx: StageContext, config: dict) -> dict:
-    from engines.bench import BenchSettings, reference_onnx, run_bench
+    from engines.bench import BenchSettings, cached_reference, run_bench
+    from engines.bench_chart import plot_bench
+    from engines.kv_contract import find_onnx, read_contract
+    from pipeline.stages import read_record
 
     params = ctx.params
     settings = BenchSettings(batch=params["batch"], seq=params["seq"], past=params["past"],
-                             repeats=params["repeats"], threads=params["threads"] or None)
+                             prefill_repeats=params["repeats"], decode_repeats=5 * params["repeats"],
+                             threads=params["threads"] or None)
+    onnx = find_onnx(ctx.upstream("export") / "onnx")
+    # The original model as ONNX, exported once per source model and dtype into the cache.
+    model_dir = read_record(ctx.upstream("source"))["metrics"]["model_dir"]
+    reference = cached_reference(read_contract(onnx), onnx, model=model_dir)
+    # The eager PyTorch models, timed in the same rounds, as extra rows.
+    from pipeline.cqil_model import CqilModel
+    from pipeline.plan import identity_plan
+
     source = _source_model(ctx)
-    reference = reference_onnx(source, dtype=config["export"]["dtype"])
-    result = run_bench(ctx.upstream("export") / "onnx", reference, settings, out=ctx.out)
-    return {name: round(scenario["ratio"], 3) for name, scenario in result["scenarios"].items()}
+    _, merged = _merged(ctx)
+    original = CqilModel(source.model, identity_plan(source.model.config.num_hidden_layers))
+    result = run_bench(onnx, reference, settings, torch_models={"reference": original, "candidate": merged})
+    _write_json(ctx.out / "latency.json", result)
+    plot_bench(result, ctx.out / "latency.png")
+    return {f"{name}_ratio": round(scenario["ratio"], 3) for name, scenario in result["scenarios"].items()}
 
 
 def run_package(ctx: StageContext, config: dict) -> dict:
     from engines.triton import write_model_repository
 
     engine = ctx.upstream("engines") / "trt" / "model.plan"
-    repo = write_model_repository(ctx.upstream("export") / "onnx", ctx.out / "triton", ctx.params["name"],
-                                  engine_plan=engine if engine.is_file() else None)
-    return {"models": sorted(p.name for p in (ctx.out / "triton").iterdir() if p.is_dir()),
-            "repository": str(getattr(repo, "root", ctx.out / "triton"))}
+    repository = write_model_repository(ctx.upstream("export") / "onnx", ctx.out / "triton", ctx.params["name"],
+                                        engine_plan=engine if engine.is_file() else None)
+    return {"models": ", ".join(sorted(repository.models))}
 
 
 def _file_text(path: str) -> str:

@@ -78,8 +78,8 @@ COMMAND_MODULES = (
     "pipeline.commands.export",
     "pipeline.commands.engines",
     "pipeline.commands.triton",
-    "pipeline.commands.build",
     "pipeline.commands.validate",
+    "pipeline.commands.build",
 )
 
 

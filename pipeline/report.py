@@ -27,26 +27,40 @@ def _quality_rows(quality: dict) -> list[str]:
 
 
 def _validation_rows(validation: dict) -> list[str]:
-    rows = [f"Overall: **{'PASS' if validation['passed'] else 'FAIL'}**", "",
-            "| engine | phase | logits max abs | top-1 | KL | passed |", "|---|---|---:|---:|---:|---|"]
-    for check in validation.get("checks", []):
-        rows.append(f"| {check['engine']} | {check['phase']} | {check['logits_max_abs']:.2e} | "
-                    f"{check['top1']:.3f} | {check['kl']:.2e} | {'yes' if check['passed'] else 'NO'} |")
-    for note in validation.get("skipped", []):
-        rows.append(f"\nSkipped: {note}")
+    data = validation["data"]
+    rows = [f"Overall: **{'PASS' if validation['passed'] else 'FAIL'}** ({validation['precision']}; "
+            f"{data['chunks']} held-out chunks, {data['prefill_tokens']}-token prefill then "
+            f"{data['decode_steps']} decode steps on each side's own cache; {validation['structure']['detail']})", "",
+            "| engine | phase | logits max abs | worst present max abs | top-1 | KL | passed |",
+            "|---|---|---:|---:|---:|---:|---|"]
+    for engine, result in validation["engines"].items():
+        if "skipped" in result:
+            rows.append(f"| {engine} | – | – | – | – | – | skipped: {result['skipped']} |")
+            continue
+        for phase in ("prefill", "decode"):
+            p = result[phase]
+            rows.append(f"| {engine} | {phase} | {p['logits']['max_abs']:.2e} | {p['worst_present']['max_abs']:.2e} | "
+                        f"{p['top1']:.3f} | {p['kl']:.2e} | {'yes' if p['passed'] else 'NO: ' + '; '.join(p['failures'])} |")
+    rows += [f"\nNote: {note}" for note in validation.get("notes", [])]
     return rows
 
 
 def _latency_rows(latency: dict) -> list[str]:
-    rows = ["| scenario | reference p50 ms | CQIL p50 ms | ratio (95% CI) | ideal depth ratio |",
-            "|---|---:|---:|---|---:|"]
+    """ONNX Runtime reference vs CQIL per scenario, and the eager PyTorch pair timed in the same rounds."""
     ideal = latency.get("ideal_depth_ratio")
+    rows = [f"Interleaved in one process after warm-up; ideal depth ratio (groups / layers) {ideal:.3f}.", "",
+            "| scenario | engine | reference p50 ms | CQIL p50 ms | ratio CQIL / reference (95% CI) |",
+            "|---|---|---:|---:|---|"]
     for name, s in latency["scenarios"].items():
         lo, hi = s["ratio_ci"]
-        rows.append(f"| {name} | {s['reference']['p50_ms']:.2f} | {s['candidate']['p50_ms']:.2f} | "
-                    f"{s['ratio']:.3f} ({lo:.3f}–{hi:.3f}) | {ideal:.3f} |" if ideal else
-                    f"| {name} | {s['reference']['p50_ms']:.2f} | {s['candidate']['p50_ms']:.2f} | "
-                    f"{s['ratio']:.3f} ({lo:.3f}–{hi:.3f}) | – |")
+        rows.append(f"| {name} | {latency.get('engine', 'onnx')} | {s['reference']['p50_ms']:.2f} | "
+                    f"{s['candidate']['p50_ms']:.2f} | {s['ratio']:.3f} ({lo:.3f}–{hi:.3f}) |")
+        torch_rows = s.get("rows") or {}
+        if "pytorch_candidate" in torch_rows:
+            ref, cand = torch_rows["pytorch_reference"], torch_rows["pytorch_candidate"]
+            lo, hi = cand["ratio_ci"]
+            rows.append(f"| {name} | pytorch eager | {ref['p50_ms']:.2f} | {cand['p50_ms']:.2f} | "
+                        f"{cand['ratio']:.3f} ({lo:.3f}–{hi:.3f}) |")
     return rows
 
 
