@@ -148,8 +148,8 @@ def run_bench(candidate_onnx: Path, reference_onnx: Path, settings: BenchSetting
     (eager CqilModels) adds PyTorch rows timed in the same rounds. Returns the cqil-bench/1 dict."""
     from engines.onnxruntime import OrtRunner
 
-    candidate = OrtRunner(find_onnx(Path(candidate_onnx)), settings.providers, settings.threads)
-    reference = OrtRunner(find_onnx(Path(reference_onnx)), settings.providers, settings.threads)
+    candidate = OrtRunner(find_onnx(Path(candidate_onnx)), settings.providers, settings.threads, spin=False)
+    reference = OrtRunner(find_onnx(Path(reference_onnx)), settings.providers, settings.threads, spin=False)
     _check_pair(candidate, reference)
     if torch_models is not None and set(torch_models) != {"reference", "candidate"}:
         raise CqilError("torch_models needs exactly the keys 'reference' and 'candidate'")

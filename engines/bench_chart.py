@@ -50,7 +50,7 @@ def plot_bench(result: dict[str, Any], path: Path) -> Path:
             ax.set_title(f"{name} ({shape})\nCQIL/original {scenario['ratio']:.3f} [{low:.3f}, {high:.3f}], "
                          f"ideal {result['ideal_depth_ratio']:.3f}", fontsize=9)
             for y, value in zip(positions, p50):
-                ax.text(value, y, f" {value:.2f}", va="center", fontsize=8)
+                ax.text(value * 0.02, y, f"{value:.2f} ms", va="center", color="white", fontsize=8)
         fig.tight_layout()
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})

@@ -37,10 +37,12 @@ def available_providers(wanted: Sequence[str] | None = None) -> list[str]:
 
 
 def create_session(onnx_path: Path, providers: Sequence[str] | None = None, threads: int | None = None,
-                   opt_level: str = "all", optimized_model: Path | None = None):
+                   opt_level: str = "all", optimized_model: Path | None = None, spin: bool = True):
     """An InferenceSession with explicit threads and graph optimization level.
 
     `optimized_model` saves the graph after ONNX Runtime's optimizations (what it really runs).
+    `spin=False` stops the intra-op threads from busy-waiting after a run: with several sessions
+    timed in turn in one process (cqil bench), a spinning pool steals the cores of the next one.
     """
     import onnxruntime as ort
 
@@ -60,6 +62,9 @@ def create_session(onnx_path: Path, providers: Sequence[str] | None = None, thre
         Path(optimized_model).parent.mkdir(parents=True, exist_ok=True)
         options.optimized_model_filepath = str(optimized_model)
     options.log_severity_level = 3
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(onnx_path), sess_options=options,
                                     providers=available_providers(providers))
@@ -74,10 +79,10 @@ class OrtRunner:
     """Runs an exported decoder with ONNX Runtime; call it like `CqilModel`."""
 
     def __init__(self, onnx: Path, providers: Sequence[str] | None = None, threads: int | None = None,
-                 opt_level: str = "all", optimized_model: Path | None = None):
+                 opt_level: str = "all", optimized_model: Path | None = None, spin: bool = True):
         self.path = find_onnx(Path(onnx))
         self.spec: ContractSpec = read_contract(self.path)
-        self.session = create_session(self.path, providers, threads, opt_level, optimized_model)
+        self.session = create_session(self.path, providers, threads, opt_level, optimized_model, spin)
         self.cache_dtype = _NUMPY_DTYPES.get(self.spec.kv_dtype)
         if self.cache_dtype is None:
             raise CqilError(f"'{self.path}': cache element type {self.spec.kv_dtype} is not supported")

@@ -44,7 +44,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    runners = {name: OrtRunner(getattr(args, name), threads=args.threads) for name in ("original", "branches", "fused")}
+    runners = {name: OrtRunner(getattr(args, name), threads=args.threads, spin=False)
+               for name in ("original", "branches", "fused")}
     plan = runners["branches"].plan
     loaded = load_model(runners["branches"].spec.source_model()["path"])
     eager = {"pytorch original": CqilModel(loaded.model, identity_plan(plan.num_layers)),

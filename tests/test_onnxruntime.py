@@ -114,3 +114,12 @@ def test_optimized_model_is_written_and_runs_the_same(tmp_path, tiny_cqil_onnx, 
     assert {o.name for o in saved.graph.output} == set(runner.outputs)
     ids = tokens(1, 5, seed=2)
     assert (optimized(ids)[0] - runner(ids)[0]).abs().max() < TOL
+
+
+def test_spin_off_is_set_in_the_session(tiny_cqil_onnx):
+    """cqil bench times several sessions in turn: their pools must not busy-wait after a run."""
+    options = create_session(tiny_cqil_onnx[1] / "model.onnx", threads=1, spin=False).get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    default = create_session(tiny_cqil_onnx[1] / "model.onnx", threads=1).get_session_options()
+    with pytest.raises(RuntimeError):  # unset: ONNX Runtime's default (spinning) applies
+        default.get_session_config_entry("session.intra_op.allow_spinning")
