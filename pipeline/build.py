@@ -39,9 +39,15 @@ def _split(loaded, config: dict, seq_len: int | None = None):
 
 
 def _source_model(ctx: StageContext):
+    """The source model, known by its canonical location rather than this build's copy of it, so that
+    what records it (adapter config, merged config) has the same bytes in any build directory."""
     from pipeline.sources import load_model
+    from pipeline.stages import read_record
 
-    return load_model(ctx.upstream("source"))
+    loaded = load_model(ctx.upstream("source"))
+    loaded.path = Path(read_record(ctx.upstream("source"))["metrics"]["model_dir"])
+    loaded.model.config.name_or_path = loaded.model.name_or_path = str(loaded.path)  # peft reads the latter
+    return loaded
 
 
 def _plan(ctx: StageContext, config):
@@ -173,12 +179,7 @@ def run_recover(ctx: StageContext, config: dict) -> dict:
 
 def run_merge(ctx: StageContext, config: dict) -> dict:
     from pipeline.merge import merge_adapter
-    from pipeline.stages import read_record
-
     loaded = _source_model(ctx)
-    # Record the base model by its canonical location, not this build's copy, so that builds in
-    # different directories write the same bytes.
-    loaded.path = Path(read_record(ctx.upstream("source"))["metrics"]["model_dir"])
     plan = _plan(ctx, loaded.model.config)
     adapter = ctx.upstream("recover") / "adapter"
     merge_adapter(loaded, plan, adapter if adapter.is_dir() else None, ctx.out / "model")
@@ -224,7 +225,6 @@ def run_engines(ctx: StageContext, config: dict) -> dict:
 
 def run_validate(ctx: StageContext, config: dict) -> dict:
     from engines.validate import validate_onnx
-
     from pipeline.cqil_model import CqilModel
     from pipeline.plan import identity_plan
     from pipeline.quality import evaluate
@@ -234,6 +234,7 @@ def run_validate(ctx: StageContext, config: dict) -> dict:
     split = _split(loaded, config)
     validation = validate_onnx(ctx.upstream("export") / "onnx", merged, split.held_out[: params["chunks"]],
                                decode_steps=params["decode_steps"])
+    validation["onnx"] = "export/onnx/model.onnx"  # relative to the build, not this machine's path
     _write_json(ctx.out / "validation.json", validation)
 
     source = _source_model(ctx)

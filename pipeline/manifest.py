@@ -42,5 +42,5 @@ def write_manifest(build_dir: Path, results: list[StageResult]) -> Path:
     from pipeline.fsutil import atomic_write_text
 
     path = Path(build_dir) / "manifest.json"
-    atomic_write_text(path, json.dumps(manifest(results), indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(manifest(results), indent=2) + "\n")
     return path

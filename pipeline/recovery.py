@@ -274,9 +274,18 @@ def finetune(hf_model: torch.nn.Module, plan: Plan, train: torch.Tensor, held_ou
     }
     with atomic_dir(out) as tmp:
         peft_model.save_pretrained(str(tmp))
+        sort_target_modules(tmp / "adapter_config.json")
         (tmp / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the run is complete: its checkpoint is spent
     return record
+
+
+def sort_target_modules(config_file: Path) -> None:
+    """peft writes target_modules from a set, in hash order: sort it so the same run gives the same bytes."""
+    config = json.loads(config_file.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _check_same_run(saved: dict, current: dict, checkpoint_dir: Path) -> None:
