@@ -174,7 +174,7 @@ def run_recover(ctx: StageContext, config: dict) -> dict:
                       source={"name": loaded.name})
     first, last = record["held_out"][0], record["held_out"][-1]
     return {"steps": params["steps"], "tokens_seen": record["tokens_seen"],
-            "seconds_per_step": record["seconds_per_step"], "kl_before": first["kl"], "kl_after": last["kl"]}
+            "seconds_per_step": record["seconds_per_step"], "kl_before": round(first["kl"], 4), "kl_after": round(last["kl"], 4)}
 
 
 def run_merge(ctx: StageContext, config: dict) -> dict:

@@ -51,7 +51,8 @@ def _latency_rows(latency: dict) -> list[str]:
     rows = [f"Interleaved in one process after warm-up; ideal depth ratio (groups / layers) {ideal:.3f}.", "",
             "| scenario | engine | reference p50 ms | CQIL p50 ms | ratio CQIL / reference (95% CI) |",
             "|---|---|---:|---:|---|"]
-    for name, s in latency["scenarios"].items():
+    for name in sorted(latency["scenarios"], key=lambda n: n != "prefill"):  # prefill first
+        s = latency["scenarios"][name]
         lo, hi = s["ratio_ci"]
         rows.append(f"| {name} | {latency.get('engine', 'onnx')} | {s['reference']['p50_ms']:.2f} | "
                     f"{s['candidate']['p50_ms']:.2f} | {s['ratio']:.3f} ({lo:.3f}–{hi:.3f}) |")

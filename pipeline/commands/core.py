@@ -28,8 +28,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     check_model_dir(path)
     config = AutoConfig.from_pretrained(path)
     if args.official:
-        data = json.loads(Path(args.official).read_text())
-        plan = plans.plan_from_dict(data, config.num_hidden_layers)
+        plan = plans.load_plan(args.official, config.num_hidden_layers)
         plan = plans.Plan(plan.groups, plan.bypass if args.bypass is None else args.bypass,
                           plans.model_record(config))
     else:
