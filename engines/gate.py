@@ -10,7 +10,6 @@ so a baseline recorded on one CI runner stays meaningful on another.
 
 from __future__ import annotations
 
-import json
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 from engines.latency import BenchResult, bench_from_dict
 from pipeline.errors import CqilError
+from pipeline.fsutil import read_json
 
 DEFAULT_TOLERANCE = 0.05
 
@@ -35,13 +35,7 @@ class Check:
 
 
 def load_bench(path: Path) -> BenchResult:
-    path = Path(path)
-    if not path.is_file():
-        raise CqilError(f"bench file '{path}' does not exist: run `cqil bench --json` first")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CqilError(f"bench file '{path}' is not valid JSON ({exc})") from exc
+    data = read_json(path, "bench file", "run `cqil bench --json` first")
     return bench_from_dict(data, str(path))
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def cache_dir() -> Path:
@@ -26,6 +28,19 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_json(path: Path, what: str, missing_hint: str) -> Any:
+    """A user-supplied JSON file, or a one-line CqilError naming it (absent, or not JSON)."""
+    from pipeline.errors import CqilError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CqilError(f"{what} '{path}' does not exist: {missing_hint}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CqilError(f"{what} '{path}' is not valid JSON ({exc})") from exc
 
 
 def link_or_copy(source: Path, target: Path) -> None:

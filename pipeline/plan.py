@@ -231,13 +231,9 @@ def _bypass(value: Any) -> int:
 
 
 def load_plan(path: Path, num_layers: int | None = None) -> Plan:
-    path = Path(path)
-    if not path.is_file():
-        raise CqilError(f"plan file '{path}' does not exist: make one with `cqil plan`")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CqilError(f"plan file '{path}' is not valid JSON ({exc})") from exc
+    from pipeline.fsutil import read_json
+
+    data = read_json(path, "plan file", "make one with `cqil plan`")
     if not isinstance(data, dict):
         raise CqilError(f"plan file '{path}' must hold a JSON object")
     return plan_from_dict(data, num_layers)

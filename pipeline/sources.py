@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import CqilError
-from pipeline.fsutil import atomic_dir, cache_dir, sha256_file
+from pipeline.fsutil import atomic_dir, cache_dir, read_json, sha256_file
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -62,10 +62,7 @@ def check_model_dir(path: Path) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CqilError(f"'{path}' is not a Hugging Face model directory: it has no config.json")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CqilError(f"'{config_file}' is not valid JSON ({exc}): the checkpoint is corrupt") from exc
+    config = read_json(config_file, "model config", "the checkpoint is incomplete")
     check_model_type(config.get("model_type"), where=str(path))
     if not any(any(path.glob(pattern)) for pattern in WEIGHT_PATTERNS):
         raise CqilError(
