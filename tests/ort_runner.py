@@ -1,4 +1,8 @@
-"""A minimal ONNX Runtime (CPU) driver for exported decoders, fed by the contract's names only."""
+"""A minimal ONNX Runtime (CPU) driver for exported decoders, fed by the contract's names only.
+
+Kept apart from engines/onnxruntime.py on purpose: the export tests check the files with a driver that
+shares no code with the runner that validate and bench use.
+"""
 
 from __future__ import annotations
 
