@@ -13,12 +13,12 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import CqilError
+
+if TYPE_CHECKING:  # torch is imported where it is used, so `cqil --help` stays quick
+    from torch import nn
 
 # The official recovery settings: r = 32, alpha = r, no dropout, every projection of every layer.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -72,6 +72,8 @@ def adapter_tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
 
             with safe_open(str(weights), framework="pt") as handle:
                 return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        import torch
+
         state = torch.load(weights, map_location="meta", weights_only=True)
         return {key: tuple(value.shape) for key, value in state.items()}
     except Exception as exc:
@@ -97,6 +99,7 @@ def read_adapter_config(adapter_dir: Path):
 def validate_adapter(adapter_dir: Path, model: nn.Module) -> None:
     """Refuse, before any work, an adapter that was not made for this model's architecture and size."""
     from peft.tuners.tuners_utils import check_target_module_exists
+    from torch import nn
 
     weights = adapter_weights_file(adapter_dir)
     config = read_adapter_config(adapter_dir)

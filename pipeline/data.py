@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from pipeline.errors import CqilError
+
+if TYPE_CHECKING:  # torch is imported where chunks are made, so `cqil --help` stays quick
+    import torch
 
 HELD_OUT_FRACTION = 0.1
 DEFAULT_SEQ_LEN = 256
@@ -65,6 +67,8 @@ def chunk_tokens(tokenizer, text: str, seq_len: int) -> torch.Tensor:
     """[n_chunks, seq_len] int64: the whole text as one token stream, cut consecutively."""
     if seq_len < 2:
         raise CqilError(f"--seq-len {seq_len} is too short: use at least 2 (default {DEFAULT_SEQ_LEN})")
+    import torch
+
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     count = len(ids) // seq_len
     return torch.tensor(ids[: count * seq_len], dtype=torch.long).view(count, seq_len)
