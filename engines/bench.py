@@ -28,8 +28,8 @@ import torch
 from engines.kv_contract import ContractSpec, find_onnx
 from engines.latency import BenchResult, compare, interleaved_times, ratio_ci, stats_ms
 from export.contract import DTYPE_KEY, LAYOUT_KEY
-from pipeline.errors import CqilError
-from pipeline.fsutil import cache_dir, sha256_file
+from pipeline.model.errors import CqilError
+from pipeline.model.fsutil import cache_dir, sha256_file
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,8 @@ def cached_reference(spec: ContractSpec, onnx_path: Path, model: str | Path | No
                      progress: bool = True) -> Path:
     """The original model as ONNX, exported once into the cache (identity plan, same dtype)."""
     from export.writer import export_model
-    from pipeline.cqil_model import CqilModel
-    from pipeline.plan import identity_plan, model_record
+    from pipeline.model.cqil import CqilModel
+    from pipeline.model.plan import identity_plan, model_record
     from pipeline.sources import load_model, resolve_model_dir
 
     source = spec.source_model()

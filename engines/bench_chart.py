@@ -29,7 +29,7 @@ def plot_bench(result: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from pipeline.fsutil import atomic_write_bytes
+    from pipeline.model.fsutil import atomic_write_bytes
 
     scenarios = list(result["scenarios"].items())
     with matplotlib.rc_context({"font.family": "DejaVu Sans", "font.size": 9, "svg.hashsalt": "cqil"}):

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
-from pipeline.cqil_model import KV, CqilModel
-from pipeline.errors import CqilError
+from pipeline.model.cqil import KV, CqilModel
+from pipeline.model.errors import CqilError
 
 
 class StreamedCqilModel(CqilModel):

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.cqil_model import KV, CqilModel, apply_rotary
-from pipeline.errors import CqilError
+from pipeline.model.cqil import KV, CqilModel, apply_rotary
+from pipeline.model.errors import CqilError
 
 
 def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from engines.latency import BenchResult, bench_from_dict
-from pipeline.errors import CqilError
-from pipeline.fsutil import read_json
+from pipeline.model.errors import CqilError
+from pipeline.model.fsutil import read_json
 
 DEFAULT_TOLERANCE = 0.05
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from export.contract import PLAN_KEY, SOURCE_KEY, input_names, past_pair
-from pipeline.errors import CqilError
-from pipeline.plan import Plan, plan_from_dict
+from pipeline.model.errors import CqilError
+from pipeline.model.plan import Plan, plan_from_dict
 
 PLAN_METADATA_KEY = PLAN_KEY
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import CqilError
+from pipeline.model.errors import CqilError
 
 BENCH_FORMAT = "cqil-bench/1"
 PERCENTILES = (50, 90, 99)

@@ -15,8 +15,8 @@ import torch
 
 from engines.kv_contract import ContractSpec, find_onnx, read_contract
 from export.contract import output_names, past_pair
-from pipeline.cqil_model import positions_from_mask
-from pipeline.errors import CqilError
+from pipeline.model.cqil import positions_from_mask
+from pipeline.model.errors import CqilError
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 OPT_LEVELS = ("disable", "basic", "extended", "all")

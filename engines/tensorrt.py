@@ -27,7 +27,7 @@ from pathlib import Path
 
 from engines.kv_contract import ContractSpec, find_onnx, read_contract
 from export.contract import output_names, past_pair
-from pipeline.errors import CqilError
+from pipeline.model.errors import CqilError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 PREFILL, DECODE = 0, 1  # optimization profile indices
@@ -199,7 +199,7 @@ def cli_options(plan: BuildPlan) -> list[str]:
 
 def write_build_script(onnx_dir: Path, plan: BuildPlan) -> Path:
     """Write build_engine.sh beside the ONNX (executable) and return its path."""
-    from pipeline.fsutil import atomic_write_text
+    from pipeline.model.fsutil import atomic_write_text
 
     script = Path(onnx_dir) / "build_engine.sh"
     atomic_write_text(script, build_script_text(plan))
@@ -249,7 +249,7 @@ def configure_builder(trt, builder, plan: BuildPlan):
 
 def build_engine(plan: BuildPlan, trt=None) -> Path:
     """Parse the ONNX, build and save the engine, its timing cache and the inspector's layer JSON."""
-    from pipeline.fsutil import atomic_write_bytes, atomic_write_text
+    from pipeline.model.fsutil import atomic_write_bytes, atomic_write_text
 
     trt = trt or import_tensorrt()
     if trt is None:
@@ -315,7 +315,7 @@ class TensorRTRunner:
         return table[self.engine.get_tensor_dtype(name)]
 
     def __call__(self, input_ids, attention_mask, position_ids=None, past_key_values=None):
-        from pipeline.cqil_model import positions_from_mask
+        from pipeline.model.cqil import positions_from_mask
 
         torch = self.torch
         past = list(past_key_values or [])

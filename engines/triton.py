@@ -29,8 +29,8 @@ from engines.kv_contract import (
     read_contract,
 )
 from export.contract import output_names
-from pipeline.errors import CqilError
-from pipeline.fsutil import atomic_dir, link_or_copy
+from pipeline.model.errors import CqilError
+from pipeline.model.fsutil import atomic_dir, link_or_copy
 
 ONNX_TO_TRITON = {"INT64": "TYPE_INT64", "INT32": "TYPE_INT32", "FLOAT": "TYPE_FP32",
                   "FLOAT16": "TYPE_FP16", "BFLOAT16": "TYPE_BF16"}

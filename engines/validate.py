@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from engines.kv_contract import ContractSpec, find_onnx, read_contract
 from export.contract import LAYOUT_KEY, output_names
-from pipeline.cqil_model import CqilModel
-from pipeline.errors import CqilError
+from pipeline.model.cqil import CqilModel
+from pipeline.model.errors import CqilError
 
 VALIDATION_FORMAT = "cqil-validation/1"
 Runner = Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, ...]]]

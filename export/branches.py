@@ -16,7 +16,7 @@ from torch import nn
 
 from export.contract import ContractModule
 from export.naming import Scope, group_scope, layer_scope
-from pipeline.cqil_model import KV, CqilModel
+from pipeline.model.cqil import KV, CqilModel
 
 
 def _residual(x: torch.Tensor, attention_output: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.cqil_model import KV, CqilModel, attention_bias
+from pipeline.model.cqil import KV, CqilModel, attention_bias
 
 BATCH, SEQ, PAST, TOTAL = "batch", "seq", "past", "total"
 # torch.export specializes a dimension whose example size is 0 or 1: keep every example size >= 2.

@@ -18,7 +18,7 @@ from torch import nn
 
 from export.contract import ContractModule
 from export.naming import Scope, group_scope
-from pipeline.cqil_model import KV, CqilModel, apply_rotary
+from pipeline.model.cqil import KV, CqilModel, apply_rotary
 
 
 def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from pipeline.plan import Plan
+from pipeline.model.plan import Plan
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 # Stack traces carry absolute source paths, the FX text is a bulky repeat of the node: dropped, so

@@ -17,7 +17,7 @@ from torch import nn
 
 from export import contract
 from export.naming import label_nodes
-from pipeline.cqil_model import CqilModel
+from pipeline.model.cqil import CqilModel
 
 OPSET = 18
 

@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from export import contract
 from export.check import StructureReport, check_branch_structure
-from pipeline.cqil_model import CqilModel
-from pipeline.errors import CqilError
-from pipeline.fsutil import atomic_dir
-from pipeline.plan import CONFIG_KEY
+from pipeline.model.cqil import CqilModel
+from pipeline.model.errors import CqilError
+from pipeline.model.fsutil import atomic_dir
+from pipeline.model.plan import CONFIG_KEY
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 LAYOUTS = ("branches", "fused")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.cqil_model import CqilModel
+from pipeline.model.cqil import CqilModel
 
 
 @torch.no_grad()

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.cqil_model import CqilModel, attention_bias, positions_from_mask
-from pipeline.errors import CqilError
-from pipeline.plan import Plan, from_parallel_groups
+from pipeline.model.cqil import CqilModel, attention_bias, positions_from_mask
+from pipeline.model.errors import CqilError
+from pipeline.model.plan import Plan, from_parallel_groups
 
 SEARCH_FORMAT = "cqil-plan-search/1"
 Groups = tuple[tuple[int, ...], ...]

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import CqilError
+from pipeline.model.errors import CqilError
 from pipeline.stages import Stage, StageContext
 
 STAGE_ORDER = ("source", "analyze", "plan", "recover", "merge", "export", "engines", "validate", "bench",
@@ -51,15 +51,15 @@ def _source_model(ctx: StageContext):
 
 
 def _plan(ctx: StageContext, config):
-    from pipeline.plan import load_plan
+    from pipeline.model.plan import load_plan
 
     return load_plan(ctx.upstream("plan") / "plan.json", config.num_hidden_layers)
 
 
 def _merged(ctx: StageContext):
     """The merged CQIL checkpoint (the PyTorch reference of every engine) as a CqilModel."""
-    from pipeline.cqil_model import CqilModel
-    from pipeline.plan import plan_from_config
+    from pipeline.model.cqil import CqilModel
+    from pipeline.model.plan import plan_from_config
     from pipeline.sources import load_model
 
     loaded = load_model(ctx.upstream("merge") / "model")
@@ -73,7 +73,7 @@ def _write_json(path: Path, data: Any) -> None:
 # -- the stages ------------------------------------------------------------------------------------------
 
 def run_source(ctx: StageContext) -> dict:
-    from pipeline.fsutil import link_or_copy
+    from pipeline.model.fsutil import link_or_copy
     from pipeline.sources import SOURCE_RECORD, model_name, resolve_model_dir
 
     path = Path(ctx.params["resolved"])
@@ -93,8 +93,8 @@ def run_analyze(ctx: StageContext, config: dict) -> dict:
         save_heatmap,
         similarity_report,
     )
-    from pipeline.cqil_model import CqilModel
-    from pipeline.plan import identity_plan
+    from pipeline.model.cqil import CqilModel
+    from pipeline.model.plan import identity_plan
 
     loaded = _source_model(ctx)
     chunks = _split(loaded, config).train[: ctx.params["max_chunks"]]
@@ -110,7 +110,7 @@ def run_analyze(ctx: StageContext, config: dict) -> dict:
 def run_plan(ctx: StageContext, config: dict) -> dict:
     from transformers import AutoConfig
 
-    from pipeline import plan as plans
+    from pipeline.model import plan as plans
 
     params = ctx.params
     from pipeline.sources import model_name
@@ -138,8 +138,8 @@ def run_plan(ctx: StageContext, config: dict) -> dict:
 
 def _auto_plan(ctx: StageContext, config: dict, model_config):
     from pipeline.autoplan import SearchRequest, parse_bypass_choices, search
-    from pipeline.cqil_model import CqilModel
-    from pipeline.plan import identity_plan, model_record
+    from pipeline.model.cqil import CqilModel
+    from pipeline.model.plan import identity_plan, model_record
 
     params = ctx.params
     request = SearchRequest(params["target_depth"] or None, params["max_kl"] or None, params["max_group_size"],
@@ -225,8 +225,8 @@ def run_engines(ctx: StageContext, config: dict) -> dict:
 
 def run_validate(ctx: StageContext, config: dict) -> dict:
     from engines.validate import validate_onnx
-    from pipeline.cqil_model import CqilModel
-    from pipeline.plan import identity_plan
+    from pipeline.model.cqil import CqilModel
+    from pipeline.model.plan import identity_plan
     from pipeline.quality import evaluate
 
     params = ctx.params
@@ -267,8 +267,8 @@ def run_bench(ctx: StageContext, config: dict) -> dict:
     model_dir = read_record(ctx.upstream("source"))["metrics"]["model_dir"]
     reference = cached_reference(read_contract(onnx), onnx, model=model_dir)
     # The eager PyTorch models, timed in the same rounds, as extra rows.
-    from pipeline.cqil_model import CqilModel
-    from pipeline.plan import identity_plan
+    from pipeline.model.cqil import CqilModel
+    from pipeline.model.plan import identity_plan
 
     source = _source_model(ctx)
     _, merged = _merged(ctx)
@@ -301,7 +301,7 @@ def _file_text(path: str) -> str:
 
 def make_stages(config: dict[str, dict[str, Any]]) -> list[Stage]:
     """The ten stages with their parameters (their config section) and what they read."""
-    from pipeline.fsutil import sha256_file
+    from pipeline.model.fsutil import sha256_file
     from pipeline.sources import resolve_model_dir
 
     model_dir = resolve_model_dir(config["source"]["model"] or None)

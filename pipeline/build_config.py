@@ -13,7 +13,7 @@ from typing import Any
 
 import tomllib
 
-from pipeline.errors import CqilError
+from pipeline.model.errors import CqilError
 
 # The default build: SmolLM2-135M, the paper's S15:30:2 d=1 plan, a short recovery; about 15 minutes
 # on 2 CPU cores (most of it in the two exports and the recovery steps).

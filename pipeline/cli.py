@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.errors import CqilError
+from pipeline.model.errors import CqilError
 
 # -- shared options ---------------------------------------------------------------------------------
 
@@ -39,7 +39,7 @@ def add_data_options(parser: argparse.ArgumentParser, batch_size: int = 4) -> No
 
 def plan_from_args(args: argparse.Namespace, config, required: bool = True):
     """The plan named on the command line, else the one the checkpoint carries, else an error."""
-    from pipeline import plan as plans
+    from pipeline.model import plan as plans
 
     given = [name for name in ("plan", "uniform", "groups") if getattr(args, name, None)]
     if len(given) > 1:

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.adapters import AdaptersOff, load_adapter
-from pipeline.cqil_model import CqilModel
-from pipeline.errors import CqilError
+from pipeline.model.cqil import CqilModel
+from pipeline.model.errors import CqilError
 from pipeline.merge import base_model_record, find_base_model
-from pipeline.plan import Plan, identity_plan
+from pipeline.model.plan import Plan, identity_plan
 from pipeline.sources import LoadedModel, load_model
 
 LABELS = {"original": "original", "cqil_no_adapter": "cqil", "cqil": "cqil+adapter"}

@@ -39,7 +39,7 @@ def manifest(results: list[StageResult]) -> dict[str, Any]:
 
 
 def write_manifest(build_dir: Path, results: list[StageResult]) -> Path:
-    from pipeline.fsutil import atomic_write_text
+    from pipeline.model.fsutil import atomic_write_text
 
     path = Path(build_dir) / "manifest.json"
     atomic_write_text(path, json.dumps(manifest(results), indent=2) + "\n")

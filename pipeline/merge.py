@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.adapters import load_adapter
-from pipeline.errors import CqilError
-from pipeline.fsutil import atomic_dir, cache_dir
-from pipeline.plan import CONFIG_KEY, Plan
+from pipeline.model.errors import CqilError
+from pipeline.model.fsutil import atomic_dir, cache_dir
+from pipeline.model.plan import CONFIG_KEY, Plan
 from pipeline.sources import (
     DEFAULT_MODEL_NAME,
     LoadedModel,

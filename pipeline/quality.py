@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.cqil_model import CqilModel
+from pipeline.model.cqil import CqilModel
 
 
 class _Totals:

@@ -35,10 +35,10 @@ from pipeline.adapters import (
     check_targets_exist,
     lora_config,
 )
-from pipeline.cqil_model import CqilModel
-from pipeline.errors import CqilError
-from pipeline.fsutil import atomic_dir
-from pipeline.plan import Plan, identity_plan
+from pipeline.model.cqil import CqilModel
+from pipeline.model.errors import CqilError
+from pipeline.model.fsutil import atomic_dir
+from pipeline.model.plan import Plan, identity_plan
 from pipeline.quality import evaluate
 
 RUN_FORMAT = "cqil-finetune/1"

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.errors import CqilError
-from pipeline.fsutil import atomic_dir, sha256_file
+from pipeline.model.errors import CqilError
+from pipeline.model.fsutil import atomic_dir, sha256_file
 
 RECORD = ".stage.json"
 LOCK = ".build.lock"

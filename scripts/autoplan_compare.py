@@ -30,9 +30,9 @@ from pipeline.autoplan import (  # noqa: E402
     score_candidates,
     select,
 )
-from pipeline.cqil_model import CqilModel  # noqa: E402
+from pipeline.model.cqil import CqilModel  # noqa: E402
 from pipeline.data import load_split  # noqa: E402
-from pipeline.plan import Plan, identity_plan, uniform_plan  # noqa: E402
+from pipeline.model.plan import Plan, identity_plan, uniform_plan  # noqa: E402
 from pipeline.quality import evaluate  # noqa: E402
 from pipeline.sources import load_model  # noqa: E402
 

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engines.bench import ort_calls, torch_calls
 from engines.latency import compare, interleaved_times, stats_ms
 from engines.onnxruntime import OrtRunner
-from pipeline.cqil_model import CqilModel
-from pipeline.plan import identity_plan
+from pipeline.model.cqil import CqilModel
+from pipeline.model.plan import identity_plan
 from pipeline.sources import load_model
 
 

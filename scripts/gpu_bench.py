@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engines.cuda_streams import DecodeStep, StreamedCqilModel  # noqa: E402
 from engines.fused import FusedCqilModel  # noqa: E402
 from engines.latency import interleaved_times, ratio_ci  # noqa: E402
-from pipeline.cqil_model import CqilModel  # noqa: E402
-from pipeline.plan import identity_plan, uniform_plan  # noqa: E402
+from pipeline.model.cqil import CqilModel  # noqa: E402
+from pipeline.model.plan import identity_plan, uniform_plan  # noqa: E402
 
 # name: (config, CQIL span [S, E) grouped into groups of p)
 SHAPES = {

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.adapters import DEFAULT_TARGETS, load_adapter, validate_adapter
-from pipeline.cqil_model import CqilModel
-from pipeline.errors import CqilError
-from pipeline.plan import uniform_plan
+from pipeline.model.cqil import CqilModel
+from pipeline.model.errors import CqilError
+from pipeline.model.plan import uniform_plan
 from tests.conftest import tiny_model
 
 RANK, ALPHA = 4, 8

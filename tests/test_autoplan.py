@@ -23,10 +23,10 @@ from pipeline.autoplan import (
     select,
 )
 from pipeline.cli import main
-from pipeline.cqil_model import CqilModel
+from pipeline.model.cqil import CqilModel
 from pipeline.data import load_split
-from pipeline.errors import CqilError
-from pipeline.plan import (
+from pipeline.model.errors import CqilError
+from pipeline.model.plan import (
     Plan,
     from_parallel_groups,
     identity_plan,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.cqil_model import CqilModel, greedy_generate
-from pipeline.plan import Plan, from_parallel_groups, identity_plan
+from pipeline.model.cqil import CqilModel, greedy_generate
+from pipeline.model.plan import Plan, from_parallel_groups, identity_plan
 from tests.conftest import FAMILIES, tiny_model
 
 LAYERS = 6
@@ -35,7 +35,7 @@ def test_identity_plan_reproduces_hf_logits(family):
     assert presents[0].shape == (3, model.config.num_key_value_heads, 11, 16)
 
 
-# -- DESIGN.md section 1, from the raw weights, sharing no code with pipeline.cqil_model -----------
+# -- DESIGN.md section 1, from the raw weights, sharing no code with pipeline.model.cqil -----------
 
 def _rms(x, weight, eps):
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))

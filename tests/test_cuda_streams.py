@@ -11,8 +11,8 @@ import torch
 
 from engines.cuda_streams import DecodeStep, StreamedCqilModel
 from engines.fused import FusedCqilModel
-from pipeline.cqil_model import CqilModel
-from pipeline.plan import identity_plan, uniform_plan
+from pipeline.model.cqil import CqilModel
+from pipeline.model.plan import identity_plan, uniform_plan
 from tests.conftest import tiny_model
 
 

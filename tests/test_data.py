@@ -14,7 +14,7 @@ from pipeline.data import (
     read_text,
     split_chunks,
 )
-from pipeline.errors import CqilError
+from pipeline.model.errors import CqilError
 
 
 def test_chunks_are_one_stream_cut_consecutively(tokenizer):

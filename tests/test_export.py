@@ -17,8 +17,8 @@ import torch
 from export import contract
 from export.check import check_branch_structure
 from pipeline.cli import main
-from pipeline.cqil_model import CqilModel, greedy_generate
-from pipeline.plan import Plan
+from pipeline.model.cqil import CqilModel, greedy_generate
+from pipeline.model.plan import Plan
 from tests.conftest import tiny_model
 from tests.ort_runner import greedy, run, session
 

@@ -7,9 +7,9 @@ import torch
 
 from export.writer import export_model
 from pipeline.cli import main
-from pipeline.cqil_model import CqilModel
-from pipeline.errors import CqilError
-from pipeline.plan import identity_plan
+from pipeline.model.cqil import CqilModel
+from pipeline.model.errors import CqilError
+from pipeline.model.plan import identity_plan
 from tests.conftest import tiny_model
 
 

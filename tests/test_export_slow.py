@@ -8,9 +8,9 @@ import torch
 
 from export.check import check_branch_structure
 from pipeline.cli import main
-from pipeline.cqil_model import CqilModel
+from pipeline.model.cqil import CqilModel
 from pipeline.data import load_split
-from pipeline.plan import uniform_plan
+from pipeline.model.plan import uniform_plan
 from pipeline.sources import load_model
 from tests.ort_runner import run, session
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engines import latency
-from pipeline.errors import CqilError
+from pipeline.model.errors import CqilError
 
 
 def test_interleaved_times_runs_round_robin_after_warmup():

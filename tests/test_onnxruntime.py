@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from engines.onnxruntime import OrtRunner, create_session
-from pipeline.cqil_model import CqilModel, greedy_generate
-from pipeline.errors import CqilError
-from pipeline.plan import Plan
+from pipeline.model.cqil import CqilModel, greedy_generate
+from pipeline.model.errors import CqilError
+from pipeline.model.plan import Plan
 
 TOL = 1e-4
 PLAN = Plan(((0,), (1, 2, 3)), 1)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipeline.errors import CqilError
-from pipeline.plan import (
+from pipeline.model.errors import CqilError
+from pipeline.model.plan import (
     Plan,
     identity_plan,
     load_plan,

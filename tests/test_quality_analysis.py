@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.analysis import layer_input_similarity, similarity_report
-from pipeline.cqil_model import CqilModel
-from pipeline.plan import from_parallel_groups, identity_plan
+from pipeline.model.cqil import CqilModel
+from pipeline.model.plan import from_parallel_groups, identity_plan
 from pipeline.quality import evaluate
 from tests.conftest import tiny_model
 

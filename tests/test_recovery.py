@@ -11,12 +11,12 @@ import torch.nn.functional as F
 
 from pipeline import recovery
 from pipeline.adapters import RUN_RECORD, load_adapter
-from pipeline.cqil_model import CqilModel
+from pipeline.model.cqil import CqilModel
 from pipeline.data import load_split
-from pipeline.errors import CqilError
-from pipeline.fsutil import sha256_file
+from pipeline.model.errors import CqilError
+from pipeline.model.fsutil import sha256_file
 from pipeline.merge import BASE_KEY, merge_adapter
-from pipeline.plan import CONFIG_KEY, identity_plan, plan_from_config, uniform_plan
+from pipeline.model.plan import CONFIG_KEY, identity_plan, plan_from_config, uniform_plan
 from pipeline.recovery import DataOrder, FinetuneSettings, distill_loss, finetune
 from pipeline.sources import load_model
 from tests.conftest import tiny_model

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 def test_a_few_finetune_steps_on_the_default_model_lower_held_out_kl(tmp_path):
     from pipeline.adapters import validate_adapter
     from pipeline.data import load_split
-    from pipeline.plan import parse_uniform_spec
+    from pipeline.model.plan import parse_uniform_spec
     from pipeline.recovery import FinetuneSettings, finetune
     from pipeline.sources import load_model
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from pipeline.errors import CqilError
+from pipeline.model.errors import CqilError
 from pipeline.sources import load_model, resolve_model_dir
 from tests.conftest import FAMILIES
 

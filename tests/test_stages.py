@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from pipeline.errors import CqilError
+from pipeline.model.errors import CqilError
 from pipeline.stages import Stage, build_lock, run_stages, verify_build
 
 STAGES_SOURCE = textwrap.dedent('''

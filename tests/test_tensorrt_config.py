@@ -16,8 +16,8 @@ from engines import tensorrt as trt_engine
 from engines.tensorrt import EngineSettings, ShapeRange
 from export.contract import PLAN_KEY
 from pipeline.cli import main
-from pipeline.errors import CqilError
-from pipeline.plan import Plan
+from pipeline.model.errors import CqilError
+from pipeline.model.plan import Plan
 
 LAYERS, KV_HEADS, HEAD_DIM = 4, 2, 8
 PLAN = Plan(((0,), (1, 2, 3)), bypass=1)

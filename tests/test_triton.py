@@ -21,7 +21,7 @@ from tritonclient.grpc import model_config_pb2
 from engines.triton import write_model_repository
 from export.contract import PLAN_KEY
 from pipeline.cli import main
-from pipeline.errors import CqilError
+from pipeline.model.errors import CqilError
 from tests.contract_onnx import TOY_PLAN, toy_feed, write_toy_decoder
 
 ONNX_TYPES = {onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.FLOAT: "TYPE_FP32",

@@ -25,8 +25,8 @@ import torch
 
 from export.contract import input_names, output_names
 from pipeline.cli import main
-from pipeline.cqil_model import CqilModel
-from pipeline.plan import Plan
+from pipeline.model.cqil import CqilModel
+from pipeline.model.plan import Plan
 from tests.conftest import tiny_model
 from tests.contract_onnx import export_cqil_model
 

@@ -20,9 +20,9 @@ from engines.bench import BenchSettings, run_bench
 from engines.latency import bench_from_dict
 from engines.validate import DEFAULT_THRESHOLDS, validate_onnx
 from pipeline.cli import main
-from pipeline.cqil_model import CqilModel
-from pipeline.errors import CqilError
-from pipeline.plan import Plan
+from pipeline.model.cqil import CqilModel
+from pipeline.model.errors import CqilError
+from pipeline.model.plan import Plan
 
 PLAN = Plan(((0,), (1, 2, 3)), 1)
 FAST_BENCH = ["--seq", "8", "--past", "8", "--prefill-repeats", "5", "--decode-repeats", "5", "--warmup", "1",

@@ -7,7 +7,7 @@ import json
 import time
 
 from pipeline.cli import add_data_options, limit_chunks
-from pipeline.errors import CqilError
+from pipeline.model.errors import CqilError
 
 
 def add_auto_options(parser: argparse.ArgumentParser) -> None:
@@ -36,10 +36,10 @@ def auto_requested(args: argparse.Namespace) -> bool:
 
 def cmd_auto_plan(args: argparse.Namespace) -> None:
     from pipeline.autoplan import SearchRequest, parse_bypass_choices, search
-    from pipeline.cqil_model import CqilModel
+    from pipeline.model.cqil import CqilModel
     from pipeline.data import load_split
-    from pipeline.fsutil import atomic_write_text
-    from pipeline.plan import identity_plan, model_record
+    from pipeline.model.fsutil import atomic_write_text
+    from pipeline.model.plan import identity_plan, model_record
     from pipeline.sources import load_model
 
     clashing = [name for name in ("plan", "uniform", "groups", "official") if getattr(args, name, None)]

@@ -11,7 +11,7 @@ from pathlib import Path
 def cmd_build(args: argparse.Namespace) -> int:
     from pipeline.build import STAGE_ORDER, make_stages
     from pipeline.build_config import load_config, to_toml
-    from pipeline.fsutil import atomic_write_text
+    from pipeline.model.fsutil import atomic_write_text
     from pipeline.manifest import write_manifest
     from pipeline.report import render
     from pipeline.stages import run_stages
@@ -44,7 +44,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from pipeline.errors import CqilError
+    from pipeline.model.errors import CqilError
     from pipeline.stages import verify_build
 
     if not (args.dir / "manifest.json").is_file():

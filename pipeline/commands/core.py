@@ -21,7 +21,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         return cmd_auto_plan(args)
     from transformers import AutoConfig
 
-    from pipeline import plan as plans
+    from pipeline.model import plan as plans
     from pipeline.sources import check_model_dir, resolve_model_dir
 
     path = resolve_model_dir(args.model)
@@ -44,10 +44,10 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         save_heatmap,
         similarity_report,
     )
-    from pipeline.cqil_model import CqilModel
+    from pipeline.model.cqil import CqilModel
     from pipeline.data import load_split
-    from pipeline.fsutil import atomic_dir
-    from pipeline.plan import identity_plan
+    from pipeline.model.fsutil import atomic_dir
+    from pipeline.model.plan import identity_plan
     from pipeline.sources import load_model
 
     loaded = load_model(args.model)
@@ -102,8 +102,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from pipeline.cqil_model import CqilModel, greedy_generate
-    from pipeline.plan import identity_plan
+    from pipeline.model.cqil import CqilModel, greedy_generate
+    from pipeline.model.plan import identity_plan
     from pipeline.sources import load_model
 
     loaded = load_model(args.model)

@@ -38,8 +38,8 @@ def _describe(profile) -> str:
 
 def cmd_gate(args: argparse.Namespace) -> int:
     from engines import gate
-    from pipeline.errors import CqilError
-    from pipeline.fsutil import atomic_write_text
+    from pipeline.model.errors import CqilError
+    from pipeline.model.fsutil import atomic_write_text
 
     if args.tolerance is not None and args.baseline is None:
         raise CqilError("--tolerance applies only with --baseline")

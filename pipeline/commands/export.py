@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 from pipeline.cli import add_model_options, add_plan_options, plan_from_args
-from pipeline.errors import CqilError
+from pipeline.model.errors import CqilError
 
 
 def _plan(args: argparse.Namespace, config):
-    from pipeline.plan import identity_plan, plan_from_config
+    from pipeline.model.plan import identity_plan, plan_from_config
 
     given = [f"--{name}" for name in ("plan", "uniform", "groups") if getattr(args, name)]
     if args.original:
@@ -26,7 +26,7 @@ def _plan(args: argparse.Namespace, config):
 
 def cmd_export(args: argparse.Namespace) -> None:
     from export.writer import DTYPES, check_options, check_writable, export_model
-    from pipeline.cqil_model import CqilModel
+    from pipeline.model.cqil import CqilModel
     from pipeline.sources import load_model
 
     check_options(args.layout, args.dtype)

@@ -17,7 +17,7 @@ from pipeline.cli import (
 def plan_with_adapter(args: argparse.Namespace, config):
     """The plan from the command line or the checkpoint, else the one the adapter was trained for."""
     from pipeline.adapters import adapter_plan
-    from pipeline.errors import CqilError
+    from pipeline.model.errors import CqilError
 
     plan = plan_from_args(args, config, required=False)
     if plan is None and getattr(args, "adapter", None):

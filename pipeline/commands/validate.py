@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 
 from pipeline.cli import add_model_options
-from pipeline.errors import CqilError
+from pipeline.model.errors import CqilError
 
 
 def _onnx_and_plan(args: argparse.Namespace):
     """The ONNX file, its contract, and its plan (checked against --plan when given)."""
     from engines.kv_contract import find_onnx, read_contract
-    from pipeline.plan import load_plan
+    from pipeline.model.plan import load_plan
 
     onnx_path = find_onnx(args.onnx)
     spec = read_contract(onnx_path)
@@ -31,7 +31,7 @@ def _onnx_and_plan(args: argparse.Namespace):
 
 def _load_source(args: argparse.Namespace, spec, onnx_path: Path, plan):
     """The model to compare with: --model, else the one recorded in the ONNX (cqil.source_model)."""
-    from pipeline.plan import plan_from_config
+    from pipeline.model.plan import plan_from_config
     from pipeline.sources import load_model
 
     source = args.model or spec.source_model().get("path")
@@ -49,7 +49,7 @@ def _load_source(args: argparse.Namespace, spec, onnx_path: Path, plan):
 
 
 def _write_json(path: Path | None, result: dict) -> None:
-    from pipeline.fsutil import atomic_write_text
+    from pipeline.model.fsutil import atomic_write_text
 
     if path is not None:
         atomic_write_text(path, json.dumps(result, indent=2) + "\n")
@@ -57,7 +57,7 @@ def _write_json(path: Path | None, result: dict) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from engines.validate import summary_lines, validate_onnx
-    from pipeline.cqil_model import CqilModel
+    from pipeline.model.cqil import CqilModel
     from pipeline.data import load_split
 
     onnx_path, spec, plan = _onnx_and_plan(args)
@@ -78,8 +78,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> None:
     from engines.bench import BenchSettings, cached_reference, run_bench
     from engines.bench_chart import plot_bench
-    from pipeline.cqil_model import CqilModel
-    from pipeline.plan import identity_plan
+    from pipeline.model.cqil import CqilModel
+    from pipeline.model.plan import identity_plan
 
     settings = BenchSettings(batch=args.batch, seq=args.seq, past=args.past, prefill_repeats=args.prefill_repeats,
                              decode_repeats=args.decode_repeats, warmup=args.warmup, threads=args.threads)

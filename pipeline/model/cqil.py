@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import CqilError
-from pipeline.plan import Plan
+from pipeline.model.errors import CqilError
+from pipeline.model.plan import Plan
 
 KV = tuple[torch.Tensor, torch.Tensor]
 

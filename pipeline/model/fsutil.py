@@ -32,7 +32,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def read_json(path: Path, what: str, missing_hint: str) -> Any:
     """A user-supplied JSON file, or a one-line CqilError naming it (absent, or not JSON)."""
-    from pipeline.errors import CqilError
+    from pipeline.model.errors import CqilError
 
     path = Path(path)
     if not path.is_file():

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import CqilError
+from pipeline.model.errors import CqilError
 
 PLAN_FORMAT = "cqil-plan/1"
 CONFIG_KEY = "cqil_plan"  # where a merged checkpoint's config.json carries its plan
@@ -70,7 +70,7 @@ class Plan:
         }
 
     def save(self, path: Path) -> None:
-        from pipeline.fsutil import atomic_write_text
+        from pipeline.model.fsutil import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
@@ -231,7 +231,7 @@ def _bypass(value: Any) -> int:
 
 
 def load_plan(path: Path, num_layers: int | None = None) -> Plan:
-    from pipeline.fsutil import read_json
+    from pipeline.model.fsutil import read_json
 
     data = read_json(path, "plan file", "make one with `cqil plan`")
     if not isinstance(data, dict):
