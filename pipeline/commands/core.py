@@ -14,6 +14,7 @@ from pipeline.cli import (
     plan_from_args,
 )
 from pipeline.commands.autoplan import add_auto_options, auto_requested, cmd_auto_plan
+from pipeline.commands.ranks import add_rank_options
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -101,7 +102,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"{result['tokens_per_s']} tokens/s ({result['seconds']} s)")
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
+def cmd_generate(args: argparse.Namespace) -> int | None:
+    if args.ranks is not None:  # --ranks P: the same generation on P processes (pipeline/commands/ranks.py)
+        from pipeline.commands.ranks import launch_generate
+
+        return launch_generate(args)
     from pipeline.model.cqil import CqilModel, greedy_generate
     from pipeline.model.plan import identity_plan
     from pipeline.sources import load_model
@@ -158,4 +163,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
+    add_rank_options(p)
     p.set_defaults(func=cmd_generate)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from pipeline.cli import add_model_options
+from pipeline.commands.ranks import add_rank_options
 from pipeline.model.errors import CqilError
 
 
@@ -75,7 +76,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if result["passed"] else 1
 
 
-def cmd_bench(args: argparse.Namespace) -> None:
+def cmd_bench(args: argparse.Namespace) -> int | None:
+    if args.ranks is not None:  # --ranks P: one process vs TP vs CQIL on P processes (pipeline/commands/ranks.py)
+        from pipeline.commands.ranks import launch_bench
+
+        return launch_bench(args)
+    if args.onnx is None:
+        raise CqilError("--onnx is required (or --ranks P for the multi-process bench of the PyTorch model)")
     from engines.bench import BenchSettings, cached_reference, run_bench
     from engines.bench_chart import plot_bench
     from pipeline.model.cqil import CqilModel
@@ -135,7 +142,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_validate)
 
     b = sub.add_parser("bench", help="latency of the original vs the CQIL model on ONNX Runtime, interleaved")
-    b.add_argument("--onnx", type=Path, required=True, help="the candidate (CQIL) folder written by cqil export")
+    b.add_argument("--onnx", type=Path, help="the candidate (CQIL) folder written by cqil export (required without --ranks)")
     b.add_argument("--reference", type=Path,
                    help="the original model's ONNX folder (default: exported once into the CQIL cache)")
     add_model_options(b)
@@ -151,4 +158,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--out", type=Path, help="write the cqil-bench/1 JSON here (e.g. latency.json; chart beside it)")
     b.add_argument("--chart", type=Path, help="PNG chart path (default: --out with .png)")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_rank_options(b, plan_options=True)
     b.set_defaults(func=cmd_bench)

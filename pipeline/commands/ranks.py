@@ -1,0 +1,143 @@
+"""`--ranks P` for `cqil generate` and `cqil bench`: start P processes with torch's launcher.
+
+The processes run `python -m engines.distributed generate|bench ...` (the same entry torchrun users
+call), started by torch.distributed's elastic launch API on this host. The model is resolved and
+the plan checked against P here first, so a bad input ends with one line before any process starts.
+The prompt encoding and the printed text are shared with the one-process generate, so both print
+the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import uuid
+from pathlib import Path
+
+from pipeline.model.errors import CqilError
+
+WORKER_MODULE = "engines.distributed"
+
+
+def add_rank_options(parser: argparse.ArgumentParser, plan_options: bool = False) -> None:
+    """--ranks/--backend/--timeout; `plan_options` adds --uniform/--groups/--bypass where a command lacks them."""
+    group = parser.add_argument_group("several processes (torch.distributed)")
+    group.add_argument("--ranks", type=int, default=None, metavar="P",
+                       help="run CQIL on P processes, rank r running the r-th layer of each group")
+    group.add_argument("--backend", choices=("gloo", "nccl"), default=None,
+                       help="torch.distributed backend (default: nccl where CUDA is present, else gloo)")
+    group.add_argument("--timeout", type=float, default=None, metavar="S",
+                       help="seconds a collective may wait before the run fails (default 120)")
+    if plan_options:
+        group.add_argument("--uniform", metavar="S:E:P", help="with --ranks: groups of P layers in [S, E)")
+        group.add_argument("--groups", metavar="A-B,...", help="with --ranks: explicit parallel groups")
+        group.add_argument("--bypass", type=int, default=None, metavar="D", help="with --ranks: bypass distance d")
+
+
+def encode_prompts(tokenizer, prompts: list[str], raw: bool):
+    """Prompts as a left-padded batch (the chat template applied unless `raw`): (input_ids, attention_mask)."""
+    if not raw and getattr(tokenizer, "chat_template", None):
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in prompts]
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def format_generations(tokenizer, prompts: list[str], new_tokens) -> str:
+    """What `cqil generate` prints: the text alone for one prompt, '> prompt' headed blocks for several."""
+    lines = []
+    for prompt, tokens in zip(prompts, new_tokens):
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        lines.append(f"> {prompt}\n{text.strip()}\n" if len(prompts) > 1 else text.strip())
+    return "\n".join(lines)
+
+
+def checked_model_and_plan(args: argparse.Namespace):
+    """Resolve --model once (a default-model fetch must not run P times) and check the plan fits P ranks."""
+    from transformers import AutoConfig
+
+    from engines.distributed.launch import check_backend
+    from engines.distributed.per_rank import check_world_fits
+    from pipeline.cli import plan_from_args
+    from pipeline.sources import check_model_dir, resolve_model_dir
+
+    if args.ranks < 1:
+        raise CqilError(f"--ranks {args.ranks} must be at least 1")
+    check_backend(args.backend)
+    path = resolve_model_dir(args.model)
+    check_model_dir(path)
+    plan = plan_from_args(args, AutoConfig.from_pretrained(path))
+    check_world_fits(plan, args.ranks)
+    return path
+
+
+def _plan_argv(args: argparse.Namespace) -> list[str]:
+    argv = []
+    for name in ("plan", "uniform", "groups", "bypass"):
+        value = getattr(args, name, None)
+        if value is not None:
+            argv += [f"--{name}", str(value)]
+    return argv
+
+
+def _common_argv(args: argparse.Namespace, path: Path) -> list[str]:
+    argv = ["--model", str(path), *_plan_argv(args)]
+    if args.backend:
+        argv += ["--backend", args.backend]
+    if args.timeout is not None:
+        argv += ["--timeout", str(args.timeout)]
+    return argv
+
+
+def launch_generate(args: argparse.Namespace) -> int:
+    """`cqil generate --ranks P`: the generation on P processes; rank 0 prints the text."""
+    argv = ["generate", *_common_argv(args, checked_model_and_plan(args)),
+            "--max-new-tokens", str(args.max_new_tokens)]
+    for prompt in args.prompt:
+        argv += ["--prompt", prompt]
+    if args.raw:
+        argv.append("--raw")
+    return launch(args.ranks, argv)
+
+
+def launch_bench(args: argparse.Namespace) -> int:
+    """`cqil bench --ranks P`: one process vs tensor parallel vs CQIL on P processes, interleaved."""
+    argv = ["bench", *_common_argv(args, checked_model_and_plan(args))]
+    for name in ("batch", "seq", "past", "prefill_repeats", "decode_repeats", "warmup"):
+        argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    if args.threads is not None:
+        argv += ["--rank-threads", str(args.threads)]
+    for name in ("out", "chart"):
+        if getattr(args, name) is not None:
+            argv += [f"--{name}", str(getattr(args, name))]
+    if args.json:
+        argv.append("--json")
+    return launch(args.ranks, argv)
+
+
+def launch(ranks: int, worker_argv: list[str]) -> int:
+    """Run `python -m engines.distributed ARGV` on `ranks` local processes; the worst exit status."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=ranks, run_id=f"cqil-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          monitor_interval=0.1, start_method="spawn")
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the ranks print their own lines
+    try:
+        elastic_launch(config, sys.executable)("-m", WORKER_MODULE, *worker_argv)
+    except ChildFailedError as exc:
+        codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
+        if 2 in codes.values():
+            return 2
+        silent = {rank: code for rank, code in codes.items() if code not in (1, 2)}
+        if silent:
+            print(f"rank(s) {', '.join(map(str, silent))} ended with status {', '.join(map(str, silent.values()))} "
+                  "(killed?) without a message", file=sys.stderr)
+        return 1
+    return 0
