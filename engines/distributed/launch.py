@@ -10,6 +10,7 @@ Exit status: 2 for bad input (CqilError), 1 for a failed run (a lost peer, a tim
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,7 +120,8 @@ def together(ctx: RankContext, load: Callable[[], T]) -> T:
 def one_line(exc: BaseException) -> str:
     """An exception as one line: its type and the first line of its message."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    first = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", text[0]) if text else ""  # gloo's source location
+    return f"{type(exc).__name__}: {first}".rstrip(": ")
 
 
 def run_ranks(program: str, backend: str | None, body: Callable[[RankContext], int | None],
