@@ -144,7 +144,7 @@ def layer_parameters(model_dir: Path, layers: list[int]) -> int:
     return shared + sum(p.numel() for i in layers for p in hf.model.layers[i].parameters())
 
 
-def check_against_one_process(result, cases, held):
+def check_against_one_process(result, cases, held, tolerance=TOLERANCE):
     """Every case's logits and tokens equal one process; every rank holds exactly its layers' parameters;
     tensor parallel equals the original HF model."""
     real = result["data"]["mask"].bool()  # the padding positions' logits are garbage on both sides
@@ -152,8 +152,8 @@ def check_against_one_process(result, cases, held):
         model_dir = Path(case["model"])
         got = result["logits"][name]
         prefill, decode, tokens = reference(model_dir, case["groups"], case["bypass"], result["data"])
-        assert (got["prefill"] - prefill)[real].abs().max() <= TOLERANCE, name
-        assert (got["decode"] - decode).abs().max() <= TOLERANCE, name
+        assert (got["prefill"] - prefill)[real].abs().max() <= tolerance, name
+        assert (got["decode"] - decode).abs().max() <= tolerance, name
         assert torch.equal(got["tokens"], tokens), name
         for rank, record in enumerate(result["ranks"][name]):
             assert record["layers"] == held[rank]
@@ -161,8 +161,8 @@ def check_against_one_process(result, cases, held):
     for model_dir in {case["model"] for case in cases.values()}:
         prefill, decode = original_hf(Path(model_dir), result["data"])
         tp = result["logits"][f"tensor_parallel:{model_dir}"]
-        assert (tp["prefill"] - prefill)[real].abs().max() <= TOLERANCE, model_dir
-        assert (tp["decode"] - decode).abs().max() <= TOLERANCE, model_dir
+        assert (tp["prefill"] - prefill)[real].abs().max() <= tolerance, model_dir
+        assert (tp["decode"] - decode).abs().max() <= tolerance, model_dir
 
 
 @pytest.fixture(scope="module")
@@ -247,10 +247,11 @@ def test_killed_rank_makes_the_other_exit_instead_of_hanging(tiny_model_dir):
 @pytest.mark.slow
 def test_default_model_two_ranks_equal_one_process(tmp_path):
     """SmolLM2-135M (pipeline.sources, cached after the first fetch), S15:30:2 d=1, 2 ranks on gloo;
-    tensor parallel too (its 9 query heads split 6 + 3)."""
+    tensor parallel too (its 9 query heads split 6 + 3). Logits of this size (|logit| ~ 20) after 30
+    layers differ by float reassociation of the all-reduced sums: measured 3.5e-5, so 1e-4 here."""
     from pipeline.sources import resolve_model_dir
 
     groups = [list(range(s, min(s + 2, 30))) for s in range(15, 30, 2)]
     cases = {"d1": {"model": str(resolve_model_dir(None)), "groups": groups, "bypass": 1}}
     held = [list(range(15)) + list(range(15 + r, 29, 2)) + [29] for r in (0, 1)]
-    check_against_one_process(run_parity(tmp_path, 2, cases), cases, held)
+    check_against_one_process(run_parity(tmp_path, 2, cases), cases, held, tolerance=1e-4)
