@@ -92,13 +92,9 @@ def _in_dtype(model: CqilModel, dtype: torch.dtype) -> CqilModel:
 
 
 def _layout_module(model: CqilModel, layout: str) -> torch.nn.Module:
-    if layout == "fused":
-        from export.fused import FusedLayout
+    from export.layouts import layout_model
 
-        return FusedLayout(model)
-    from export.branches import BranchLayout
-
-    return BranchLayout(model)
+    return contract.ContractModule(layout_model(model, layout))
 
 
 def _metadata(model: CqilModel, layout: str, dtype: str, source: dict) -> dict[str, str]:
