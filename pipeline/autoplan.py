@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.model.cqil import CqilModel
+from pipeline.model.divergence import token_kl
 from pipeline.model.errors import CqilError
 from pipeline.model.plan import Plan, from_parallel_groups
 
@@ -128,14 +129,13 @@ def calibration_kl(original: CqilModel, plans: Sequence[Plan], chunks: torch.Ten
     bar = tqdm(total=len(batches) * len(plans), desc="score", unit="plan", disable=not progress, leave=False)
     for batch in batches:
         hidden, step, reference = _original_pass(original, batch)
-        probs = reference.exp()
         for index, (model, first) in enumerate(zip(models, firsts)):
             if first is not None:
                 x = hidden[model.plan.groups[first][0]]
                 for group_index in range(first, len(model.plan.groups)):
                     x, _ = model.run_group(group_index, x, step, [None] * len(model.plan.groups[group_index]))
                 log_probs = F.log_softmax(model.head(x).float(), -1)
-                totals[index] += float((probs * (reference - log_probs)).sum(-1).double().sum())
+                totals[index] += float(token_kl(reference, log_probs).double().sum())
             bar.update()
     bar.close()
     return [total / chunks.numel() for total in totals]
