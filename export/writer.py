@@ -86,7 +86,7 @@ def _peak_rss_mb() -> float:
 
 def _in_dtype(model: CqilModel, dtype: torch.dtype) -> CqilModel:
     """The model in `dtype`; a cast copy only when it differs (callers may load it in dtype already)."""
-    if model.hf.model.embed_tokens.weight.dtype == dtype:
+    if model.dtype == dtype:
         return model
     return CqilModel(copy.deepcopy(model.hf).to(dtype), model.plan)
 
