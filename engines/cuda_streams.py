@@ -1,76 +1,131 @@
-"""PyTorch CUDA runtime for CQIL: each group's branches on their own CUDA streams (DESIGN.md section 6).
+"""CQIL on CUDA streams: a schedule of the group step with one stream per branch (DESIGN.md section 3).
 
-A group's attentions all read the group input x, so they fork onto one stream per layer at once.
-FFN j reads x + a_j + b_j, where the bypass b_j sums the attentions j-d..j-1: it runs on stream j
-(after a_j, in stream order) once the events of those earlier attentions have fired. The main
-stream joins all branch streams and sums the outputs in layer order, the same order as
-`CqilModel.group_forward`, so the result equals the sequential model. Off CUDA (and for one-layer
-groups) it simply is the sequential model.
+A group's attentions all read the group input x, so each lane forks onto its own stream at once. FFN j
+reads x + a_j + b_j, where the bypass b_j sums the attentions j-d..j-1: its stream waits for the events
+recorded after those attentions. The combine joins every branch stream back into the current stream and
+sums in layer order, exactly as the sequential schedule does, so the result is the same and the step can
+be captured in a CUDA graph. Groups of one lane run on the current stream.
 
-`DecodeStep` captures a batch-1 decode step at a fixed past length in a CUDA graph with static
-buffers (one launch per token, which is what makes small decode steps fast); it is for measuring a
-step, not a generator: the cache does not grow between replays.
+`DecodeStep` captures a batch-1 decode step at a fixed past length in a CUDA graph with static buffers
+(one launch per token, which is what makes small decode steps fast); it is for measuring a step, not a
+generator: the cache does not grow between replays.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import torch
 
-from pipeline.model.cqil import KV, CqilModel
+from pipeline.model.cqil import CqilModel
 from pipeline.model.errors import CqilError
+from pipeline.model.group import fold_terms
+from pipeline.model.kv import make_cache
 
 
-class StreamedCqilModel(CqilModel):
-    """CqilModel whose groups run their branches concurrently on CUDA streams; sequential elsewhere."""
+class StreamBackend(Protocol):
+    """The few stream operations the schedule uses; `CudaBackend` in use, a recorder in the tests."""
 
-    def __init__(self, hf_model, plan):
-        super().__init__(hf_model, plan)
-        self._streams: dict[torch.device, list[torch.cuda.Stream]] = {}
+    def current_stream(self) -> Any: ...
+    def new_stream(self) -> Any: ...
+    def new_event(self) -> Any: ...
+    def on(self, stream: Any) -> contextlib.AbstractContextManager: ...
+    def keep_alive(self, tensor: torch.Tensor, stream: Any) -> None: ...
 
-    def branch_streams(self, count: int, device: torch.device) -> list[torch.cuda.Stream]:
-        streams = self._streams.setdefault(device, [])
-        while len(streams) < count:
-            streams.append(torch.cuda.Stream(device))
-        return streams[:count]
 
-    def group_forward(self, x: torch.Tensor, group: Sequence[int], rope: tuple[torch.Tensor, torch.Tensor],
-                      bias: torch.Tensor, past: Sequence[KV | None]) -> tuple[torch.Tensor, list[KV]]:
-        if x.device.type != "cuda" or len(group) == 1:
-            return super().group_forward(x, group, rope, bias, past)
-        main = torch.cuda.current_stream(x.device)
-        streams = self.branch_streams(len(group), x.device)
-        attended, attention_done = [], []
-        for stream, index, kv in zip(streams, group, past):
-            stream.wait_stream(main)  # fork: x, rope, bias and the cache are ready
-            with torch.cuda.stream(stream):
-                attended.append(self.layer_attention(index, x, rope, bias, kv))
-                attention_done.append(torch.cuda.Event())
-                attention_done[-1].record(stream)
-        outputs = [a for a, _ in attended]
-        ffn = []
-        for j, (stream, index) in enumerate(zip(streams, group)):
-            for k in range(max(0, j - self.plan.bypass), j):
-                stream.wait_event(attention_done[k])  # the bypass reads earlier branches' attentions
-                outputs[k].record_stream(stream)
-            with torch.cuda.stream(stream):
-                h = x + outputs[j]
-                b = self.bypass(outputs, j)
-                if b is not None:
-                    h = h + b
-                ffn.append(self.layer_ffn(index, h))
-        for stream in streams:
-            main.wait_stream(stream)  # join
-        # Tensors made on a branch stream and used on main: keep the allocator from reusing them early.
-        # (Inputs made on main need nothing: main's later work is ordered after the join.)
-        for (a, (k, v)), f in zip(attended, ffn):
-            for tensor in (a, k, v, f):
-                tensor.record_stream(main)
-        out = x
-        for a, f in zip(outputs, ffn):
-            out = out + a + f  # layer order, as in CqilModel.group_forward
-        return out, [kv for _, kv in attended]
+class CudaBackend:
+    """torch.cuda streams and events on one device."""
+
+    def __init__(self, device: torch.device | str | None = None):
+        self.device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+
+    def current_stream(self) -> torch.cuda.Stream:
+        return torch.cuda.current_stream(self.device)
+
+    def new_stream(self) -> torch.cuda.Stream:
+        return torch.cuda.Stream(self.device)
+
+    def new_event(self) -> torch.cuda.Event:
+        return torch.cuda.Event()
+
+    def on(self, stream: torch.cuda.Stream) -> contextlib.AbstractContextManager:
+        return torch.cuda.stream(stream)
+
+    def keep_alive(self, tensor: torch.Tensor, stream: torch.cuda.Stream) -> None:
+        """Tell the caching allocator that `stream` uses a tensor made on another stream."""
+        tensor.record_stream(stream)
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+class StreamSchedule:
+    """Each lane of a group on its own stream; events order the bypass reads; joined at the combine."""
+
+    def __init__(self, backend: StreamBackend | None = None):
+        self.backend = backend or CudaBackend()
+        self._streams: list[Any] = []
+        self._forked: set[int] = set()
+        self._attention_done: dict[tuple[int, int], Any] = {}
+        self._attention_outputs: dict[tuple[int, int], torch.Tensor] = {}
+        self._branch_results: dict[int, list[torch.Tensor]] = {}
+
+    def _stream(self, position: int) -> Any:
+        while len(self._streams) <= position:
+            self._streams.append(self.backend.new_stream())
+        return self._streams[position]
+
+    def lanes(self, group: int, lanes: list[list[int]]) -> list[list[int]]:
+        if len(lanes) > 1:
+            self._forked.add(group)
+            self._branch_results[group] = []
+        return lanes
+
+    def call(self, group: int, lane: list[int], role: str, fn: Callable[..., Any], *args: Any,
+             reads: tuple[int, ...] = ()) -> Any:
+        if group not in self._forked:
+            return fn(*args)
+        stream = self._stream(lane[0])
+        if role == "attn":
+            stream.wait_stream(self.backend.current_stream())  # fork: x, rope, mask and the cache are ready
+        for position in reads:  # the bypass reads earlier branches' attention outputs
+            stream.wait_event(self._attention_done[(group, position)])
+            self.backend.keep_alive(self._attention_outputs[(group, position)], stream)
+        with self.backend.on(stream):
+            result = fn(*args)
+        if role == "attn":
+            event = self.backend.new_event()
+            event.record(stream)
+            for position, output in zip(lane, result[0]):
+                self._attention_done[(group, position)] = event
+                self._attention_outputs[(group, position)] = output
+        if role in ("attn", "ffn"):
+            self._branch_results[group].extend(_tensors(result))
+        return result
+
+    def share(self, group: int, attention: dict[int, torch.Tensor], needed: set[int]) -> dict[int, torch.Tensor]:
+        return attention
+
+    def combine(self, group: int, x: torch.Tensor, terms: list[tuple[list[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+        if group in self._forked:
+            main = self.backend.current_stream()
+            for stream in self._streams:
+                main.wait_stream(stream)  # join every branch before the sum and the next group
+            # Tensors made on a branch stream and used on the current one (terms, presents): keep the allocator
+            # from reusing their memory early. Inputs made on the current stream need nothing.
+            for tensor in self._branch_results.pop(group):
+                self.backend.keep_alive(tensor, main)
+            self._forked.discard(group)
+            for key in [key for key in self._attention_done if key[0] == group]:
+                del self._attention_done[key], self._attention_outputs[key]
+        return fold_terms(x, terms)
 
 
 class DecodeStep:
@@ -88,9 +143,8 @@ class DecodeStep:
             raise CqilError(f"decode past length {past_len} must be at least 1")
         self.model = model
         generator = torch.Generator().manual_seed(seed)
-        shape = (1, model.num_kv_heads, past_len, model.head_dim)
-        self.past = [torch.randn(shape, generator=generator).to(device, dtype)
-                     for _ in range(2 * model.num_layers)]
+        self.past = make_cache(model.num_layers, 1, model.num_kv_heads, past_len, model.head_dim, dtype, device,
+                               generator)
         self.input_ids = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.attention_mask = torch.ones(1, past_len + 1, dtype=torch.long, device=device)
         self.position_ids = torch.full((1, 1), past_len, dtype=torch.long, device=device)

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from engines.kv_contract import ContractSpec, find_onnx, read_contract
 from export.contract import LAYOUT_KEY, output_names
 from pipeline.model.cqil import CqilModel
+from pipeline.model.divergence import Agreement
 from pipeline.model.errors import CqilError
 
 VALIDATION_FORMAT = "cqil-validation/1"
@@ -106,22 +107,12 @@ class _OutputError:
         return {"max_abs": _round(self.max_abs), "max_rel": _round(self.max_rel), "passed": self.passed}
 
 
-class _LogitAgreement:
-    def __init__(self) -> None:
-        self.kl = 0.0
-        self.agree = 0
-        self.positions = 0
-
-    def add(self, reference: torch.Tensor, actual: torch.Tensor) -> None:
-        ref = F.log_softmax(reference.detach().double().cpu(), -1)
-        act = F.log_softmax(actual.detach().double().cpu(), -1)
-        self.kl += float((ref.exp() * (ref - act)).sum(-1).sum())
-        self.agree += int((ref.argmax(-1) == act.argmax(-1)).sum())
-        self.positions += ref.shape[0] * ref.shape[1]
+class _LogitAgreement(Agreement):
+    def add_logits(self, reference: torch.Tensor, actual: torch.Tensor) -> None:
+        self.add(F.log_softmax(reference.detach().double().cpu(), -1), F.log_softmax(actual.detach().double().cpu(), -1))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"top1": _round(self.agree / self.positions), "kl": _round(self.kl / self.positions),
-                "positions": self.positions}
+        return {"top1": _round(self.top1), "kl": _round(self.kl), "positions": self.positions}
 
 
 class _Phase:
@@ -137,7 +128,7 @@ class _Phase:
         (ref_logits, ref_presents), (logits, presents) = reference, actual
         if len(presents) != len(ref_presents):
             raise CqilError(f"engine returned {len(presents)} presents, the reference {len(ref_presents)}")
-        self.agreement.add(ref_logits, logits)
+        self.agreement.add_logits(ref_logits, logits)
         for name, ref, act in zip(self.outputs, (ref_logits, *ref_presents), (logits, *presents)):
             self.outputs[name].add(ref, act)
 

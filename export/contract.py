@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.model.cqil import KV, CqilModel, attention_bias
+from pipeline.model.cqil import CqilModel
+from pipeline.model.kv import make_cache
 
 BATCH, SEQ, PAST, TOTAL = "batch", "seq", "past", "total"
 # torch.export specializes a dimension whose example size is 0 or 1: keep every example size >= 2.
@@ -64,38 +65,25 @@ def example_inputs(model: CqilModel, dtype: torch.dtype) -> tuple[torch.Tensor, 
     attention_mask = torch.ones(batch, past + seq, dtype=torch.long)
     attention_mask[1, :2] = 0
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)[:, past:]
-    shape = (batch, model.num_kv_heads, past, model.head_dim)
-    kv = [torch.randn(shape, generator=generator).to(dtype) for _ in range(2 * model.num_layers)]
+    kv = make_cache(model.num_layers, batch, model.num_kv_heads, past, model.head_dim, dtype, generator=generator)
     return (input_ids, attention_mask, position_ids, *kv)
 
 
 class ContractModule(nn.Module):
     """The exported call: (input_ids, attention_mask, position_ids, *flat_past) -> (logits, *flat_presents).
 
-    Embedding, rotary tables, the causal + padding mask and the head are those of the reference
-    CqilModel; a layout subclass supplies `group_step`, the part of the graph that differs.
+    An argument adapter over `CqilModel`, whose forward is the one model loop: the layout (branches or
+    fused) is the model's pieces and schedule, not a forward of its own.
     """
 
     def __init__(self, model: CqilModel):
         super().__init__()
         self.model = model
 
-    def group_step(self, index: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                   bias: torch.Tensor, past: list[KV]) -> tuple[torch.Tensor, list[KV]]:
-        raise NotImplementedError
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        hf = self.model.hf
-        x = hf.model.embed_tokens(input_ids)
-        rope = hf.model.rotary_emb(x, position_ids)
-        bias = attention_bias(attention_mask, input_ids.shape[1], x.dtype, self.model.sliding_window)
-        presents: list[torch.Tensor] = []
-        for index, group in enumerate(self.model.plan.groups):
-            x, group_presents = self.group_step(index, x, rope, bias, [(past[2 * i], past[2 * i + 1]) for i in group])
-            for k, v in group_presents:
-                presents.extend((k, v))
-        return (hf.lm_head(hf.model.norm(x)), *presents)
+        logits, presents = self.model(input_ids, attention_mask, position_ids, past)
+        return (logits, *presents)
 
 
 # Model-level metadata_props: what a runtime or `cqil validate` needs to know about the file.

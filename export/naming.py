@@ -1,6 +1,7 @@
 """Names and metadata that say which group, branch, layer and role every ONNX node belongs to.
 
-The export modules run each piece of a group inside a scope module named `g{group}[.l{layer}].{role}`.
+The layout schedule (export/layouts.py) runs each piece of a group inside a scope module named
+`g{group}[.l{layer}].{role}`.
 The dynamo exporter writes the module stack of every node into its metadata
 (`pkg.torch.onnx.name_scopes`); `label_nodes` reads it back after export and gives each node a path
 name (`/g7/l16/attn/q_proj/MatMul`) and the metadata `cqil.group`, `cqil.branch`, `cqil.layer` and
@@ -12,10 +13,6 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Callable
-from typing import Any
-
-from torch import nn
 
 from pipeline.model.plan import Plan
 
@@ -25,22 +22,12 @@ SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 DROPPED_KEYS = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
 GROUP, BRANCH, LAYER, ROLE = "cqil.group", "cqil.branch", "cqil.layer", "cqil.role"
 
+OWN_SCOPE = re.compile(r"(?:^|\.)(g\d+(?:\..*)?)$")
 HF_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
 HF_ROLE = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 HF_WRAPPERS = ("self_attn", "mlp")  # containers whose children name the part (q_proj, gate_proj, ...)
 HF_OUTSIDE = {"embed_tokens": "embed", "rotary_emb": "rope", "norm": "final_norm", "lm_head": "lm_head"}
 SHARED = "shared"  # mask, positions and shape arithmetic that every group reads
-
-
-class Scope(nn.Module):
-    """A parameterless module that runs `fn`: its attribute path becomes the name of what `fn` computes."""
-
-    def __init__(self, fn: Callable[..., Any]):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args: Any) -> Any:
-        return self.fn(*args)
 
 
 def group_scope(index: int) -> str:
@@ -52,8 +39,8 @@ def layer_scope(layer: int) -> str:
 
 
 def _own_scope(scopes: list[str]) -> list[str] | None:
-    """The deepest scope of our export modules (`g1.l2.attn` -> [g1, l2, attn]), if any."""
-    own = [s for s in scopes if re.match(r"g\d+(\.|$)", s)]
+    """The deepest scope of the layout's schedule (`model.schedule.g1.l2.attn` -> [g1, l2, attn]), if any."""
+    own = [match.group(1) for s in scopes if (match := OWN_SCOPE.search(s))]
     return own[-1].split(".") if own else None
 
 

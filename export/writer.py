@@ -86,19 +86,15 @@ def _peak_rss_mb() -> float:
 
 def _in_dtype(model: CqilModel, dtype: torch.dtype) -> CqilModel:
     """The model in `dtype`; a cast copy only when it differs (callers may load it in dtype already)."""
-    if model.hf.model.embed_tokens.weight.dtype == dtype:
+    if model.dtype == dtype:
         return model
     return CqilModel(copy.deepcopy(model.hf).to(dtype), model.plan)
 
 
 def _layout_module(model: CqilModel, layout: str) -> torch.nn.Module:
-    if layout == "fused":
-        from export.fused import FusedLayout
+    from export.layouts import layout_model
 
-        return FusedLayout(model)
-    from export.branches import BranchLayout
-
-    return BranchLayout(model)
+    return contract.ContractModule(layout_model(model, layout))
 
 
 def _metadata(model: CqilModel, layout: str, dtype: str, source: dict) -> dict[str, str]:

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.model.cqil import CqilModel, attention_bias, positions_from_mask
+from pipeline.model.cqil import CqilModel
+from pipeline.model.divergence import token_kl
 from pipeline.model.errors import CqilError
 from pipeline.model.plan import Plan, from_parallel_groups
 
@@ -127,15 +128,14 @@ def calibration_kl(original: CqilModel, plans: Sequence[Plan], chunks: torch.Ten
     batches = torch.split(chunks, batch_size)
     bar = tqdm(total=len(batches) * len(plans), desc="score", unit="plan", disable=not progress, leave=False)
     for batch in batches:
-        hidden, rope, bias, reference = _original_pass(original, batch)
-        probs = reference.exp()
+        hidden, step, reference = _original_pass(original, batch)
         for index, (model, first) in enumerate(zip(models, firsts)):
             if first is not None:
                 x = hidden[model.plan.groups[first][0]]
-                for group in model.plan.groups[first:]:
-                    x, _ = model.group_forward(x, group, rope, bias, [None] * len(group))
-                log_probs = F.log_softmax(model.hf.lm_head(model.hf.model.norm(x)).float(), -1)
-                totals[index] += float((probs * (reference - log_probs)).sum(-1).double().sum())
+                for group_index in range(first, len(model.plan.groups)):
+                    x, _ = model.run_group(group_index, x, step, [None] * len(model.plan.groups[group_index]))
+                log_probs = F.log_softmax(model.head(x).float(), -1)
+                totals[index] += float(token_kl(reference, log_probs).double().sum())
             bar.update()
     bar.close()
     return [total / chunks.numel() for total in totals]
@@ -146,17 +146,14 @@ def _first_parallel(plan: Plan) -> int | None:
 
 
 def _original_pass(original: CqilModel, batch: torch.Tensor):
-    """The original's stream entering every layer (and leaving the last), rope, mask, log-probs."""
-    mask = torch.ones_like(batch)
-    x = original.hf.model.embed_tokens(batch)
-    rope = original.hf.model.rotary_emb(x, positions_from_mask(mask, batch.shape[1]))
-    bias = attention_bias(mask, batch.shape[1], x.dtype, original.sliding_window)
+    """The original's stream entering every layer (and leaving the last), the step inputs, log-probs."""
+    x, step = original.prologue(batch, torch.ones_like(batch))
     hidden = [x]
     for layer in range(original.num_layers):
-        x, _ = original.group_forward(x, (layer,), rope, bias, [None])
+        x, _ = original.run_group(layer, x, step, [None])
         hidden.append(x)
-    reference = F.log_softmax(original.hf.lm_head(original.hf.model.norm(x)).float(), -1)
-    return hidden, rope, bias, reference
+    reference = F.log_softmax(original.head(x).float(), -1)
+    return hidden, step, reference
 
 
 # -- step 1: candidates ---------------------------------------------------------------------------

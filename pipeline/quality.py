@@ -11,30 +11,26 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.model.cqil import CqilModel
+from pipeline.model.divergence import Agreement
 
 
 class _Totals:
     def __init__(self) -> None:
         self.nll = 0.0
-        self.kl = 0.0
-        self.agree = 0
         self.predicted = 0  # next-token predictions (for perplexity)
-        self.positions = 0  # positions compared with the original (for KL and top-1)
+        self.agreement = Agreement()  # against the original (KL and top-1)
 
     def add(self, log_probs: torch.Tensor, targets: torch.Tensor, reference: torch.Tensor | None) -> None:
         nll = F.nll_loss(log_probs[:, :-1].flatten(0, 1), targets[:, 1:].flatten(), reduction="sum")
         self.nll += float(nll)
         self.predicted += targets[:, 1:].numel()
         if reference is not None:
-            kl = (reference.exp() * (reference - log_probs)).sum(-1)
-            self.kl += float(kl.double().sum())
-            self.agree += int((reference.argmax(-1) == log_probs.argmax(-1)).sum())
-            self.positions += kl.numel()
+            self.agreement.add(reference, log_probs)
 
     def result(self) -> dict[str, float]:
         out = {"ppl": math.exp(self.nll / self.predicted), "nll": self.nll / self.predicted}
-        if self.positions:
-            out.update(kl=self.kl / self.positions, top1=self.agree / self.positions)
+        if self.agreement.positions:
+            out.update(kl=self.agreement.kl, top1=self.agreement.top1)
         return out
 
 

@@ -36,6 +36,7 @@ from pipeline.adapters import (
     lora_config,
 )
 from pipeline.model.cqil import CqilModel
+from pipeline.model.divergence import token_kl
 from pipeline.model.errors import CqilError
 from pipeline.model.fsutil import atomic_dir
 from pipeline.model.plan import Plan, identity_plan
@@ -81,9 +82,7 @@ class FinetuneSettings:
 
 def distill_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """Mean per-token KL(teacher || student) over the vocabulary at temperature 1."""
-    teacher = F.log_softmax(teacher_logits.float(), -1).flatten(0, -2)
-    student = F.log_softmax(student_logits.float(), -1).flatten(0, -2)
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+    return token_kl(F.log_softmax(teacher_logits.float(), -1), F.log_softmax(student_logits.float(), -1)).mean()
 
 
 class DataOrder:

@@ -5,8 +5,8 @@ For each model shape (SmolLM2-135M; a LLaMA-7B-shaped stack of 8 layers) and gro
 times one decode step at a fixed past length for:
   baseline    the original model (every group one layer), sequential;
   sequential  the CQIL plan, branches one after another (CqilModel);
-  streams     the CQIL plan, each group's branches on their own CUDA streams (StreamedCqilModel);
-  fused       the CQIL plan, each group's p layers as wide matmuls (FusedCqilModel);
+  streams     the CQIL plan, each group's branches on their own CUDA streams (StreamSchedule; CUDA only);
+  packed      the CQIL plan, each group's p layers as wide matmuls (CqilModel(packed=True));
 each step captured in a CUDA graph, all variants timed interleaved in one run after warm-up. Before
 timing, every CQIL variant's logits are checked against the sequential CQIL model ("max diff").
 The ideal depth ratio (groups / layers) is what perfect branch concurrency would give the decoder.
@@ -28,8 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engines.cuda_streams import DecodeStep, StreamedCqilModel  # noqa: E402
-from engines.fused import FusedCqilModel  # noqa: E402
+from engines.cuda_streams import DecodeStep, StreamSchedule  # noqa: E402
 from engines.latency import interleaved_times, ratio_ci  # noqa: E402
 from pipeline.model.cqil import CqilModel  # noqa: E402
 from pipeline.model.plan import identity_plan, uniform_plan  # noqa: E402
@@ -72,8 +71,9 @@ def bench_shape(name: str, config_kwargs: dict, span: tuple[int, int], args, dev
     rows = []
     for p in GROUP_SIZES:
         plan = uniform_plan(span[0], span[1], p, layers)
-        variants = {"sequential": step(CqilModel(hf, plan)), "streams": step(StreamedCqilModel(hf, plan)),
-                    "fused": step(FusedCqilModel(hf, plan))}
+        variants = {"sequential": step(CqilModel(hf, plan)), "packed": step(CqilModel(hf, plan, packed=True))}
+        if device.type == "cuda":
+            variants["streams"] = step(CqilModel(hf, plan, schedule=StreamSchedule()))
         want = variants["sequential"]().float().clone()
         diffs = {key: float((s().float() - want).abs().max()) for key, s in variants.items()}
         sync = torch.cuda.synchronize if device.type == "cuda" else None

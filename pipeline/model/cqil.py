@@ -1,19 +1,8 @@
-"""The CQIL model in PyTorch: DESIGN.md section 1, computed over the HF modules of a LLaMA-family LM.
+"""The CQIL model in PyTorch (DESIGN.md section 1): the one model loop, embed -> groups -> norm -> head.
 
-It reads the loaded model's own submodules (norms, q/k/v/o, gate/up/down, embeddings, rotary) at
-call time, so peft LoRA layers injected under their standard names take part in the forward. The
-forward is written for torch.export: a flat KV cache, no data-dependent Python control flow, and an
-explicit causal + padding mask (SDPA's `is_causal` aligns the mask top-left, wrong once there is a past).
-
-For a group G = [g_0..g_{p-1}] reading the residual stream x, with bypass distance d:
-
-    a_j = Attn_j(InNorm_j(x))
-    b_j = a_{j-d} + ... + a_{j-1}
-    f_j = MLP_j(PostNorm_j(x + a_j + b_j))
-    out = x + sum_j (a_j + f_j)
-
-The group step is factored (attention per layer -> bypass -> FFN per layer -> combine) so that a
-multi-stream or multi-rank runner can schedule the per-layer pieces itself.
+Each group runs `group_step` (pipeline/model/group.py) with its pieces — the HF modules per layer, or
+packed into wide matmuls (`pack`) — under a schedule that decides where and when the pieces run. The
+forward is written for torch.export: a flat KV cache, no data-dependent Python control flow.
 """
 
 from __future__ import annotations
@@ -21,71 +10,41 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model.errors import CqilError
+from pipeline.model.decoder import (
+    AttentionShape,
+    PerLayerPieces,
+    StepInputs,
+    attention_bias,
+    positions_from_mask,
+    sliding_window_of,
+)
+from pipeline.model.group import Pieces, Schedule, Sequential, group_step
+from pipeline.model.kv import KV, flatten, layer_pairs, past_length
+from pipeline.model.packed import PackedGroup
 from pipeline.model.plan import Plan
 
-KV = tuple[torch.Tensor, torch.Tensor]
-
-
-def positions_from_mask(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Position ids of the last `seq_len` tokens: count of real tokens before each one (left padding safe)."""
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    return positions[:, attention_mask.shape[1] - seq_len:]
-
-
-def attention_bias(attention_mask: torch.Tensor, seq_len: int, dtype: torch.dtype,
-                   sliding_window: int | None = None) -> torch.Tensor:
-    """Additive mask [batch, 1, seq, past+seq]: causal (aligned bottom-right) and padding.
-
-    Masked entries get the dtype's minimum rather than -inf, so a row with nothing to attend to
-    (a left-padding query) yields finite garbage instead of NaN.
-    """
-    total = attention_mask.shape[1]
-    query_index = torch.arange(seq_len, device=attention_mask.device) + (total - seq_len)
-    key_index = torch.arange(total, device=attention_mask.device)
-    allowed = key_index[None, :] <= query_index[:, None]
-    if sliding_window is not None:
-        allowed = allowed & (key_index[None, :] > query_index[:, None] - sliding_window)
-    allowed = allowed[None, None, :, :] & attention_mask[:, None, None, :].bool()
-    zeros = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
-    return zeros.masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
-def sliding_window_of(config) -> int | None:
-    """Mistral's attention window, if its config sets one; Qwen2's windowed variant is refused."""
-    if config.model_type == "qwen2" and getattr(config, "use_sliding_window", False):
-        raise CqilError("Qwen2 checkpoints with use_sliding_window=true are not supported")
-    if config.model_type == "mistral":
-        return getattr(config, "sliding_window", None)
-    return None
-
-
 class CqilModel(nn.Module):
-    """A causal LM whose decoder runs by a CQIL plan; the all-singleton plan is the original model."""
+    """A causal LM whose decoder runs by a CQIL plan; the all-singleton plan is the original model.
 
-    def __init__(self, hf_model: nn.Module, plan: Plan):
+    `schedule` decides where the pieces of each group run (default: one after another); `packed=True`
+    stacks every group of two or more layers into wide matmuls (the single-device fused layout).
+    """
+
+    def __init__(self, hf_model: nn.Module, plan: Plan, schedule: Schedule | None = None, packed: bool = False):
         super().__init__()
         config = hf_model.config
         plan.check_fits(config)
         self.hf = hf_model
         self.plan = plan
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.shape = AttentionShape.of(config)
         self.sliding_window = sliding_window_of(config)
+        self.schedule = schedule or Sequential()
+        self.packed = nn.ModuleDict({
+            str(index): PackedGroup([self.layers[i] for i in group], self.shape)
+            for index, group in enumerate(plan.groups) if packed and len(group) > 1
+        })
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -95,94 +54,81 @@ class CqilModel(nn.Module):
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def num_heads(self) -> int:
+        return self.shape.heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.shape.kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.shape.head_dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hf.model.embed_tokens.weight.dtype
+
     def with_plan(self, plan: Plan) -> CqilModel:
-        """The same weights under another plan (no copy)."""
+        """The same weights under another plan (no copy), run one piece after another."""
         return CqilModel(self.hf, plan)
 
-    # -- per-layer pieces of the group step -------------------------------------------------------
+    def with_schedule(self, schedule: Schedule) -> CqilModel:
+        """The same weights, plan and pieces (packed or not) under another schedule."""
+        model = CqilModel(self.hf, self.plan, schedule)
+        model.packed = self.packed
+        return model
 
-    def layer_attention(self, index: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                        bias: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
-        """a = Attn(InNorm(x)) of layer `index`, and its present key/value."""
-        layer = self.layers[index]
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        batch, seq, _ = h.shape
-        q = attn.q_proj(h).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, k, *rope)
-        if past is not None:
-            k = torch.cat((past[0], k), dim=2)
-            v = torch.cat((past[1], v), dim=2)
-        repeat = self.num_heads // self.num_kv_heads
-        k_all = k.repeat_interleave(repeat, dim=1) if repeat > 1 else k
-        v_all = v.repeat_interleave(repeat, dim=1) if repeat > 1 else v
-        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=bias)
-        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
-        return attn.o_proj(out), (k, v)
+    def pieces(self, index: int) -> Pieces:
+        """The implementation of group `index`: its packed form where there is one, else the HF layers."""
+        if str(index) in self.packed:
+            return self.packed[str(index)]
+        return PerLayerPieces([self.layers[i] for i in self.plan.groups[index]], self.shape)
 
-    def bypass(self, attention_outputs: Sequence[torch.Tensor], position: int) -> torch.Tensor | None:
-        """b_j: the sum of the up-to-d attention outputs before position j of the group."""
-        previous = attention_outputs[max(0, position - self.plan.bypass):position]
-        if not previous:
-            return None
-        total = previous[0]
-        for item in previous[1:]:
-            total = total + item
-        return total
+    # -- the model loop, in parts that calibration (autoplan) reuses --------------------------------
 
-    def layer_ffn(self, index: int, h: torch.Tensor) -> torch.Tensor:
-        """f = MLP(PostNorm(h)) of layer `index`."""
-        layer = self.layers[index]
-        return layer.mlp(layer.post_attention_layernorm(h))
-
-    def group_forward(self, x: torch.Tensor, group: Sequence[int], rope: tuple[torch.Tensor, torch.Tensor],
-                      bias: torch.Tensor, past: Sequence[KV | None]) -> tuple[torch.Tensor, list[KV]]:
-        """One CQIL group: every layer reads x; out = x + sum_j (a_j + f_j)."""
-        attended = [self.layer_attention(i, x, rope, bias, kv) for i, kv in zip(group, past)]
-        attention_outputs = [a for a, _ in attended]
-        out = x
-        for j, index in enumerate(group):
-            h = x + attention_outputs[j]
-            b = self.bypass(attention_outputs, j)
-            if b is not None:
-                h = h + b
-            # Summed in layer order, so a one-layer group is ((x + a) + f) exactly as in HF.
-            out = out + attention_outputs[j] + self.layer_ffn(index, h)
-        return out, [kv for _, kv in attended]
-
-    # -- whole model ------------------------------------------------------------------------------
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None,
-                past_key_values: Sequence[torch.Tensor] | None = None,
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Logits [batch, seq, vocab] and the presents, flat as (k0, v0, k1, v1, ...).
-
-        `past_key_values` is flat in the same order, each [batch, kv_heads, past, head_dim];
-        `attention_mask` covers past + new tokens.
-        """
-        batch, seq = input_ids.shape
-        past_len = past_key_values[0].shape[2] if past_key_values else 0
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, past_len + seq, dtype=torch.long, device=input_ids.device)
+    def prologue(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, StepInputs]:
+        """Embeddings and what every layer reads: rotary tables and the causal + window + padding mask."""
+        seq = input_ids.shape[1]
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, seq)
         x = self.hf.model.embed_tokens(input_ids)
         rope = self.hf.model.rotary_emb(x, position_ids)
-        bias = attention_bias(attention_mask, seq, x.dtype, self.sliding_window)
-        presents: list[torch.Tensor] = []
-        for group in self.plan.groups:
-            past = [
-                (past_key_values[2 * i], past_key_values[2 * i + 1]) if past_key_values else None
-                for i in group
-            ]
-            x, group_presents = self.group_forward(x, group, rope, bias, past)
-            for k, v in group_presents:
-                presents.extend((k, v))
-        logits = self.hf.lm_head(self.hf.model.norm(x))
-        return logits, tuple(presents)
+        return x, StepInputs(rope, attention_bias(attention_mask, seq, x.dtype, self.sliding_window))
+
+    def run_group(self, index: int, x: torch.Tensor, step: StepInputs,
+                  past: Sequence[KV | None]) -> tuple[torch.Tensor, list[KV | None]]:
+        """Group `index` of the plan on stream x; presents per layer of the group (None where not run here)."""
+        out, presents = group_step(index, x, self.pieces(index), self.plan.bypass, self.schedule, step, past)
+        return out, [presents.get(j) for j in range(len(self.plan.groups[index]))]
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hf.lm_head(self.hf.model.norm(x))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None,
+                past_key_values: Sequence[torch.Tensor | None] | None = None,
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        """Logits [batch, seq, vocab] and the presents, flat as (k0, v0, k1, v1, ...).
+
+        `past_key_values` is flat in the same order, each [batch, kv_heads, past, head_dim];
+        `attention_mask` covers past + new tokens. A schedule that runs only some layers in this process
+        leaves None for the others' entries.
+        """
+        batch, seq = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past_length(past_key_values) + seq, dtype=torch.long,
+                                        device=input_ids.device)
+        x, step = self.prologue(input_ids, attention_mask, position_ids)
+        past = layer_pairs(past_key_values, self.num_layers)
+        presents: list[KV | None] = [None] * self.num_layers
+        for index, group in enumerate(self.plan.groups):
+            x, group_presents = self.run_group(index, x, step, [past[i] for i in group])
+            for layer, kv in zip(group, group_presents):
+                presents[layer] = kv
+        return self.head(x), flatten([kv or (None, None) for kv in presents])
 
 
 @torch.no_grad()
