@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from engines.distributed.launch import run_ranks, together
-from engines.distributed.per_rank import AgreedTokens, Placement, RankModel, load_rank_model, parameter_count
+from engines.distributed.per_rank import AgreedTokens, Placement, load_rank_model, parameter_count, rank_model
 from engines.distributed.tensor_parallel import apply_tensor_parallel
-from pipeline.model.cqil import greedy_generate, positions_from_mask
+from pipeline.model.cqil import greedy_generate
+from pipeline.model.decoder import positions_from_mask
 from pipeline.model.plan import from_parallel_groups
 
 
@@ -39,7 +40,7 @@ def parity(ctx, spec: dict) -> None:
     for name, case in spec["cases"].items():
         path = Path(case["model"])
         placement = Placement(_plan(path, case["groups"], case["bypass"]), ctx.rank, ctx.world)
-        model = RankModel(load_rank_model(path, placement), placement)
+        model = rank_model(load_rank_model(path, placement), placement)
         (out / f"{name}.rank{ctx.rank}.json").write_text(json.dumps(
             {"parameters": parameter_count(model), "layers": placement.layers}))
         with torch.no_grad():
@@ -71,7 +72,7 @@ def parity(ctx, spec: dict) -> None:
 
 def loop(ctx, path: Path) -> None:
     placement = Placement(_plan(path, [[1, 2], [3, 4]], 1), ctx.rank, ctx.world)
-    model = together(ctx, lambda: RankModel(load_rank_model(path, placement), placement))
+    model = together(ctx, lambda: rank_model(load_rank_model(path, placement), placement))
     ids = torch.ones(1, 4, dtype=torch.long)
     print("ready", flush=True)
     with torch.no_grad():

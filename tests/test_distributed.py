@@ -121,7 +121,7 @@ def original_hf(model_dir: Path, data):
     """The unsharded HF model's own forward with its cache (what tensor parallel must equal)."""
     from transformers import DynamicCache
 
-    from pipeline.model.cqil import positions_from_mask
+    from pipeline.model.decoder import positions_from_mask
 
     hf = full_model(model_dir)
     ids, mask, cache = data["ids"], data["mask"], DynamicCache()

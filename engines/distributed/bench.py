@@ -100,7 +100,7 @@ def run_rank_bench(ctx: RankContext, models: dict[str, Any], settings: RankBench
     """Time the three rows on every rank; rank 0 returns the cqil-bench/1 dict, the others None.
 
     `models`: "one_process" (the original HF model, rank 0 only; None elsewhere), "tensor_parallel"
-    (this rank's TP shard, an HF model) and "cqil" (this rank's RankModel).
+    (this rank's TP shard, an HF model) and "cqil" (this rank's CQIL share, `per_rank.rank_model`).
     """
     from engines.bench import torch_calls
 
@@ -123,7 +123,7 @@ def run_rank_bench(ctx: RankContext, models: dict[str, Any], settings: RankBench
         rows[scenario] = _rows(times, settings.seed)
     if ctx.rank != 0:
         return None
-    plan = models["cqil"].placement.plan
+    plan = models["cqil"].plan
     extra = {"engine": "torch.distributed", "backend": ctx.backend, "ranks": ctx.world,
              "reference_is": "tensor_parallel", "candidate_is": "cqil", "threads": threads,
              "settings": asdict(settings), "plan": plan.describe(),

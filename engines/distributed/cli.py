@@ -63,7 +63,7 @@ def _rank_model(args: argparse.Namespace, ctx):
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from engines.distributed.per_rank import Placement, RankModel, load_rank_model
+    from engines.distributed.per_rank import Placement, load_rank_model, rank_model
     from pipeline.cli import plan_from_args
     from pipeline.sources import check_model_dir, resolve_model_dir
 
@@ -71,7 +71,7 @@ def _rank_model(args: argparse.Namespace, ctx):
     check_model_dir(path)
     plan = plan_from_args(args, AutoConfig.from_pretrained(path))
     placement = Placement(plan, ctx.rank, ctx.world)
-    model = RankModel(load_rank_model(path, placement, torch.float32).to(ctx.device), placement)
+    model = rank_model(load_rank_model(path, placement, torch.float32).to(ctx.device), placement)
     return model, AutoTokenizer.from_pretrained(path), path
 
 
@@ -111,7 +111,7 @@ def _report_memory(ctx, model) -> None:
         resident = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     for rank in range(ctx.world):
         if rank == ctx.rank:
-            print(f"rank {rank}: layers {model.placement.layers}, {params} parameters ({size / 2**20:.1f} MiB), "
+            print(f"rank {rank}: layers {model.schedule.placement.layers}, {params} parameters ({size / 2**20:.1f} MiB), "
                   f"resident {resident:.0f} MiB (peak {peak:.0f} MiB)", file=sys.stderr, flush=True)
         dist.barrier()
 

@@ -5,10 +5,11 @@ group's combine). Layers outside groups (singleton groups), the embeddings, the 
 head are replicated: every rank computes them from the same input, so they cost no communication
 and no rank waits on another for them (docs/distributed.md says why this beats rank 0 + broadcast).
 
-Per parallel group on rank r: a_r = Attn(InNorm(x)); the bypass b_r needs a_{r-d}..a_{r-1}, so when
-d > 0 the attention outputs are all-gathered; f_r = MLP(PostNorm(x + a_r + b_r)); the combine
-out = x + sum_j (a_j + f_j) is one all-reduce of (a_r + f_r). Each rank keeps the KV cache of its own
-layers only (None for the others in the flat cache) and loads only the weights it runs.
+The math is the group step's (pipeline/model/group.py); `RankSchedule` only says where it runs. Per
+parallel group on rank r: a_r = Attn(InNorm(x)); b_r needs a_{r-d}..a_{r-1}, sent point to point by
+ranks r-d..r-1; f_r = MLP(PostNorm(x + a_r + b_r)); the combine out = x + sum_j (a_j + f_j) is one
+all-reduce of (a_r + f_r). Each rank keeps the KV cache of its own layers only (None for the others
+in the flat cache) and loads only the weights it runs.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.model.cqil import CqilModel, attention_bias, positions_from_mask
+from pipeline.model.cqil import CqilModel
 from pipeline.model.errors import CqilError
+from pipeline.model.group import fold_terms
 from pipeline.model.plan import Plan
 
 LAYER_PREFIX = "model.layers."
@@ -141,70 +143,69 @@ def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
 
 
-class RankModel(nn.Module):
-    """This rank's share of a CQIL model; called like CqilModel on every rank with the same inputs.
+class RankSchedule:
+    """The group step (pipeline/model/group.py) with rank r running position r of each parallel group.
+
+    Singleton groups run whole on every rank (replicated). In a parallel group, the bypass reaches
+    rank k as point-to-point messages from ranks k-d..k-1 (each sender knows its readers from the
+    plan, so a rank with no layer in the group neither sends nor receives), and the combine is one
+    all-reduce of this rank's a_r + f_r (zeros on a rank with no layer there).
+    """
+
+    def __init__(self, placement: Placement, process_group=None):
+        self.placement = placement
+        self.process_group = process_group
+
+    def _parallel(self, group: int) -> bool:
+        return len(self.placement.plan.groups[group]) > 1
+
+    def lanes(self, group: int, lanes: list[list[int]]) -> list[list[int]]:
+        if not self._parallel(group):
+            return lanes
+        position = self.placement.position(self.placement.plan.groups[group])
+        return [] if position is None else [lanes[position]]
+
+    def call(self, group: int, lane: list[int], role: str, fn, *args, reads: tuple[int, ...] = ()):
+        return fn(*args)
+
+    def share(self, group: int, attention: dict[int, torch.Tensor], needed: set[int]) -> dict[int, torch.Tensor]:
+        import torch.distributed as dist
+
+        if not self._parallel(group) or not attention:
+            return attention
+        size, bypass = len(self.placement.plan.groups[group]), self.placement.plan.bypass
+        (mine, output), = attention.items()
+        ops = [dist.P2POp(dist.isend, output.contiguous(), self._global(k), self.process_group)
+               for k in range(mine + 1, min(mine + bypass + 1, size))]
+        received = {k: torch.empty_like(output) for k in sorted(needed)}
+        ops += [dist.P2POp(dist.irecv, tensor, self._global(k), self.process_group) for k, tensor in received.items()]
+        if ops:
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
+        return {**attention, **received}
+
+    def _global(self, rank: int) -> int:
+        import torch.distributed as dist
+
+        return rank if self.process_group is None else dist.get_global_rank(self.process_group, rank)
+
+    def combine(self, group: int, x: torch.Tensor, terms: list[tuple[list[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if not self._parallel(group):
+            return fold_terms(x, terms)
+        local = fold_terms(torch.zeros_like(x), terms)
+        dist.all_reduce(local, group=self.process_group)
+        return x + local
+
+
+def rank_model(hf_model: nn.Module, placement: Placement, process_group=None) -> CqilModel:
+    """This rank's share of a CQIL model, called like CqilModel on every rank with the same inputs.
 
     Returns the full logits on every rank (the last all-reduce leaves every rank the same residual
     stream) and this rank's presents, flat (k0, v0, ...) with None for layers held elsewhere.
     """
-
-    def __init__(self, hf_model: nn.Module, placement: Placement, group=None):
-        super().__init__()
-        self.cqil = CqilModel(hf_model, placement.plan)
-        self.placement = placement
-        self.process_group = group
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None,
-                past_key_values: Sequence[torch.Tensor | None] | None = None,
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
-        cqil = self.cqil
-        batch, seq = input_ids.shape
-        past_len = next((t.shape[2] for t in past_key_values or () if t is not None), 0)
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, past_len + seq, dtype=torch.long, device=input_ids.device)
-        if position_ids is None:
-            position_ids = positions_from_mask(attention_mask, seq)
-        x = cqil.hf.model.embed_tokens(input_ids)
-        rope = cqil.hf.model.rotary_emb(x, position_ids)
-        bias = attention_bias(attention_mask, seq, x.dtype, cqil.sliding_window)
-        presents: list[torch.Tensor | None] = [None] * (2 * cqil.num_layers)
-        for group in cqil.plan.groups:
-            past = [(past_key_values[2 * i], past_key_values[2 * i + 1]) if past_key_values else None
-                    for i in group]
-            if len(group) == 1:
-                x, ((k, v),) = cqil.group_forward(x, group, rope, bias, past)
-                presents[2 * group[0]:2 * group[0] + 2] = [k, v]
-                continue
-            x, kv = self._parallel_group(x, group, rope, bias, past)
-            if kv is not None:
-                layer = group[self.placement.rank]
-                presents[2 * layer:2 * layer + 2] = list(kv)
-        logits = cqil.hf.lm_head(cqil.hf.model.norm(x))
-        return logits, tuple(presents)
-
-    def _parallel_group(self, x, group, rope, bias, past):
-        """x + all_reduce(a_r + f_r): this rank's layer of the group, one all-reduce for the combine."""
-        import torch.distributed as dist
-
-        cqil, position = self.cqil, self.placement.position(group)
-        term, kv = torch.zeros_like(x), None
-        attention = None
-        if position is not None:
-            attention, kv = cqil.layer_attention(group[position], x, rope, bias, past[position])
-        if cqil.plan.bypass > 0:
-            gathered = [torch.empty_like(x) for _ in range(self.placement.world)]
-            dist.all_gather(gathered, attention if attention is not None else term, group=self.process_group)
-            bypass = cqil.bypass(gathered[:len(group)], position) if position is not None else None
-        else:
-            bypass = None
-        if position is not None:
-            h = x + attention
-            if bypass is not None:
-                h = h + bypass
-            term = attention + cqil.layer_ffn(group[position], h)
-        dist.all_reduce(term, group=self.process_group)
-        return x + term, kv
+    return CqilModel(hf_model, placement.plan, schedule=RankSchedule(placement, process_group))
 
 
 class AgreedTokens:
