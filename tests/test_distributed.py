@@ -216,6 +216,24 @@ def test_generate_with_ranks_prints_what_one_process_prints(tiny_model_dir, capf
     assert capfd.readouterr().out == one
 
 
+def test_bench_with_ranks_writes_what_the_gate_reads(tiny_model_dir, tmp_path, capfd):
+    from engines.gate import load_bench
+    from pipeline.cli import main
+
+    out = tmp_path / "dist.json"
+    assert main(["bench", "--ranks", "2", "--model", str(tiny_model_dir("llama", 6)), "--groups", "1-2,3-4",
+                 "--bypass", "1", "--seq", "8", "--past", "8", "--prefill-repeats", "2", "--decode-repeats", "3",
+                 "--warmup", "1", "--out", str(out)]) == 0
+    bench = load_bench(out)  # the gate's own reader
+    assert set(bench.scenarios) == {"prefill", "decode"}
+    assert bench.scenarios["decode"].reference.n == 3 and bench.ideal_depth_ratio == pytest.approx(4 / 6)
+    rows = json.loads(out.read_text())["scenarios"]["prefill"]["rows"]
+    assert set(rows) == {"one_process", "tensor_parallel", "cqil"} and rows["cqil"]["n"] == 2
+    assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+    capfd.readouterr()
+    assert main(["gate", str(out), "--max-ratio", "1000"]) == 0
+
+
 def test_plan_that_does_not_fit_the_ranks_is_refused_before_launch(tiny_model_dir, capfd):
     from pipeline.cli import main
 

@@ -59,8 +59,8 @@ def hf_calls(model, ids: torch.Tensor, past_len: int) -> tuple[Callable[[], Any]
     prefill_ids = ids[:, past_len:]
     with torch.no_grad():
         cache = model(ids[:, :past_len], use_cache=True).past_key_values
-    step_mask = torch.ones(batch, past_len + 1, dtype=torch.long)
-    step_position = torch.full((batch, 1), past_len, dtype=torch.long)
+    step_mask = torch.ones(batch, past_len + 1, dtype=torch.long, device=ids.device)
+    step_position = torch.full((batch, 1), past_len, dtype=torch.long, device=ids.device)
 
     @torch.no_grad()
     def prefill():
@@ -76,11 +76,31 @@ def hf_calls(model, ids: torch.Tensor, past_len: int) -> tuple[Callable[[], Any]
     return prefill, decode
 
 
+def cqil_calls(model, ids: torch.Tensor, past_len: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """Prefill and decode-step callables over a CqilModel (flat cache; the past is not grown)."""
+    batch = ids.shape[0]
+    prefill_mask = torch.ones(batch, ids.shape[1] - past_len, dtype=torch.long, device=ids.device)
+    with torch.no_grad():
+        _, presents = model(ids[:, :past_len], torch.ones(batch, past_len, dtype=torch.long, device=ids.device))
+    step_mask = torch.ones(batch, past_len + 1, dtype=torch.long, device=ids.device)
+
+    @torch.no_grad()
+    def prefill():
+        return model(ids[:, past_len:], prefill_mask)
+
+    @torch.no_grad()
+    def decode():
+        return model(ids[:, :1], step_mask, past_key_values=presents)
+
+    return prefill, decode
+
+
 def timed_rounds(ctx: RankContext, calls: dict[str, Callable[[], Any]], threads: dict[str, int],
                  repeats: int, warmup: int) -> dict[str, np.ndarray]:
     """Seconds per call, round-robin; a None call means this rank only waits at the barriers."""
     import torch.distributed as dist
 
+    synchronize = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
     times = {name: np.empty(repeats) for name in calls}
     for i in range(-warmup, repeats):
         for name, fn in calls.items():
@@ -90,6 +110,7 @@ def timed_rounds(ctx: RankContext, calls: dict[str, Callable[[], Any]], threads:
             start = time.perf_counter()
             if fn is not None:
                 fn()
+            synchronize()  # GPU work counts in the call that launched it
             dist.barrier()
             if i >= 0:
                 times[name][i] = time.perf_counter() - start
@@ -102,14 +123,12 @@ def run_rank_bench(ctx: RankContext, models: dict[str, Any], settings: RankBench
     `models`: "one_process" (the original HF model, rank 0 only; None elsewhere), "tensor_parallel"
     (this rank's TP shard, an HF model) and "cqil" (this rank's CQIL share, `per_rank.rank_model`).
     """
-    from engines.bench import torch_calls
-
     generator = torch.Generator().manual_seed(settings.seed)
     vocab = models["tensor_parallel"].config.vocab_size
-    ids = torch.randint(0, vocab, (settings.batch, settings.past + settings.seq), generator=generator)
+    ids = torch.randint(0, vocab, (settings.batch, settings.past + settings.seq), generator=generator).to(ctx.device)
     pairs = {"one_process": hf_calls(models["one_process"], ids, settings.past) if ctx.rank == 0 else (None, None),
              "tensor_parallel": hf_calls(models["tensor_parallel"], ids, settings.past),
-             "cqil": torch_calls(models["cqil"], ids, settings.past)}
+             "cqil": cqil_calls(models["cqil"], ids, settings.past)}
     threads = {"one_process": settings.one_process_threads or ctx.world, "tensor_parallel": settings.rank_threads,
                "cqil": settings.rank_threads}
     shapes = {"prefill": {"batch": settings.batch, "seq": settings.seq, "past": 0},

@@ -134,7 +134,8 @@ def _bench(args: argparse.Namespace, ctx) -> int:
         cqil, _, path = _rank_model(args, ctx)
         full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         one = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() if ctx.rank == 0 else None
-        return {"one_process": one, "tensor_parallel": apply_tensor_parallel(full, ctx.rank, ctx.world), "cqil": cqil}
+        return {"one_process": one.to(ctx.device) if one is not None else None,
+                "tensor_parallel": apply_tensor_parallel(full, ctx.rank, ctx.world).to(ctx.device), "cqil": cqil}
 
     models = together(ctx, load)
     result = run_rank_bench(ctx, models, settings)
