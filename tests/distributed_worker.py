@@ -18,7 +18,13 @@ from pathlib import Path
 import torch
 
 from engines.distributed.launch import run_ranks, together
-from engines.distributed.per_rank import AgreedTokens, Placement, load_rank_model, parameter_count, rank_model
+from engines.distributed.per_rank import (
+    AgreedTokens,
+    Placement,
+    load_rank_model,
+    parameter_count,
+    rank_model,
+)
 from engines.distributed.tensor_parallel import apply_tensor_parallel
 from pipeline.model.cqil import greedy_generate
 from pipeline.model.decoder import positions_from_mask

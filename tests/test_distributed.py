@@ -197,9 +197,9 @@ def test_head_split_keeps_each_rank_on_whole_kv_groups():
     from pipeline.model.errors import CqilError
 
     # SmolLM2: 9 query heads over 3 KV heads on 2 ranks -> 2 KV groups and 1.
-    assert head_split(9, 3, 2) == [(range(0, 6), range(0, 2)), (range(6, 9), range(2, 3))]
+    assert head_split(9, 3, 2) == [(range(6), range(2)), (range(6, 9), range(2, 3))]
     # Fewer KV heads than ranks: each KV head on 2 ranks, half its query heads each.
-    assert head_split(8, 2, 4) == [(range(0, 2), range(0, 1)), (range(2, 4), range(0, 1)),
+    assert head_split(8, 2, 4) == [(range(2), range(1)), (range(2, 4), range(1)),
                                    (range(4, 6), range(1, 2)), (range(6, 8), range(1, 2))]
     with pytest.raises(CqilError, match="cannot split 4 query heads over 2 KV heads"):
         head_split(4, 2, 3)

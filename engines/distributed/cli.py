@@ -19,7 +19,7 @@ PROGRAM = "cqil-ranks"
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.cli import add_model_options, add_plan_options
 
-    parser = argparse.ArgumentParser(prog=f"torchrun --nproc-per-node P -m engines.distributed",
+    parser = argparse.ArgumentParser(prog="torchrun --nproc-per-node P -m engines.distributed",
                                      description="CQIL with rank r running the r-th layer of every group")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("generate", "greedy generation with the KV cache (rank 0 prints the text)"),
@@ -120,7 +120,11 @@ def _bench(args: argparse.Namespace, ctx) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from engines.distributed.bench import RankBenchSettings, plot_rank_bench, run_rank_bench
+    from engines.distributed.bench import (
+        RankBenchSettings,
+        plot_rank_bench,
+        run_rank_bench,
+    )
     from engines.distributed.launch import together
     from engines.distributed.tensor_parallel import apply_tensor_parallel
     from pipeline.model.fsutil import atomic_write_text

@@ -132,7 +132,7 @@ def _read_tensors(files: list[Path], wanted: set[str], dtype: torch.dtype) -> di
     state = {}
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 if key in wanted and index.get(key, file.name) == file.name:
                     state[key] = handle.get_tensor(key).to(dtype)
     return state
