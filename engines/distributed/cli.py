@@ -87,10 +87,9 @@ def _generate(args: argparse.Namespace, ctx) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world))
     model, tokenizer, _ = together(ctx, lambda: _rank_model(args, ctx))
     ids, mask = encode_prompts(tokenizer, args.prompt, args.raw)
-    new = greedy_generate(AgreedTokens(model), ids.to(ctx.device), mask.to(ctx.device), args.max_new_tokens,
-                          tokenizer.eos_token_id)
+    new = greedy_generate(AgreedTokens(model, ctx.device), ids, mask, args.max_new_tokens, tokenizer.eos_token_id)
     if ctx.rank == 0:
-        print(format_generations(tokenizer, args.prompt, new.cpu()), flush=True)
+        print(format_generations(tokenizer, args.prompt, new), flush=True)
     if args.memory:
         _report_memory(ctx, model)
     return 0

@@ -210,16 +210,22 @@ def rank_model(hf_model: nn.Module, placement: Placement, process_group=None) ->
 
 class AgreedTokens:
     """Wraps a rank model for greedy decoding: the last position's logits come from rank 0 on every rank,
-    so all ranks pick the same token and stop at the same step even if their logits differ in the last bit."""
+    so all ranks pick the same token and stop at the same step even if their logits differ in the last bit.
 
-    def __init__(self, model: nn.Module, group=None):
+    Inputs go to `device` and the logits come back on the CPU, so the decoding loop stays on the CPU
+    whatever device the rank computes on.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device | str = "cpu", group=None):
         self.model = model
+        self.device = torch.device(device)
         self.process_group = group
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_key_values=None):
         import torch.distributed as dist
 
-        logits, presents = self.model(*args, **kwargs)
+        logits, presents = self.model(input_ids.to(self.device), attention_mask.to(self.device),
+                                      past_key_values=past_key_values)
         last = logits[:, -1:].contiguous()
         dist.broadcast(last, src=0, group=self.process_group)
-        return last, presents
+        return last.cpu(), presents
