@@ -226,15 +226,16 @@ def test_fused_layouts_equal_sequential(family_models, family, size, bypass):
     reference = CqilModel(hf, uniform_plan(1, LAYERS, size, LAYERS, bypass))
     assert any(len(g) == size for g in reference.plan.groups)
     ids, mask = left_padded(hf.config.vocab_size, [9, 5], seed=6)
-    prefill, full_ids = 6, ids  # 3 decode steps: with Mistral's window of 5 they cross it
-    want_logits, want_past = stepped(cqil_step(reference), full_ids, mask, prefill)
+    prefill = 6  # then 3 decode steps: with Mistral's window of 5 they cross it
+    want_logits, want_past = stepped(cqil_step(reference), ids, mask, prefill)
     for name, step in fused_models(reference).items():
-        got_logits, got_past = stepped(step, full_ids, mask, prefill)
-        torch.testing.assert_close(got_logits, want_logits, atol=TOL, rtol=TOL, msg=lambda m: f"{name} logits: {m}")
+        got_logits, got_past = stepped(step, ids, mask, prefill)
+        torch.testing.assert_close(got_logits, want_logits, atol=TOL, rtol=TOL,
+                                   msg=lambda m, where=f"{name} logits": f"{where}: {m}")
         assert len(got_past) == len(want_past) == 2 * LAYERS
         for index, (got, want) in enumerate(zip(got_past, want_past)):
-            torch.testing.assert_close(got, want, atol=TOL, rtol=TOL,
-                                       msg=lambda m: f"{name} present {index // 2}.{'kv'[index % 2]}: {m}")
+            where = f"{name} present.{index // 2}.{('key', 'value')[index % 2]}"
+            torch.testing.assert_close(got, want, atol=TOL, rtol=TOL, msg=lambda m, where=where: f"{where}: {m}")
     # The plan really changes the model, so equality above is not equality of two original models.
-    original, _ = stepped(cqil_step(CqilModel(hf, identity_plan(LAYERS))), full_ids, mask, prefill)
+    original, _ = stepped(cqil_step(CqilModel(hf, identity_plan(LAYERS))), ids, mask, prefill)
     assert float((original - want_logits)[mask.bool()].abs().max()) > 1e-3
