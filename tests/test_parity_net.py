@@ -27,6 +27,7 @@ from tests.conftest import FAMILIES, tiny_model
 Step = Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, ...]]]
 WINDOW = 5
 TOL = 1e-5
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def fused_models(model: CqilModel) -> dict[str, Step]:
@@ -48,15 +49,6 @@ def fused_models(model: CqilModel) -> dict[str, Step]:
 
     return {"engines.fused.FusedCqilModel": lambda ids, mask, positions, past=None: engine(ids, mask, positions, past),
             "export.fused.FusedLayout": run_layout}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one intra-op thread is ~100x faster than two fighting on a loaded shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- shared inputs ------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from pipeline.model.plan import Plan
 PLAN = Plan(((0,), (1, 2, 3)), 1)  # the plan of the `tiny_cqil_onnx` export
 DECODE = 4
 LENGTHS = (9, 16)  # real tokens per row; the shorter row is left-padded to 16
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
