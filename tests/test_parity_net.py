@@ -34,21 +34,21 @@ def fused_models(model: CqilModel) -> dict[str, Step]:
     """Every fused implementation of `model` (same weights, same plan), each called as
     `step(input_ids, attention_mask, position_ids, past) -> (logits, presents)` with a flat past
     (None for prefill). The one place that knows how the fused layouts are built."""
-    from engines.fused import FusedCqilModel
-    from export.fused import FusedLayout
+    from export.contract import ContractModule
+    from export.layouts import layout_model
+    from pipeline.model.kv import make_cache
 
-    engine = FusedCqilModel(model.hf, model.plan).eval()
-    layout = FusedLayout(model).eval()
+    packed = CqilModel(model.hf, model.plan, packed=True).eval()
+    layout = ContractModule(layout_model(model, "fused")).eval()
 
     def run_layout(ids, mask, positions, past=None):
         if past is None:
-            empty = torch.zeros(ids.shape[0], model.num_kv_heads, 0, model.head_dim)
-            past = [empty] * (2 * model.num_layers)
+            past = make_cache(model.num_layers, ids.shape[0], model.num_kv_heads, 0, model.head_dim, torch.float32)
         logits, *presents = layout(ids, mask, positions, *past)
         return logits, tuple(presents)
 
-    return {"engines.fused.FusedCqilModel": lambda ids, mask, positions, past=None: engine(ids, mask, positions, past),
-            "export.fused.FusedLayout": run_layout}
+    return {"CqilModel(packed=True)": lambda ids, mask, positions, past=None: packed(ids, mask, positions, past),
+            "fused ONNX layout module": run_layout}
 
 
 # -- shared inputs ------------------------------------------------------------------------------------
