@@ -272,8 +272,14 @@ def cli_options(settings: EngineSettings, base: Path) -> list[str]:
 
 
 def _polygraphy(args: list[str]) -> str:
-    """One `polygraphy ...` shell line; $POLYGRAPHY may name another executable."""
-    return " \\\n  ".join(['"${POLYGRAPHY:-polygraphy}"'] + [shlex.quote(arg) for arg in args[1:]])
+    """One `polygraphy ...` command, an option and its values per line; $POLYGRAPHY may name another executable."""
+    lines = ['"${POLYGRAPHY:-polygraphy}"']
+    for arg in args[1:]:
+        if arg.startswith("-"):
+            lines.append(shlex.quote(arg))
+        else:
+            lines[-1] += " " + shlex.quote(arg)
+    return " \\\n  ".join(lines)
 
 
 def _script(comment: list[str], lines: list[str]) -> str:
