@@ -182,6 +182,7 @@ def test_convert_command_parses_to_the_same_config(onnx_dir, tmp_path, fake_trt,
     assert_config_matches(tool, settings, onnx_dir)
 
 
+@pytest.mark.filterwarnings("ignore:SelectableGroups:DeprecationWarning")  # polygraphy run reads its plugins
 def test_check_commands_parse_with_polygraphy_run(onnx_dir, tmp_path, fake_trt):
     from polygraphy.tools.args import CompareFuncSimpleArgs, DataLoaderArgs, RunnerSelectArgs, TrtRunnerArgs
 
