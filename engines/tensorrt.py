@@ -293,10 +293,10 @@ def build_script_text(settings: EngineSettings, base: Path) -> str:
     engine = _relative(settings.engine, base)
     listing = str(Path(engine).with_suffix(".layers.txt"))
     comment = ["Builds the TensorRT engine for this ONNX on a GPU host with TensorRT 10 and Polygraphy",
-               "(pip install polygraphy; or POLYGRAPHY=/path/to/polygraphy). Written by `cqil engine`; the same",
-               "build through Polygraphy's Python loaders, run in this folder:",
-               f"  cqil engine --onnx {shlex.quote(_relative(settings.onnx, base))} --out {shlex.quote(engine)} "
-               f"{' '.join(cli_options(settings, base))}",
+               "(pip install polygraphy; or POLYGRAPHY=/path/to/polygraphy). Written by `cqil engine` or",
+               "`cqil build`; the same build through Polygraphy's Python loaders, run in this folder:",
+               " ".join(["  cqil engine --onnx", shlex.quote(_relative(settings.onnx, base)), "--out",
+                         shlex.quote(engine), *cli_options(settings, base)]),
                "TensorRT logs '[MS] Number of aux streams is N' (polygraphy -v) when it uses the aux streams."]
     return _script(comment, [f"mkdir -p {shlex.quote(str(Path(engine).parent))}",
                              _polygraphy(convert_command(settings, base)),
@@ -308,7 +308,7 @@ def check_script_text(settings: EngineSettings, base: Path) -> str:
     comment = ["Compares TensorRT with ONNX Runtime on this ONNX with Polygraphy, on a GPU host with TensorRT 10:",
                "profile 0 on a prefill with an empty cache, profile 1 on a decode step with a cache",
                "(feeds from data_loader.py). The engine is built with build_engine.sh's settings.",
-               "Tolerances: cqil validate's limits for the precision. Written by `cqil engine`."]
+               "Tolerances: cqil validate's limits for the precision. Written by `cqil engine` or `cqil build`."]
     return _script(comment, [_polygraphy(command) for command in check_commands(settings, base)])
 
 
@@ -318,7 +318,7 @@ def data_loader_text(settings: EngineSettings, seed: int = 0) -> str:
     if spec.vocab_size is None:
         raise CqilError(f"'{settings.onnx}': the logits output has no fixed vocabulary dim, so data_loader.py "
                         "cannot draw token ids: export it again with `cqil export`")
-    return f'''"""Polygraphy data loader for {settings.onnx.name} (written by `cqil engine`; needs numpy only).
+    return f'''"""Polygraphy data loader for {settings.onnx.name} (by `cqil engine` or `cqil build`; numpy only).
 
 load_prefill: {o.opt_batch} x {o.opt_seq} tokens with an empty cache (past 0): optimization profile 0.
 load_decode:  one new token over a random cache of {o.opt_past} tokens: optimization profile 1.

@@ -77,8 +77,8 @@ BAD_CALLS = [
     (lambda r: r(tokens(1, 1), past_key_values=[torch.zeros(1, 2, 3, 16, dtype=torch.long)] * 8),
      "past_key_values[0] is torch.int64"),
     (lambda r: r(tokens(1, 1), past_key_values=[torch.zeros(1, 2, 3, 16)] * 7 + [torch.zeros(1, 2, 4, 16)]),
-     "past_key_values[7] is torch.float32 (1, 2, 4, 16), expected a float tensor [batch, kv_heads, past, head_dim] "
-     "= [1, 2, 3, 16]"),
+     "past_key_values[7] is torch.float32 (1, 2, 4, 16), expected a float tensor [batch, kv_heads, past, head_dim] = "
+     + "[1, 2, 3, 16]"),
     (lambda r: r(tokens(1, 1), torch.ones(1, 3, dtype=torch.long), past_key_values=[torch.zeros(1, 2, 3, 16)] * 8),
      "attention_mask has shape (1, 3), expected [batch, past + seq] = [1, 4]"),
     (lambda r: r(tokens(1, 4), None, torch.zeros(1, 3, dtype=torch.long)), "position_ids has shape (1, 3)"),

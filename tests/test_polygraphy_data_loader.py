@@ -70,6 +70,6 @@ def test_polygraphy_run_loads_the_script(check_dir):
     for loader in ("load_prefill", "load_decode"):
         result = subprocess.run([str(polygraphy), "run", "model.onnx", "--onnxrt",
                                  "--data-loader-script", f"data_loader.py:{loader}"],
-                                cwd=check_dir, capture_output=True, text=True, timeout=300)
+                                cwd=check_dir, capture_output=True, text=True, timeout=300, check=False)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         assert "PASSED" in result.stdout + result.stderr

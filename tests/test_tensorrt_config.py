@@ -47,7 +47,8 @@ def write_contract_onnx(path: Path, plan: Plan | None = PLAN, layers: int = LAYE
              helper.make_node("Unsqueeze", ["ids_float", "axis"], ["logits"])]
     for i in range(layers):
         for kind in ("key", "value"):
-            inputs.append(value(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, ["batch", KV_HEADS, "past", HEAD_DIM]))
+            dims = ["batch", KV_HEADS, "past", HEAD_DIM]
+            inputs.append(value(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, dims))
             outputs.append(value(f"present.{i}.{kind}", TensorProto.FLOAT, ["batch", KV_HEADS, "total", HEAD_DIM]))
             nodes.append(helper.make_node("Identity", [f"past_key_values.{i}.{kind}"], [f"present.{i}.{kind}"]))
     graph = helper.make_graph(nodes, "contract", inputs, outputs,
@@ -162,7 +163,8 @@ def assert_config_matches(tool, settings, base: Path) -> None:
     assert bool(parsed.fp16) == ours.fp16 and bool(parsed.bf16) == ours.bf16
     assert parsed.max_aux_streams == ours.max_aux_streams
     assert (base / parsed.load_timing_cache).resolve() == Path(ours.timing_cache_path).resolve()
-    assert (base / tool.arg_groups[TrtLoadEngineBytesArgs].save_timing_cache).resolve() == settings.timing_cache.resolve()
+    saved = tool.arg_groups[TrtLoadEngineBytesArgs].save_timing_cache
+    assert (base / saved).resolve() == settings.timing_cache.resolve()
     assert str(parsed.profiling_verbosity) == f"trt.ProfilingVerbosity.{ours.profiling_verbosity}"
     pools = {str(key): value for key, value in (parsed.memory_pool_limits or {}).items()}
     assert pools == {f"trt.MemoryPoolType.{key}": value for key, value in (ours.memory_pool_limits or {}).items()}

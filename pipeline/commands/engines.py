@@ -64,7 +64,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("engine", help="build a TensorRT engine from the ONNX with Polygraphy; always writes build_engine.sh, check_engine.sh and data_loader.py beside it")
+    p = sub.add_parser("engine", help="build a TensorRT engine from the ONNX with Polygraphy; always writes "
+                                      "build_engine.sh, check_engine.sh and data_loader.py beside it")
     p.add_argument("--onnx", type=Path, required=True, help="exported ONNX file or its directory")
     p.add_argument("--out", type=Path, required=True, help="engine file to write, e.g. trt/model.plan")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
