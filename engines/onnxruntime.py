@@ -80,9 +80,9 @@ class OrtRunner(ContractRunner):
         super().__init__(path, read_contract(path))
         self.session = create_session(self.path, providers, threads, opt_level, optimized_model, spin)
 
-    def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
-            return self.session.run(self.outputs, feeds)
+            return dict(zip(self.outputs, self.session.run(self.outputs, feeds)))
         except Exception as exc:  # ORT's own error types; their messages span lines
             raise CqilError(f"ONNX Runtime failed on '{self.path}' ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:200]})") from exc

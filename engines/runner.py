@@ -9,13 +9,13 @@ ONNX Runtime as from TensorRT, before either engine sees it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from export.contract import ContractSpec, empty_past, named_past, output_names
+from export.contract import ContractSpec, empty_past, flat_presents, named_past, output_names
 from pipeline.model.cqil import positions_from_mask
 from pipeline.model.errors import CqilError
 
@@ -71,16 +71,17 @@ class ContractRunner:
         return {**feeds, **{name: np.ascontiguousarray(value.detach().cpu().numpy().astype(self.cache_dtype))
                             for name, value in past.items()}}
 
-    def infer(self, feeds: dict[str, np.ndarray]) -> Sequence[np.ndarray]:
-        """Run a checked feed; the outputs in `self.outputs` order (logits, then the flat presents)."""
+    def infer(self, feeds: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        """Run a checked feed; every output of `self.outputs` by name, in arrays the caller may keep."""
         raise NotImplementedError
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  position_ids: torch.Tensor | None = None,
                  past_key_values: Sequence[torch.Tensor] | None = None,
                  ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        results = self.infer(self.feeds(input_ids, attention_mask, position_ids, past_key_values))
-        return torch.from_numpy(results[0]), tuple(torch.from_numpy(r) for r in results[1:])
+        outputs = self.infer(self.feeds(input_ids, attention_mask, position_ids, past_key_values))
+        presents = flat_presents(outputs, self.spec.num_layers)
+        return torch.from_numpy(outputs["logits"]), tuple(torch.from_numpy(value) for value in presents)
 
 
 def _check_tokens(name: str, value: torch.Tensor, dims: int) -> None:

@@ -133,7 +133,7 @@ def engine_settings(onnx: Path, engine: Path, options: EngineOptions) -> EngineS
     return EngineSettings(onnx_path, Path(engine), options, aux, derive_profiles(spec, options), spec)
 
 
-# -- Polygraphy's loaders (TensorRT imported lazily, by Polygraphy, when they are called) -------------
+# -- Polygraphy's loaders (TensorRT is imported only when a config is made or a loader called) ----
 
 def import_tensorrt():
     """The `tensorrt` module, or None where it is not installed."""
@@ -406,7 +406,7 @@ class TensorRTRunner(ContractRunner):
                             f"({str(exc).strip().splitlines()[0][:200]}): rebuild it") from exc
         self.profile: int | None = None
 
-    def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         profile = DECODE if feeds[past_pair(0)[0]].shape[2] else PREFILL
         if profile != self.profile:
             self.runner.set_profile(profile)
@@ -416,7 +416,7 @@ class TensorRTRunner(ContractRunner):
         if missing:
             raise CqilError(f"engine '{self.path}' lacks outputs {', '.join(missing[:3])}: was it built from "
                             f"this {self.spec.num_layers}-layer ONNX?")
-        return [np.array(outputs[name]) for name in self.outputs]  # copies: TrtRunner reuses its host buffers
+        return {name: np.array(outputs[name]) for name in self.outputs}  # copies: TrtRunner reuses its buffers
 
     def close(self) -> None:
         self.runner.deactivate()
