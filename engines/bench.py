@@ -25,9 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.kv_contract import ContractSpec, find_onnx
 from engines.latency import BenchResult, compare, interleaved_times, ratio_ci, stats_ms
-from export.contract import DTYPE_KEY, LAYOUT_KEY
+from export.contract import DTYPE_KEY, LAYOUT_KEY, ContractSpec, find_onnx
 from pipeline.model.errors import CqilError
 from pipeline.model.fsutil import cache_dir, sha256_file
 

@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engines.kv_contract import ContractSpec, find_onnx, read_contract
-from export.contract import LAYOUT_KEY, output_names
+from export.contract import LAYOUT_KEY, ContractSpec, find_onnx, output_names, read_contract
 from pipeline.model.cqil import CqilModel
 from pipeline.model.divergence import Agreement
 from pipeline.model.errors import CqilError
@@ -239,7 +238,7 @@ def validate_onnx(onnx_dir: Path, reference: CqilModel, chunks: torch.Tensor, de
             notes.append(f"TensorRT is not installed here: engine '{engine}' was not validated")
             engines["tensorrt"] = {"skipped": "TensorRT not installed", "engine": str(engine)}
         else:
-            runners["tensorrt"] = TensorRTRunner(Path(engine), spec.num_layers)
+            runners["tensorrt"] = TensorRTRunner(Path(engine), spec)
     reference.eval()
     for name, runner in runners.items():
         engines[name] = compare_runner(runner, reference, chunks, decode_steps, limits, names, progress,

@@ -196,31 +196,22 @@ def run_export(ctx: StageContext, config: dict) -> dict:
 
 
 def run_engines(ctx: StageContext, config: dict) -> dict:
-    from engines.tensorrt import (
-        EngineSettings,
-        build_engine,
-        build_script_text,
-        import_tensorrt,
-        plan_build,
-    )
+    from engines.tensorrt import EngineOptions, build_engine, engine_settings, import_tensorrt, write_engine_files
 
     params = dict(ctx.params)
-    settings = EngineSettings(**params)
     trt_dir, final_dir = ctx.out / "trt", ctx.build_dir / "engines" / "trt"
     trt_dir.mkdir()
-    build = plan_build(ctx.upstream("export") / "onnx", trt_dir / "model.plan", settings)
+    settings = engine_settings(ctx.upstream("export") / "onnx", trt_dir / "model.plan", EngineOptions(**params))
     _write_json(trt_dir / "engine_settings.json",
-                {"aux_streams": build.aux_streams, **params,
-                 "profiles": [{name: vars(r) for name, r in p.items()} for p in build.profiles]})
-    # The script sits in trt/ and names the engine and the ONNX by their final places, relative to itself.
-    script = trt_dir / "build_engine.sh"
-    script.write_text(build_script_text(dataclasses.replace(build, engine=final_dir / "model.plan"), final_dir))
-    script.chmod(0o755)
+                {"aux_streams": settings.aux_streams, **params,
+                 "profiles": [{name: vars(r) for name, r in p.items()} for p in settings.profiles]})
+    # The scripts sit in trt/ and name the engine and the ONNX by their final places, relative to themselves.
+    write_engine_files(dataclasses.replace(settings, engine=final_dir / "model.plan"), trt_dir, final_dir)
     if import_tensorrt() is None:
         return {"tensorrt": "not installed: engine NOT built; run engines/trt/build_engine.sh on a GPU host",
-                "aux_streams": build.aux_streams}
-    build_engine(build)
-    return {"tensorrt": "built", "aux_streams": build.aux_streams}
+                "aux_streams": settings.aux_streams}
+    build_engine(settings)
+    return {"tensorrt": "built", "aux_streams": settings.aux_streams}
 
 
 def run_validate(ctx: StageContext, config: dict) -> dict:
@@ -255,7 +246,7 @@ def run_validate(ctx: StageContext, config: dict) -> dict:
 def run_bench(ctx: StageContext, config: dict) -> dict:
     from engines.bench import BenchSettings, cached_reference, run_bench
     from engines.bench_chart import plot_bench
-    from engines.kv_contract import find_onnx, read_contract
+    from export.contract import find_onnx, read_contract
     from pipeline.stages import read_record
 
     params = ctx.params

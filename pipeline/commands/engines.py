@@ -10,24 +10,25 @@ from pathlib import Path
 def cmd_engine(args: argparse.Namespace) -> None:
     from engines import tensorrt as trt_engine
 
-    settings = trt_engine.EngineSettings(
+    options = trt_engine.EngineOptions(
         precision=args.precision, aux_streams=args.aux_streams, opt_batch=args.opt_batch,
         max_batch=args.max_batch, opt_seq=args.opt_seq, max_seq=args.max_seq, opt_past=args.opt_past,
         max_context=args.max_context, workspace_mib=args.workspace_mib, timing_cache=args.timing_cache)
-    plan = trt_engine.plan_build(args.onnx, args.out, settings)
-    script = trt_engine.write_build_script(plan.onnx.parent, plan)
-    groups = f"plan {plan.spec.plan.describe()}" if plan.spec.plan else "no plan metadata"
-    print(f"{plan.onnx}: {plan.spec.num_layers} layers, cache {plan.spec.kv_dtype}, {groups}")
-    print(f"profiles: prefill {_describe(plan.profiles[0])}; decode {_describe(plan.profiles[1])}")
-    print(f"max_aux_streams {plan.aux_streams}, precision {settings.precision}")
-    print(f"wrote {script} (builds the same engine with trtexec on a GPU host)")
-    trt = trt_engine.import_tensorrt()
-    if trt is None:
+    settings = trt_engine.engine_settings(args.onnx, args.out, options)
+    written = trt_engine.write_engine_files(settings, settings.onnx.parent)
+    spec = settings.spec
+    groups = f"plan {spec.plan.describe()}" if spec.plan else "no plan metadata"
+    print(f"{settings.onnx}: {spec.num_layers} layers, cache {spec.kv_dtype}, {groups}")
+    print(f"profiles: prefill {_describe(settings.profiles[0])}; decode {_describe(settings.profiles[1])}")
+    print(f"max_aux_streams {settings.aux_streams}, precision {options.precision}")
+    print(f"wrote {written['build_engine.sh']} (polygraphy convert), {written['check_engine.sh']} "
+          f"(polygraphy run --onnxrt --trt) and {written['data_loader.py']} for a GPU host")
+    if trt_engine.import_tensorrt() is None:
         print(f"TensorRT is not installed here: the engine was NOT built and {args.out} was not written. "
-              f"Run {script} on a GPU host with TensorRT 10.")
+              f"Run {written['build_engine.sh']} on a GPU host with TensorRT 10.")
         return
-    trt_engine.build_engine(plan, trt)
-    print(f"built {plan.engine}; layer information {plan.layer_info}; timing cache {plan.timing_cache}")
+    trt_engine.build_engine(settings)
+    print(f"built {settings.engine}; layer information {settings.layer_info}; timing cache {settings.timing_cache}")
 
 
 def _describe(profile) -> str:
@@ -63,7 +64,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("engine", help="build a TensorRT engine from the ONNX (or write build_engine.sh where TensorRT is absent)")
+    p = sub.add_parser("engine", help="build a TensorRT engine from the ONNX with Polygraphy; always writes "
+                                      "build_engine.sh, check_engine.sh and data_loader.py beside it")
     p.add_argument("--onnx", type=Path, required=True, help="exported ONNX file or its directory")
     p.add_argument("--out", type=Path, required=True, help="engine file to write, e.g. trt/model.plan")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")

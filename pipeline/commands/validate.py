@@ -12,7 +12,7 @@ from pipeline.model.errors import CqilError
 
 def _onnx_and_plan(args: argparse.Namespace):
     """The ONNX file, its contract, and its plan (checked against --plan when given)."""
-    from engines.kv_contract import find_onnx, read_contract
+    from export.contract import find_onnx, read_contract
     from pipeline.model.plan import load_plan
 
     onnx_path = find_onnx(args.onnx)
