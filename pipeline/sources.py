@@ -41,6 +41,14 @@ def resolve_model_dir(spec: str | Path | None) -> Path:
     """Turn `--model` into an HF model directory, converting GGUF or fetching the default once."""
     if spec is None or str(spec) in ("", "default"):
         return default_model_dir()
+    path = check_model_spec(spec)
+    if path.is_file():
+        return convert_gguf(path)
+    return path.resolve()  # what records it (ONNX metadata, merged config) is the same however it was typed
+
+
+def check_model_spec(spec: str | Path) -> Path:
+    """The cheap checks of a `--model` value (nothing converted or loaded): an HF directory or a .gguf file."""
     path = Path(spec).expanduser()
     if not path.exists():
         raise CqilError(
@@ -52,7 +60,7 @@ def resolve_model_dir(spec: str | Path | None) -> Path:
             raise CqilError(
                 f"model file '{spec}' is not a .gguf file: pass a GGUF file or an HF model directory"
             )
-        return convert_gguf(path)
+        return path
     check_model_dir(path)
     return path
 
