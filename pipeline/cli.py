@@ -135,16 +135,16 @@ def main(argv: list[str] | None = None) -> int:
         status = args.func(args)  # a command returns CHECK_FAILED when its check ran and failed
         return status or OK
     except CqilError as exc:
-        code, line = BAD_INPUT, f"error: {exc}"
+        error, code, line = exc, BAD_INPUT, f"error: {exc}"
     except OSError as exc:  # a file or folder that cannot be read or written: the user's to fix
-        code, line = BAD_INPUT, f"error: {_os_error_line(exc)}"
-    except KeyboardInterrupt:
-        code, line = INTERRUPTED, "interrupted"
+        error, code, line = exc, BAD_INPUT, f"error: {_os_error_line(exc)}"
+    except KeyboardInterrupt as exc:
+        error, code, line = exc, INTERRUPTED, "interrupted"
     except Exception as exc:  # noqa: BLE001 - a bug: say so in one line, keep the traceback
         where = "printed above" if args.debug else _save_traceback() + "; --debug prints it"
-        code, line = INTERNAL_ERROR, f"internal error (a bug): {type(exc).__name__}: {exc} ({where})"
+        error, code, line = exc, INTERNAL_ERROR, f"internal error (a bug): {type(exc).__name__}: {exc} ({where})"
     if args.debug:
-        traceback.print_exc()
+        traceback.print_exception(error)
     print(f"cqil {args.command}: {' '.join(line.split())}", file=sys.stderr)
     return code
 

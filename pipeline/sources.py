@@ -168,6 +168,31 @@ def model_name(path: Path) -> str:
     return path.name
 
 
+def _weights_misfit(path: Path) -> str | None:
+    """The first tensor whose shape in the safetensors files differs from what config.json makes, if any."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    shape = tuple(handle.get_slice(key).get_shape())
+                    if key in expected and expected[key] != shape:
+                        sizes = {k: v for k, v in config.to_dict().items()
+                                 if isinstance(v, int) and not isinstance(v, bool) and (v in shape or v in expected[key])}
+                        hint = f" (config.json: {', '.join(f'{k} {v}' for k, v in sorted(sizes.items()))})" if sizes else ""
+                        return (f"'{key}' is {list(shape)} in {file.name} but config.json makes it "
+                                f"{list(expected[key])}{hint}")
+    except Exception:  # noqa: BLE001 - only a better message is at stake; the caller reports the original
+        return None
+    return None
+
+
 def load_model(spec: str | Path | None, dtype: str = "float32") -> LoadedModel:
     """Resolve and load a supported causal LM in eval mode, with its tokenizer."""
     import torch
@@ -178,6 +203,10 @@ def load_model(spec: str | Path | None, dtype: str = "float32") -> LoadedModel:
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     except Exception as exc:
+        misfit = _weights_misfit(path)
+        if misfit:
+            raise CqilError(f"the weights in '{path}' do not fit its config.json: {misfit}; the config and the "
+                            "weights come from different models") from exc
         raise CqilError(f"could not load the weights in '{path}' ({type(exc).__name__}: {exc})") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

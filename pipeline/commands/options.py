@@ -61,7 +61,7 @@ TEXT = Check(str, "text", lambda v: v.strip() != "", "must not be empty")
 
 def _path(text: str, option: str) -> Path:
     if not text.strip():
-        raise CqilError(f"{option} is empty: name a file or folder")
+        raise CqilError(f"{option} is empty: name a file or folder, or leave the option out for its default")
     return Path(text).expanduser()
 
 
@@ -115,16 +115,17 @@ def _text_source(text: str, option: str) -> str:
 TEXT_SOURCE = Check(_text_source, "a text source", named=True)
 
 
-def _model(text: str) -> str:
+def _model(text: str, option: str) -> str:
     """--model: a directory with a supported config and weights, or a .gguf file (converted later)."""
     from pipeline.sources import check_model_spec
 
-    if text.strip() and text != "default":
+    _path(text, option)
+    if text != "default":
         check_model_spec(text)  # its messages name the model path
     return text
 
 
-MODEL = Check(_model, "a model")
+MODEL = Check(_model, "a model", named=True)
 
 
 def output_dir(is_ours: Callable[[Path], bool] | None = None) -> Check:
