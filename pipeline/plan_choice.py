@@ -50,7 +50,7 @@ class PlanChoice:
                 if alone in given:
                     others = ", ".join(f"--{g}" for g in given if g != alone)
                     raise CqilError(f"--{alone} {does}: drop {others}")
-            raise CqilError(f"give one of --plan, --uniform, --groups (got {', '.join('--' + g for g in given)})")
+            raise CqilError(f"give only one plan source (got {', '.join('--' + g for g in given)})")
         source = given[0] if given else None
         if self.bypass is not None and source in ("auto", "original", None):
             why = {"auto": "--auto tries the distances in --bypass-choices",

@@ -74,7 +74,7 @@ def file_hashes(directory: Path) -> dict[str, str]:
     return {
         str(path.relative_to(directory)): sha256_file(path)
         for path in sorted(directory.rglob("*"))
-        if path.is_file() and path.name not in (RECORD, MARKER)
+        if path.is_file() and path.name != RECORD
     }
 
 
@@ -104,6 +104,11 @@ def build_lock(build_dir: Path) -> Iterator[None]:
 def is_build_dir(path: Path) -> bool:
     """A folder an earlier `cqil build` wrote (its marker, manifest or lock file): safe to build into."""
     return has_marker(path) or (path / "manifest.json").is_file() or (path / LOCK).is_file()
+
+
+def _is_stage_dir(path: Path) -> bool:
+    """A stage's own folder (its record), which a rerun of the stage replaces."""
+    return (path / RECORD).is_file()
 
 
 def claim_build_dir(build_dir: Path) -> None:
@@ -156,7 +161,7 @@ def run_stages(stages: Sequence[Stage], build_dir: Path, force: Sequence[str] = 
             else:
                 log(f"[{stage.name}] running ...")
                 start = time.perf_counter()
-                with atomic_dir(final) as tmp:
+                with atomic_dir(final, is_ours=_is_stage_dir) as tmp:
                     metrics = stage.run(StageContext(out=tmp, build_dir=build_dir, params=stage.params, key=key)) or {}
                     record = {
                         "stage": stage.name,
