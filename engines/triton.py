@@ -175,7 +175,7 @@ def write_model_repository(onnx: Path, repo_dir: Path, model_name: str = "cqil",
     names = model_names(model_name)
     _refuse_foreign(repo_dir, names)
     models = {names["onnx"]: "ONNX Runtime backend", names["python"]: "Python backend, ONNX Runtime on CPU"}
-    with atomic_dir(repo_dir) as tmp:
+    with atomic_dir(repo_dir, is_ours=lambda folder: True) as tmp:  # _refuse_foreign checked it
         onnx_version = tmp / names["onnx"] / VERSION
         link_or_copy(io.onnx, onnx_version / "model.onnx")
         for location in io.external_data:
