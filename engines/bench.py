@@ -9,14 +9,11 @@ in one process after a warm-up (engines.latency), so load from other jobs hits b
 
 Optionally the eager PyTorch reference and CQIL models run in the same rounds, as extra rows. The
 result is the `cqil-bench/1` JSON (engines/latency.py) that `cqil gate` reads, plus a PNG chart.
-When no reference ONNX is given, the original model is exported once (identity plan) into the CQIL
-cache, keyed by the source model's weights, the dtype and the tool version.
+Where the reference ONNX comes from when none is given is orchestration: pipeline/reference.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,11 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.kv_contract import ContractSpec, find_onnx
 from engines.latency import BenchResult, compare, interleaved_times, ratio_ci, stats_ms
-from export.contract import DTYPE_KEY, LAYOUT_KEY
+from export.contract import LAYOUT_KEY, find_onnx
 from pipeline.model.errors import CqilError
-from pipeline.model.fsutil import cache_dir, sha256_file
 
 
 @dataclass(frozen=True)
@@ -53,43 +48,6 @@ class BenchSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-
-# -- the reference ONNX -----------------------------------------------------------------------------
-
-def reference_key(source_path: Path, dtype: str) -> str:
-    """Hash of the source model's config and weights, the dtype and the tool version."""
-    from pipeline import __version__
-
-    files = sorted(p for p in Path(source_path).iterdir()
-                   if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
-    record = {"files": {p.name: sha256_file(p) for p in files}, "dtype": dtype, "tool": __version__}
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def cached_reference(spec: ContractSpec, onnx_path: Path, model: str | Path | None = None,
-                     progress: bool = True) -> Path:
-    """The original model as ONNX, exported once into the cache (identity plan, same dtype)."""
-    from export.writer import export_model
-    from pipeline.model.cqil import CqilModel
-    from pipeline.model.plan import identity_plan, model_record
-    from pipeline.sources import load_model, resolve_model_dir
-
-    source = spec.source_model()
-    if model is None and not source.get("path"):
-        raise CqilError(f"'{onnx_path}' does not record its source model (cqil.source_model): pass "
-                        "--reference with an `cqil export --original` folder, or --model")
-    path = resolve_model_dir(model if model is not None else source["path"])
-    dtype = spec.metadata.get(DTYPE_KEY, "fp32")
-    target = cache_dir() / "reference" / f"{path.name}-{dtype}-{reference_key(path, dtype)}"
-    if (target / "model.onnx").is_file():
-        return target
-    loaded = load_model(path, dtype={"fp32": "float32", "fp16": "float16"}.get(dtype, "float32"))
-    config = loaded.model.config
-    original = CqilModel(loaded.model, identity_plan(config.num_hidden_layers, model_record(config)))
-    export_model(original, target, "branches", dtype, source={"name": loaded.name, "path": str(path)},
-                 tokenizer=loaded.tokenizer, progress=progress)
-    return target
 
 
 # -- timing -----------------------------------------------------------------------------------------

@@ -1,32 +1,35 @@
-"""TensorRT engines built from the exported ONNX (DESIGN.md section 6), with auxiliary streams for CQIL branches.
+"""TensorRT engines built from the exported ONNX with Polygraphy's loaders (DESIGN.md section 6).
 
-Everything up to the builder call is pure and tested without TensorRT: the optimization profiles
-(derived from the ONNX inputs), the builder settings, the equivalent `trtexec` command line and the
-`build_engine.sh` that reproduces the build on a GPU host. `build_engine` and `TensorRTRunner`
-import `tensorrt` (10.x Python API) only when called; TensorRT's libraries are not on PyPI.
+The build is Polygraphy's lazy loader chain, composed as its own tools compose it:
+`SaveEngine(EngineFromNetwork(NetworkFromOnnxPath(onnx), config=CreateConfig(...)))`, nothing run
+until the last loader is called. `NetworkFromOnnxPath` parses with `parse_from_file`, so weights
+stored as external data resolve beside the ONNX. Running an engine is Polygraphy's `TrtRunner`
+under our `ContractRunner`, so a TensorRT call is checked exactly as an ONNX Runtime call is.
 
-Two profiles, in this order (the runner picks by the past length):
-  0 prefill: batch x seq, past = 0 (min = opt = max = 0);
+Everything up to the builder call is pure and tested here without TensorRT (its libraries are not on
+PyPI): the engine settings (profiles from the ONNX inputs, aux streams from the plan), the loader
+objects and their arguments, and the scripts written beside the ONNX for a GPU host —
+`build_engine.sh` (`polygraphy convert` with the same settings), `check_engine.sh` (`polygraphy run
+--onnxrt --trt`) and `data_loader.py` (its feeds).
+
+Two optimization profiles, in this order (the runner picks by the past length):
+  0 prefill: batch x seq, past = 0 (min = opt = max = 0; TensorRT takes empty tensors);
   1 decode:  batch x past, seq = 1.
-A past of 0 is an empty tensor. TensorRT supports empty tensors (developer guide, "Working with
-Empty Tensors": a zero-length dimension needs no special handling, a concatenation with an empty
-input is the other input), so the prefill profile pins past to exactly 0 rather than feeding a dummy
-masked-out cache slot, and decode starts at past 1. Older TensorRT wanted at least one byte behind an
-empty binding (TensorRT 10 also accepts null for an empty input); the runner binds a one-element
-buffer, valid for both.
-
 Auxiliary streams: a group of p layers is p independent branches, so `max_aux_streams` defaults to
 the largest group size minus one, read from the plan in the ONNX metadata.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engines.kv_contract import ContractSpec, find_onnx, read_contract
-from export.contract import output_names, past_pair
+import numpy as np
+
+from engines.runner import ContractRunner
+from export.contract import ContractSpec, find_onnx, past_pair, read_contract
 from pipeline.model.errors import CqilError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -42,8 +45,8 @@ class ShapeRange:
 
 
 @dataclass(frozen=True)
-class EngineSettings:
-    """The shape ranges and builder options of one engine build."""
+class EngineOptions:
+    """What a user asks of an engine: precision, shape ranges, builder limits (`cqil engine` options)."""
 
     precision: str = "fp32"
     aux_streams: int | None = None  # None: the largest group size of the ONNX's plan, minus one
@@ -71,12 +74,12 @@ class EngineSettings:
 
 
 @dataclass(frozen=True)
-class BuildPlan:
-    """Everything a build needs, derived from the ONNX and the settings, before TensorRT is touched."""
+class EngineSettings:
+    """One engine's build settings, resolved against its ONNX before TensorRT is touched."""
 
     onnx: Path
     engine: Path
-    settings: EngineSettings
+    options: EngineOptions
     aux_streams: int
     profiles: tuple[dict[str, ShapeRange], ...]
     spec: ContractSpec = field(compare=False)
@@ -87,7 +90,7 @@ class BuildPlan:
 
     @property
     def timing_cache(self) -> Path:
-        return self.settings.timing_cache or self.engine.with_name("timing.cache")
+        return self.options.timing_cache or self.engine.with_name("timing.cache")
 
 
 def default_aux_streams(spec: ContractSpec, onnx_path: Path) -> int:
@@ -97,12 +100,12 @@ def default_aux_streams(spec: ContractSpec, onnx_path: Path) -> int:
     return spec.plan.max_group_size - 1
 
 
-def derive_profiles(spec: ContractSpec, settings: EngineSettings) -> tuple[dict[str, ShapeRange], ...]:
+def derive_profiles(spec: ContractSpec, options: EngineOptions) -> tuple[dict[str, ShapeRange], ...]:
     """Prefill (batch x seq, past 0) and decode (batch x past, seq 1) ranges for every contract input."""
-    s = settings
-    batch = (1, s.opt_batch, s.max_batch)
-    prefill = _profile(spec, batch, seq=(1, s.opt_seq, s.max_seq), past=(0, 0, 0))
-    decode = _profile(spec, batch, seq=(1, 1, 1), past=(1, s.opt_past, s.max_context - 1))
+    o = options
+    batch = (1, o.opt_batch, o.max_batch)
+    prefill = _profile(spec, batch, seq=(1, o.opt_seq, o.max_seq), past=(0, 0, 0))
+    decode = _profile(spec, batch, seq=(1, 1, 1), past=(1, o.opt_past, o.max_context - 1))
     return prefill, decode
 
 
@@ -122,92 +125,15 @@ def _profile(spec: ContractSpec, batch: Shape, seq: Shape, past: Shape) -> dict[
     return {name: shapes[name] for name in spec.inputs}
 
 
-def plan_build(onnx: Path, engine: Path, settings: EngineSettings) -> BuildPlan:
+def engine_settings(onnx: Path, engine: Path, options: EngineOptions) -> EngineSettings:
     """Read the ONNX contract and derive the profiles and the aux-stream count."""
     onnx_path = find_onnx(onnx)
     spec = read_contract(onnx_path)
-    aux = settings.aux_streams if settings.aux_streams is not None else default_aux_streams(spec, onnx_path)
-    return BuildPlan(onnx_path, Path(engine), settings, aux, derive_profiles(spec, settings), spec)
+    aux = options.aux_streams if options.aux_streams is not None else default_aux_streams(spec, onnx_path)
+    return EngineSettings(onnx_path, Path(engine), options, aux, derive_profiles(spec, options), spec)
 
 
-# -- trtexec and build_engine.sh -------------------------------------------------------------------
-
-def _shape_spec(profile: dict[str, ShapeRange], which: str) -> str:
-    return ",".join(f"{name}:{'x'.join(map(str, getattr(r, which)))}" for name, r in profile.items())
-
-
-def build_engine_command(plan: BuildPlan, base: Path | None = None) -> list[str]:
-    """The trtexec invocation that builds the same engine; paths relative to `base` when given."""
-    def path(p: Path) -> str:
-        return str(_relative(p, base)) if base is not None else str(p)
-
-    s = plan.settings
-    command = ["trtexec", f"--onnx={path(plan.onnx)}", f"--saveEngine={path(plan.engine)}"]
-    for index, profile in enumerate(plan.profiles):
-        command += [f"--profile={index}", f"--minShapes={_shape_spec(profile, 'min')}",
-                    f"--optShapes={_shape_spec(profile, 'opt')}", f"--maxShapes={_shape_spec(profile, 'max')}"]
-    if s.precision != "fp32":
-        command.append(f"--{s.precision}")
-    command.append(f"--maxAuxStreams={plan.aux_streams}")
-    if s.workspace_mib is not None:
-        command.append(f"--memPoolSize=workspace:{s.workspace_mib}M")
-    command += [f"--timingCacheFile={path(plan.timing_cache)}", "--profilingVerbosity=detailed",
-                f"--exportLayerInfo={path(plan.layer_info)}", "--skipInference"]
-    return command
-
-
-def _relative(target: Path, base: Path) -> Path:
-    import os
-
-    return Path(os.path.relpath(Path(target).absolute(), Path(base).absolute()))
-
-
-def build_script_text(plan: BuildPlan, script_dir: Path | None = None) -> str:
-    """A bash script, run from anywhere, that builds the engine with trtexec relative to its own folder.
-
-    `script_dir` is where the script will live (default: beside the ONNX).
-    """
-    here = Path(script_dir) if script_dir is not None else plan.onnx.parent
-    command = " \\\n  ".join(shlex.quote(arg) if i else '"${TRTEXEC:-trtexec}"'
-                             for i, arg in enumerate(build_engine_command(plan, base=here)))
-    engine = _relative(plan.engine, here)
-    return (
-        "#!/usr/bin/env bash\n"
-        "# Builds the TensorRT engine for this ONNX on a GPU host with TensorRT 10 (trtexec on PATH, or TRTEXEC=...).\n"
-        "# Written by `cqil engine`; the same build through the TensorRT Python API, run in this folder:\n"
-        f"#   cqil engine --onnx {shlex.quote(str(_relative(plan.onnx, here)))} --out {shlex.quote(str(engine))} "
-        f"{' '.join(cli_options(plan))}\n"
-        "set -euo pipefail\n"
-        'cd "$(dirname "$0")"\n'
-        f"mkdir -p {shlex.quote(str(engine.parent))}\n"
-        f"{command}\n"
-    )
-
-
-def cli_options(plan: BuildPlan) -> list[str]:
-    """`cqil engine` options that reproduce these settings."""
-    s = plan.settings
-    options = [f"--precision {s.precision}", f"--aux-streams {plan.aux_streams}",
-               f"--opt-batch {s.opt_batch}", f"--max-batch {s.max_batch}", f"--opt-seq {s.opt_seq}",
-               f"--max-seq {s.max_seq}", f"--opt-past {s.opt_past}", f"--max-context {s.max_context}"]
-    if s.workspace_mib is not None:
-        options.append(f"--workspace-mib {s.workspace_mib}")
-    if s.timing_cache is not None:
-        options.append(f"--timing-cache {shlex.quote(str(_relative(s.timing_cache, plan.onnx.parent)))}")
-    return options
-
-
-def write_build_script(onnx_dir: Path, plan: BuildPlan) -> Path:
-    """Write build_engine.sh beside the ONNX (executable) and return its path."""
-    from pipeline.model.fsutil import atomic_write_text
-
-    script = Path(onnx_dir) / "build_engine.sh"
-    atomic_write_text(script, build_script_text(plan))
-    script.chmod(0o755)
-    return script
-
-
-# -- the build itself (needs TensorRT and a GPU) ----------------------------------------------------
+# -- Polygraphy's loaders (TensorRT is imported only when a config is made or a loader called) ----
 
 def import_tensorrt():
     """The `tensorrt` module, or None where it is not installed."""
@@ -218,140 +144,279 @@ def import_tensorrt():
     return tensorrt
 
 
-def network_flags(trt) -> int:
-    """Explicit batch: the only mode (and the flag deprecated) from TensorRT 10; a flag before it."""
-    if int(str(trt.__version__).split(".")[0]) >= 10:
-        return 0
-    return 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+def trt_profiles(settings: EngineSettings) -> list:
+    """The settings' shape ranges as Polygraphy `Profile`s, in profile order."""
+    from polygraphy.backend.trt import Profile
+
+    profiles = []
+    for shapes in settings.profiles:
+        profile = Profile()
+        for name, r in shapes.items():
+            profile.add(name, min=r.min, opt=r.opt, max=r.max)
+        profiles.append(profile)
+    return profiles
 
 
-def configure_builder(trt, builder, plan: BuildPlan):
-    """A builder config with the plan's aux streams, precision, profiles and timing cache."""
-    s = plan.settings
-    config = builder.create_builder_config()
-    config.max_aux_streams = plan.aux_streams
-    if s.precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif s.precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
-    if s.workspace_mib is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, s.workspace_mib << 20)
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # full layer info for the inspector
-    cache_bytes = plan.timing_cache.read_bytes() if plan.timing_cache.is_file() else b""
-    config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False)
-    for profile in plan.profiles:
-        trt_profile = builder.create_optimization_profile()
-        for name, r in profile.items():
-            trt_profile.set_shape(name, r.min, r.opt, r.max)
-        config.add_optimization_profile(trt_profile)
-    return config
+def create_config(settings: EngineSettings):
+    """Polygraphy's `CreateConfig` loader for these settings (needs TensorRT's enums: call it on a TensorRT host)."""
+    import tensorrt as trt
+    from polygraphy.backend.trt import CreateConfig
+
+    options = settings.options
+    pools = None if options.workspace_mib is None else {trt.MemoryPoolType.WORKSPACE: options.workspace_mib << 20}
+    return CreateConfig(fp16=options.precision == "fp16", bf16=options.precision == "bf16",
+                        profiles=trt_profiles(settings), max_aux_streams=settings.aux_streams,
+                        load_timing_cache=str(settings.timing_cache), memory_pool_limits=pools,
+                        profiling_verbosity=trt.ProfilingVerbosity.DETAILED)  # full layer info for the inspector
 
 
-def build_engine(plan: BuildPlan, trt=None) -> Path:
-    """Parse the ONNX, build and save the engine, its timing cache and the inspector's layer JSON."""
-    from pipeline.model.fsutil import atomic_write_bytes, atomic_write_text
+def engine_loader(settings: EngineSettings, path: Path):
+    """The lazy chain parse -> configure -> build (timing cache saved) -> save to `path`; calling it builds."""
+    from polygraphy.backend.trt import EngineFromNetwork, NetworkFromOnnxPath, SaveEngine
 
-    trt = trt or import_tensorrt()
+    network = NetworkFromOnnxPath(str(settings.onnx))  # parse_from_file: external weights resolve
+    build = EngineFromNetwork(network, config=create_config(settings), save_timing_cache=str(settings.timing_cache))
+    return SaveEngine(build, path=str(path))
+
+
+def build_engine(settings: EngineSettings) -> Path:
+    """Build and save the engine, its timing cache and the inspector's layer JSON (needs TensorRT and a GPU).
+
+    The engine is saved under a `.partial` name and renamed last, so its presence means the build finished.
+    """
+    from polygraphy.exception import PolygraphyException
+
+    from pipeline.model.fsutil import atomic_write_text
+
+    trt = import_tensorrt()
     if trt is None:
         raise CqilError("TensorRT is not installed: run build_engine.sh on a GPU host with TensorRT 10")
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(network_flags(trt))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(plan.onnx)):  # from the file, so external weights resolve
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise CqilError(f"TensorRT could not parse '{plan.onnx}': {errors or 'no detail'}")
-    config = configure_builder(trt, builder, plan)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise CqilError(f"TensorRT failed to build an engine from '{plan.onnx}' (see the log above)")
-    engine_bytes = bytes(serialized)
-    atomic_write_bytes(plan.timing_cache, bytes(config.get_timing_cache().serialize()))
-    engine = trt.Runtime(logger).deserialize_cuda_engine(engine_bytes)
-    layers = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
-    atomic_write_text(plan.layer_info, layers)
-    atomic_write_bytes(plan.engine, engine_bytes)  # last: its presence means the build finished
-    return plan.engine
+    partial = settings.engine.with_name(settings.engine.name + ".partial")
+    settings.engine.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        engine = engine_loader(settings, partial)()
+        layers = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+        atomic_write_text(settings.layer_info, layers)
+        os.replace(partial, settings.engine)
+    except PolygraphyException as exc:
+        raise CqilError(f"TensorRT could not build an engine from '{settings.onnx}' "
+                        f"({str(exc).strip().splitlines()[0][:200]}): see the log above") from exc
+    finally:
+        partial.unlink(missing_ok=True)
+    return settings.engine
+
+
+# -- command lines and files for a GPU host -------------------------------------------------------------
+
+def _relative(target: Path, base: Path) -> str:
+    return os.path.relpath(Path(target).absolute(), Path(base).absolute())
+
+
+def _shapes(profile: dict[str, ShapeRange], which: str) -> list[str]:
+    return [f"{name}:[{','.join(map(str, getattr(r, which)))}]" for name, r in profile.items()]
+
+
+def build_args(settings: EngineSettings, base: Path) -> list[str]:
+    """Polygraphy's command-line options for the settings (the same for `convert` and `run --trt`)."""
+    options, cache = settings.options, _relative(settings.timing_cache, base)
+    args = []
+    for profile in settings.profiles:
+        for which in ("min", "opt", "max"):
+            args += [f"--trt-{which}-shapes", *_shapes(profile, which)]
+    if options.precision != "fp32":
+        args.append(f"--{options.precision}")
+    args += ["--max-aux-streams", str(settings.aux_streams)]
+    if options.workspace_mib is not None:
+        args += ["--pool-limit", f"workspace:{options.workspace_mib}M"]
+    return args + ["--load-timing-cache", cache, "--save-timing-cache", cache, "--profiling-verbosity", "detailed"]
+
+
+def convert_command(settings: EngineSettings, base: Path) -> list[str]:
+    """`polygraphy convert` building the same engine; paths relative to `base`."""
+    return ["polygraphy", "convert", _relative(settings.onnx, base), "--convert-to", "trt",
+            "-o", _relative(settings.engine, base), *build_args(settings, base)]
+
+
+def inspect_command(settings: EngineSettings, base: Path) -> list[str]:
+    """`polygraphy inspect model` listing the built engine's layers (the inspector's view)."""
+    return ["polygraphy", "inspect", "model", _relative(settings.engine, base), "--show", "layers", "attrs"]
+
+
+def check_commands(settings: EngineSettings, base: Path) -> list[list[str]]:
+    """`polygraphy run --onnxrt --trt`, once per profile with its feeds from data_loader.py.
+
+    Tolerances are `cqil validate`'s logits and present limits for the precision (engines/validate.py).
+    """
+    from engines.validate import DEFAULT_THRESHOLDS
+
+    fp32 = settings.options.precision == "fp32" and settings.spec.kv_dtype == "FLOAT"
+    limits = DEFAULT_THRESHOLDS["FLOAT" if fp32 else "FLOAT16"]
+    tolerances = ["--atol", f"{limits.present_atol:g}", f"logits:{limits.logits_atol:g}",
+                  "--rtol", f"{limits.present_rtol:g}", f"logits:{limits.logits_rtol:g}"]
+    return [["polygraphy", "run", _relative(settings.onnx, base), "--onnxrt", "--trt", *build_args(settings, base),
+             "--optimization-profile", str(index), "--data-loader-script", f"data_loader.py:{loader}", *tolerances]
+            for index, loader in ((PREFILL, "load_prefill"), (DECODE, "load_decode"))]
+
+
+def cli_options(settings: EngineSettings, base: Path) -> list[str]:
+    """`cqil engine` options that reproduce these settings."""
+    o = settings.options
+    options = [f"--precision {o.precision}", f"--aux-streams {settings.aux_streams}",
+               f"--opt-batch {o.opt_batch}", f"--max-batch {o.max_batch}", f"--opt-seq {o.opt_seq}",
+               f"--max-seq {o.max_seq}", f"--opt-past {o.opt_past}", f"--max-context {o.max_context}"]
+    if o.workspace_mib is not None:
+        options.append(f"--workspace-mib {o.workspace_mib}")
+    if o.timing_cache is not None:
+        options.append(f"--timing-cache {shlex.quote(_relative(o.timing_cache, base))}")
+    return options
+
+
+def _polygraphy(args: list[str]) -> str:
+    """One `polygraphy ...` command, an option and its values per line; $POLYGRAPHY may name another executable."""
+    lines = ['"${POLYGRAPHY:-polygraphy}"']
+    for arg in args[1:]:
+        if arg.startswith("-"):
+            lines.append(shlex.quote(arg))
+        else:
+            lines[-1] += " " + shlex.quote(arg)
+    return " \\\n  ".join(lines)
+
+
+def _script(comment: list[str], lines: list[str]) -> str:
+    """A bash script that runs `lines` from its own folder."""
+    header = ["#!/usr/bin/env bash", *(f"# {line}" for line in comment), "set -euo pipefail", 'cd "$(dirname "$0")"']
+    return "\n".join(header + lines) + "\n"
+
+
+def build_script_text(settings: EngineSettings, base: Path) -> str:
+    """build_engine.sh, to live in `base`: `polygraphy convert`, then the engine's layer listing."""
+    engine = _relative(settings.engine, base)
+    listing = str(Path(engine).with_suffix(".layers.txt"))
+    comment = ["Builds the TensorRT engine for this ONNX on a GPU host with TensorRT 10 and Polygraphy",
+               "(pip install polygraphy; or POLYGRAPHY=/path/to/polygraphy). Written by `cqil engine` or",
+               "`cqil build`; the same build through Polygraphy's Python loaders, run in this folder:",
+               " ".join(["  cqil engine --onnx", shlex.quote(_relative(settings.onnx, base)), "--out",
+                         shlex.quote(engine), *cli_options(settings, base)]),
+               "TensorRT logs '[MS] Number of aux streams is N' (polygraphy -v) when it uses the aux streams."]
+    return _script(comment, [f"mkdir -p {shlex.quote(str(Path(engine).parent))}",
+                             _polygraphy(convert_command(settings, base)),
+                             _polygraphy(inspect_command(settings, base)) + f" > {shlex.quote(listing)}"])
+
+
+def check_script_text(settings: EngineSettings, base: Path) -> str:
+    """check_engine.sh, to live in `base` beside data_loader.py: TensorRT against ONNX Runtime, per profile."""
+    comment = ["Compares TensorRT with ONNX Runtime on this ONNX with Polygraphy, on a GPU host with TensorRT 10:",
+               "profile 0 on a prefill with an empty cache, profile 1 on a decode step with a cache",
+               "(feeds from data_loader.py). The engine is built with build_engine.sh's settings.",
+               "Tolerances: cqil validate's limits for the precision. Written by `cqil engine` or `cqil build`."]
+    return _script(comment, [_polygraphy(command) for command in check_commands(settings, base)])
+
+
+def data_loader_text(settings: EngineSettings, seed: int = 0) -> str:
+    """data_loader.py: Polygraphy data-loader functions yielding contract feeds at the engine's opt shapes."""
+    spec, o = settings.spec, settings.options
+    if spec.vocab_size is None:
+        raise CqilError(f"'{settings.onnx}': the logits output has no fixed vocabulary dim, so data_loader.py "
+                        "cannot draw token ids: export it again with `cqil export`")
+    return f'''"""Polygraphy data loader for {settings.onnx.name} (by `cqil engine` or `cqil build`; numpy only).
+
+load_prefill: {o.opt_batch} x {o.opt_seq} tokens with an empty cache (past 0): optimization profile 0.
+load_decode:  one new token over a random cache of {o.opt_past} tokens: optimization profile 1.
+Row 1 of a batch is left-padded. Shapes are the engine's opt shapes; check_engine.sh runs, e.g.
+  polygraphy run model.onnx --onnxrt --trt ... --optimization-profile 1 --data-loader-script data_loader.py:load_decode
+"""
+
+import numpy as np
+
+LAYERS, KV_HEADS, HEAD_DIM = {spec.num_layers}, {spec.kv_heads}, {spec.head_dim}
+CACHE_DTYPE = np.{np.dtype(spec.cache_dtype).name}
+VOCAB = {spec.vocab_size}
+BATCH, PREFILL_SEQ, DECODE_PAST = {o.opt_batch}, {o.opt_seq}, {o.opt_past}
+POSITION_IDS = {"position_ids" in spec.inputs}  # whether the graph takes position_ids
+SEED = {seed}
+
+
+def _feed(rng, seq, past):
+    ids = rng.integers(0, VOCAB, size=(BATCH, seq), dtype=np.int64)
+    mask = np.ones((BATCH, past + seq), dtype=np.int64)
+    if BATCH > 1:
+        mask[1, : (past + seq) // 4] = 0  # left padding
+    feed = {{"input_ids": ids, "attention_mask": mask}}
+    if POSITION_IDS:
+        feed["position_ids"] = np.maximum(mask.cumsum(-1) - 1, 0)[:, past:]
+    shape = (BATCH, KV_HEADS, past, HEAD_DIM)
+    for layer in range(LAYERS):
+        for kind in ("key", "value"):
+            feed[f"past_key_values.{{layer}}.{{kind}}"] = rng.standard_normal(shape).astype(CACHE_DTYPE)
+    return feed
+
+
+def load_prefill():
+    yield _feed(np.random.default_rng(SEED), PREFILL_SEQ, 0)
+
+
+def load_decode():
+    yield _feed(np.random.default_rng(SEED + 1), 1, DECODE_PAST)
+'''
+
+
+def write_engine_files(settings: EngineSettings, folder: Path, base: Path | None = None) -> dict[str, Path]:
+    """Write build_engine.sh, check_engine.sh and data_loader.py into `folder`.
+
+    `base` is where they will live when run (default `folder`): their paths are relative to it.
+    """
+    from pipeline.model.fsutil import atomic_write_text
+
+    base = Path(base or folder)
+    texts = {"build_engine.sh": build_script_text(settings, base), "check_engine.sh": check_script_text(settings, base),
+             "data_loader.py": data_loader_text(settings)}
+    written = {}
+    for name, text in texts.items():
+        path = Path(folder) / name
+        atomic_write_text(path, text)
+        if name.endswith(".sh"):
+            path.chmod(0o755)
+        written[name] = path
+    return written
 
 
 # -- running an engine ------------------------------------------------------------------------------
 
-class TensorRTRunner:
-    """Runs a built engine on the KV-cache contract: (logits, flat presents) like CqilModel's forward.
+class TensorRTRunner(ContractRunner):
+    """Runs a built engine through Polygraphy's TrtRunner; called like `CqilModel`, checked by ContractRunner.
 
-    Inputs are torch tensors; they are moved to the GPU and cast to the engine's I/O types. Profile 0
-    serves a call without past (prefill), profile 1 a call with past (decode).
+    Profile 0 serves a call without past (prefill), profile 1 a call with past (decode).
     """
 
-    def __init__(self, engine_path: Path, num_layers: int):
-        import torch
-
-        trt = import_tensorrt()
-        if trt is None:
+    def __init__(self, engine: Path, spec: ContractSpec):
+        if import_tensorrt() is None:
             raise CqilError("TensorRT is not installed here: the TensorRT runner needs a GPU host with TensorRT 10")
-        path = Path(engine_path)
+        path = Path(engine)
         if not path.is_file():
             raise CqilError(f"engine '{path}' does not exist: build it with `cqil engine` or build_engine.sh")
-        self.trt, self.torch = trt, torch
-        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
-        if self.engine is None:
-            raise CqilError(f"'{path}' is not a TensorRT engine for this TensorRT version and GPU: rebuild it")
-        self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream()
-        self.num_layers = num_layers
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = output_names(num_layers)
-        missing = sorted(set(self.outputs) - set(names))
-        if missing:
-            raise CqilError(f"engine '{path}' lacks outputs {', '.join(missing[:3])}: is it for a "
-                            f"{num_layers}-layer model?")
+        super().__init__(path, spec)
+        from polygraphy.backend.trt import EngineFromPath, TrtRunner
+        from polygraphy.exception import PolygraphyException
+
+        self.runner = TrtRunner(EngineFromPath(str(path)))
+        try:
+            self.runner.activate()
+        except PolygraphyException as exc:
+            raise CqilError(f"'{path}' did not load as a TensorRT engine for this TensorRT version and GPU "
+                            f"({str(exc).strip().splitlines()[0][:200]}): rebuild it") from exc
         self.profile: int | None = None
 
-    def _torch_dtype(self, name: str):
-        torch, dt = self.torch, self.trt.DataType
-        table = {dt.FLOAT: torch.float32, dt.HALF: torch.float16, dt.BF16: torch.bfloat16,
-                 dt.INT64: torch.int64, dt.INT32: torch.int32, dt.BOOL: torch.bool}
-        return table[self.engine.get_tensor_dtype(name)]
-
-    def __call__(self, input_ids, attention_mask, position_ids=None, past_key_values=None):
-        from pipeline.model.cqil import positions_from_mask
-
-        torch = self.torch
-        past = list(past_key_values or [])
-        if past and len(past) != 2 * self.num_layers:
-            raise CqilError(f"past_key_values has {len(past)} tensors, the engine wants {2 * self.num_layers}")
-        if position_ids is None:
-            position_ids = positions_from_mask(attention_mask, input_ids.shape[1])
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        for layer in range(self.num_layers if past else 0):
-            key, value = past_pair(layer)
-            feeds[key], feeds[value] = past[2 * layer], past[2 * layer + 1]
-        profile = DECODE if past else PREFILL
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        profile = DECODE if feeds[past_pair(0)[0]].shape[2] else PREFILL
         if profile != self.profile:
-            self.context.set_optimization_profile_async(profile, self.stream.cuda_stream)
+            self.runner.set_profile(profile)
             self.profile = profile
-        keep = []  # device tensors alive until the launch finishes
-        for name in self.inputs:
-            if name in feeds:
-                tensor = feeds[name]
-            else:  # prefill: an empty cache [batch, kv_heads, 0, head_dim]
-                dims = self.engine.get_tensor_shape(name)
-                tensor = torch.empty(input_ids.shape[0], dims[1], 0, dims[3])
-            tensor = tensor.to("cuda", self._torch_dtype(name)).contiguous()
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            if tensor.numel() == 0:  # an empty binding still needs a valid address
-                tensor = torch.empty(1, device="cuda", dtype=tensor.dtype)
-            self.context.set_tensor_address(name, tensor.data_ptr())
-            keep.append(tensor)
-        results = {}
-        for name in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            results[name] = torch.empty(shape, device="cuda", dtype=self._torch_dtype(name))
-            self.context.set_tensor_address(name, results[name].data_ptr())
-        torch.cuda.current_stream().synchronize()  # inputs copied before the engine reads them
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise CqilError("TensorRT execution failed (see the log above)")
-        self.stream.synchronize()
-        presents = tuple(results[name] for name in self.outputs[1:])
-        return results["logits"], presents
+        outputs = self.runner.infer(feeds)
+        missing = [name for name in self.outputs if name not in outputs]
+        if missing:
+            raise CqilError(f"engine '{self.path}' lacks outputs {', '.join(missing[:3])}: was it built from "
+                            f"this {self.spec.num_layers}-layer ONNX?")
+        return {name: np.array(outputs[name]) for name in self.outputs}  # copies: TrtRunner reuses its buffers
+
+    def close(self) -> None:
+        self.runner.deactivate()

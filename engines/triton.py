@@ -22,13 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from engines.kv_contract import (
-    PLAN_METADATA_KEY,
-    ContractSpec,
-    find_onnx,
-    read_contract,
-)
-from export.contract import output_names
+from export.contract import PLAN_KEY, ContractSpec, find_onnx, output_names, read_contract
 from pipeline.model.errors import CqilError
 from pipeline.model.fsutil import atomic_dir, link_or_copy
 
@@ -152,7 +146,7 @@ def config_text(name: str, kind: str, io: GraphIO) -> str:
     # The ONNX Runtime model keeps Triton's default placement: the GPU where there is one, else the CPU.
     if io.spec.plan is not None:
         plan = json.dumps(io.spec.plan.to_dict(), sort_keys=True, ensure_ascii=False)
-        lines.append(f'parameters {{ key: "{PLAN_METADATA_KEY}" value {{ string_value: "{_quote(plan)}" }} }}')
+        lines.append(f'parameters {{ key: "{PLAN_KEY}" value {{ string_value: "{_quote(plan)}" }} }}')
     return "\n".join(lines) + "\n"
 
 
@@ -181,7 +175,7 @@ def write_model_repository(onnx: Path, repo_dir: Path, model_name: str = "cqil",
     names = model_names(model_name)
     _refuse_foreign(repo_dir, names)
     models = {names["onnx"]: "ONNX Runtime backend", names["python"]: "Python backend, ONNX Runtime on CPU"}
-    with atomic_dir(repo_dir) as tmp:
+    with atomic_dir(repo_dir, is_ours=lambda folder: True) as tmp:  # _refuse_foreign checked it
         onnx_version = tmp / names["onnx"] / VERSION
         link_or_copy(io.onnx, onnx_version / "model.onnx")
         for location in io.external_data:

@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engines.kv_contract import ContractSpec, find_onnx, read_contract
-from export.contract import LAYOUT_KEY, output_names
+from export.contract import LAYOUT_KEY, ContractSpec, find_onnx, output_names, read_contract
 from pipeline.model.cqil import CqilModel
 from pipeline.model.divergence import Agreement
 from pipeline.model.errors import CqilError
@@ -155,17 +154,22 @@ def _round(value: float) -> float:
 
 @torch.no_grad()
 def compare_runner(runner: Runner, reference: CqilModel, chunks: torch.Tensor, decode_steps: int,
-                   thresholds: Thresholds, names: Sequence[str], progress: bool = True) -> dict[str, Any]:
-    """Prefill chunks[:, :-decode_steps] then decode the rest token by token, both sides on their own cache."""
+                   thresholds: Thresholds, names: Sequence[str], progress: bool = True,
+                   attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
+    """Prefill chunks[:, :-decode_steps] then decode the rest token by token, both sides on their own cache.
+
+    `attention_mask` [n, seq] (default all ones) lets the chunks be a left-padded batch of prompts.
+    """
     prefill_len = chunks.shape[1] - decode_steps
     phases = {"prefill": _Phase(names, thresholds), "decode": _Phase(names, thresholds)}
-    mask = torch.ones(chunks.shape[0], prefill_len, dtype=torch.long)
+    full_mask = torch.ones_like(chunks) if attention_mask is None else attention_mask
+    mask = full_mask[:, :prefill_len]
     ids = chunks[:, :prefill_len]
     ref_out, out = reference(ids, mask), runner(ids, mask)
     phases["prefill"].add(ref_out, out)
     for step in tqdm(range(decode_steps), desc="decode", unit="tok", disable=not progress, leave=False):
         ids = chunks[:, prefill_len + step: prefill_len + step + 1]
-        mask = torch.ones(chunks.shape[0], prefill_len + step + 1, dtype=torch.long)
+        mask = full_mask[:, :prefill_len + step + 1]
         ref_out = reference(ids, mask, past_key_values=ref_out[1])
         out = runner(ids, mask, past_key_values=out[1])
         phases["decode"].add(ref_out, out)
@@ -199,11 +203,14 @@ def _structure(spec: ContractSpec, onnx_path: Path) -> dict[str, Any]:
 
 def validate_onnx(onnx_dir: Path, reference: CqilModel, chunks: torch.Tensor, decode_steps: int = 4,
                   thresholds: Thresholds | None = None, engine: Path | None = None, threads: int | None = None,
-                  providers: Sequence[str] | None = None, progress: bool = True) -> dict[str, Any]:
+                  providers: Sequence[str] | None = None, progress: bool = True,
+                  attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
     """Validate the exported model (and a TensorRT engine, if given and TensorRT imports) against `reference`.
 
     `chunks` [n, seq] int64 of held-out text; the last `decode_steps` tokens of each are decoded.
-    Returns the JSON-able result; `result["passed"]` is the verdict.
+    `attention_mask` [n, seq] of 0/1 (0 = left padding, never among the decoded tokens) makes the
+    chunks a padded batch; by default every token is real. Every position is compared, padding too:
+    both sides compute the same masked rows. Returns the JSON-able result; `result["passed"]` is the verdict.
     """
     from engines.onnxruntime import OrtRunner
     from engines.tensorrt import TensorRTRunner, import_tensorrt
@@ -216,6 +223,10 @@ def validate_onnx(onnx_dir: Path, reference: CqilModel, chunks: torch.Tensor, de
     if not 1 <= decode_steps < chunks.shape[1]:
         raise CqilError(f"--decode-steps {decode_steps} must be at least 1 and below the chunk length "
                         f"{chunks.shape[1]}")
+    if attention_mask is not None and (attention_mask.shape != chunks.shape
+                                       or not bool(attention_mask[:, -decode_steps:].eq(1).all())):
+        raise CqilError(f"attention_mask {tuple(attention_mask.shape)} must have the chunks' shape "
+                        f"{tuple(chunks.shape)} and 1 on the {decode_steps} decoded tokens of every row")
     limits = thresholds or default_thresholds(spec)
     names = output_names(spec.num_layers)
     ort_runner = OrtRunner(onnx_path, providers=providers, threads=threads)
@@ -227,10 +238,11 @@ def validate_onnx(onnx_dir: Path, reference: CqilModel, chunks: torch.Tensor, de
             notes.append(f"TensorRT is not installed here: engine '{engine}' was not validated")
             engines["tensorrt"] = {"skipped": "TensorRT not installed", "engine": str(engine)}
         else:
-            runners["tensorrt"] = TensorRTRunner(Path(engine), spec.num_layers)
+            runners["tensorrt"] = TensorRTRunner(Path(engine), spec)
     reference.eval()
     for name, runner in runners.items():
-        engines[name] = compare_runner(runner, reference, chunks, decode_steps, limits, names, progress)
+        engines[name] = compare_runner(runner, reference, chunks, decode_steps, limits, names, progress,
+                                       attention_mask)
     engines["onnxruntime"]["providers"] = ort_runner.session.get_providers()
     structure = _structure(spec, onnx_path)
     ran = [result for result in engines.values() if "skipped" not in result]

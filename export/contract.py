@@ -1,17 +1,29 @@
-"""The ONNX I/O contract of DESIGN.md section 4: names, dynamic shapes, example inputs, call structure.
+"""The ONNX I/O contract of DESIGN.md section 4, for writing and for reading: names, dynamic shapes,
+metadata keys, example inputs, the traced call, and what a runtime reads back from a file.
 
 The names are the ones Hugging Face Optimum and ONNX Runtime GenAI use for decoders with past, so a
 runtime written for those can feed our files. One graph serves prefill (past = 0), decode (seq = 1)
 and left-padded batches: batch, seq and past are dynamic; the attention mask spans past + seq.
+The flat cache of `CqilModel` (k0, v0, k1, v1, ...) is, in that order, `past_key_values.{i}.key|value`
+on the way in and `present.{i}.key|value` on the way out. The plan rides in `metadata_props`.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
 import torch
 from torch import nn
 
 from pipeline.model.cqil import CqilModel
+from pipeline.model.errors import CqilError
 from pipeline.model.kv import make_cache
+from pipeline.model.plan import Plan, plan_from_dict
 
 BATCH, SEQ, PAST, TOTAL = "batch", "seq", "past", "total"
 # torch.export specializes a dimension whose example size is 0 or 1: keep every example size >= 2.
@@ -43,6 +55,22 @@ def input_names(num_layers: int) -> list[str]:
 
 def output_names(num_layers: int) -> list[str]:
     return ["logits", *present_names(num_layers)]
+
+
+T = TypeVar("T")
+
+
+def named_past(flat: Sequence[T], num_layers: int) -> dict[str, T]:
+    """The flat cache (k0, v0, k1, v1, ...) keyed by the ONNX input names."""
+    if len(flat) != 2 * num_layers:
+        raise CqilError(f"past_key_values holds {len(flat)} tensors, expected 2 x {num_layers} layers "
+                        "(k0, v0, k1, v1, ...)")
+    return dict(zip(past_names(num_layers), flat))
+
+
+def flat_presents(outputs: Mapping[str, T], num_layers: int) -> tuple[T, ...]:
+    """The presents of a run keyed by output name, as the flat cache (k0, v0, k1, v1, ...)."""
+    return tuple(outputs[name] for name in present_names(num_layers))
 
 
 def dynamic_shapes(num_layers: int) -> dict:
@@ -104,3 +132,120 @@ def name_total_dims(graph) -> None:
             dims = list(value.shape)
             dims[2] = TOTAL
             value.shape = ir.Shape(dims)
+
+
+# -- reading a file's contract ------------------------------------------------------------------------
+
+# ONNX element type of the cache -> the numpy dtype a runtime feeds it in.
+NUMPY_DTYPES = {"FLOAT": np.float32, "FLOAT16": np.float16}
+
+
+@dataclass(frozen=True)
+class ContractSpec:
+    """What a runtime needs to know about an exported decoder, read from its declarations."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    kv_dtype: str  # ONNX element type name of the cache, e.g. "FLOAT" or "FLOAT16"
+    plan: Plan | None
+    inputs: tuple[str, ...]  # the contract inputs the graph declares, in contract order
+    metadata: dict[str, str] = field(default_factory=dict)  # the model's metadata_props (cqil.* keys)
+    vocab_size: int | None = None  # the logits' last dim, when the graph fixes it
+
+    def source_model(self) -> dict:
+        """The `cqil.source_model` record (name, path) of the exported model; {} when absent."""
+        try:
+            record = json.loads(self.metadata.get(SOURCE_KEY, "{}"))
+        except json.JSONDecodeError:
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    @property
+    def cache_dtype(self) -> type:
+        """The numpy dtype of the cache tensors; refuses element types no runtime here feeds."""
+        if self.kv_dtype not in NUMPY_DTYPES:
+            raise CqilError(f"cache element type {self.kv_dtype} is not supported (export fp32 or fp16)")
+        return NUMPY_DTYPES[self.kv_dtype]
+
+
+def empty_past(spec: ContractSpec, batch: int) -> dict[str, np.ndarray]:
+    """A prefill's cache: every past input with past = 0, [batch, kv_heads, 0, head_dim]."""
+    empty = np.zeros((batch, spec.kv_heads, 0, spec.head_dim), dtype=spec.cache_dtype)
+    return {name: empty for name in past_names(spec.num_layers)}
+
+
+def find_onnx(path: Path) -> Path:
+    """`--onnx` may name the file or its directory (holding exactly one .onnx, or model.onnx)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise CqilError(f"--onnx '{path}' does not exist: pass the directory written by `cqil export`")
+    if (path / "model.onnx").is_file():
+        return path / "model.onnx"
+    found = sorted(path.glob("*.onnx"))
+    if len(found) != 1:
+        what = "no .onnx file" if not found else f"{len(found)} .onnx files"
+        raise CqilError(f"--onnx directory '{path}' holds {what}: pass the .onnx file itself")
+    return found[0]
+
+
+def read_contract(onnx_path: Path) -> ContractSpec:
+    """Check the graph's inputs against the contract and read the cache geometry and the plan.
+
+    Only the declarations are read (`load_external_data=False`), so this is quick on a 7B export.
+    """
+    import onnx
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, OSError, ... for a damaged file
+        raise CqilError(f"'{onnx_path}' is not a readable ONNX model ({exc.__class__.__name__}): "
+                        "export it again with `cqil export`") from exc
+    inputs = {value.name: value for value in model.graph.input}
+    for name in ("input_ids", "attention_mask"):
+        if name not in inputs:
+            raise CqilError(f"'{onnx_path}' has no '{name}' input: it does not follow the cqil "
+                            "ONNX contract (export it with `cqil export`)")
+    num_layers = 0
+    while past_pair(num_layers)[0] in inputs:
+        num_layers += 1
+    if num_layers == 0:
+        raise CqilError(f"'{onnx_path}' has no past_key_values.0.key input: export it with the KV cache")
+    unknown = sorted(set(inputs) - set(input_names(num_layers)))
+    if unknown:
+        raise CqilError(f"'{onnx_path}' has inputs outside the cqil contract: {', '.join(unknown)}")
+    shape = _dims(inputs["past_key_values.0.key"])
+    if len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
+        raise CqilError(f"'{onnx_path}': past_key_values.0.key must be [batch, kv_heads, past, head_dim] "
+                        f"with fixed kv_heads and head_dim, found {shape}")
+    for name in past_names(num_layers):
+        if name not in inputs or _dims(inputs[name]) != shape:
+            raise CqilError(f"'{onnx_path}': input {name} is missing or differs in shape from "
+                            f"past_key_values.0.key {shape}")
+    elem = inputs["past_key_values.0.key"].type.tensor_type.elem_type
+    metadata = {prop.key: prop.value for prop in model.metadata_props}
+    declared = tuple(name for name in input_names(num_layers) if name in inputs)
+    logits = [_dims(value) for value in model.graph.output if value.name == "logits"]
+    vocab = logits[0][-1] if logits and logits[0] and isinstance(logits[0][-1], int) else None
+    return ContractSpec(num_layers, shape[1], shape[3], onnx.TensorProto.DataType.Name(elem),
+                        plan_from_metadata(metadata, num_layers, onnx_path), declared, metadata, vocab)
+
+
+def _dims(value) -> list[int | str]:
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in value.type.tensor_type.shape.dim]
+
+
+def plan_from_metadata(metadata: Mapping[str, str], num_layers: int, onnx_path: Path) -> Plan | None:
+    """The plan stored under `cqil.plan` in a file's metadata_props; None when the file has none."""
+    if PLAN_KEY not in metadata:
+        return None
+    try:
+        data = json.loads(metadata[PLAN_KEY])
+    except json.JSONDecodeError as exc:
+        raise CqilError(f"'{onnx_path}': metadata '{PLAN_KEY}' is not JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CqilError(f"'{onnx_path}': metadata '{PLAN_KEY}' must hold a plan object")
+    return plan_from_dict(data, num_layers)

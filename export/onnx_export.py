@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -20,6 +22,29 @@ from export.naming import label_nodes
 from pipeline.model.cqil import CqilModel
 
 OPSET = 18
+# torch.onnx logs "torchvision is not installed. Skipping torchvision::nms" (and three more ops) each
+# time it builds its op registry; our graphs have no torchvision ops. Only those records are dropped.
+REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
+
+
+class _NoTorchvisionNotes(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("torchvision is not installed")
+
+
+@contextlib.contextmanager
+def no_torchvision_notes() -> Iterator[None]:
+    """Drop torch.onnx's "torchvision is not installed" records while exporting; every other record passes.
+
+    A filter on the registry's own logger, not a level: torch resets its loggers' levels when its
+    logging initializes, and a level would hide real warnings too.
+    """
+    logger, note_filter = logging.getLogger(REGISTRY_LOGGER), _NoTorchvisionNotes()
+    logger.addFilter(note_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(note_filter)
 
 
 def optimize_without_cse(model) -> None:
@@ -61,7 +86,7 @@ def export_layout(module: nn.Module, model: CqilModel, dtype: torch.dtype, verbo
     layers = model.num_layers
     args = contract.example_inputs(model, dtype)
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
-    with torch.no_grad(), quiet, warnings.catch_warnings():
+    with torch.no_grad(), quiet, warnings.catch_warnings(), no_torchvision_notes():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module.eval(), args, dynamo=True, optimize=False, opset_version=OPSET,

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import resource
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ from export import contract
 from export.check import StructureReport, check_branch_structure
 from pipeline.model.cqil import CqilModel
 from pipeline.model.errors import CqilError
-from pipeline.model.fsutil import atomic_dir
+from pipeline.model.fsutil import atomic_dir, check_output_dir
 from pipeline.model.plan import CONFIG_KEY
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -69,15 +67,8 @@ def check_options(layout: str, dtype: str) -> None:
 
 
 def check_writable(out: Path) -> None:
-    """Fail before the (minute-long) export if `out` cannot become a directory we write."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CqilError(f"--out '{out}' is a file: give a directory to write model.onnx into")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent))
-    except OSError as exc:
-        raise CqilError(f"cannot write to '{out}' ({exc.strerror or exc}): choose another --out") from exc
+    """Fail before the (minute-long) export if `out` cannot become a folder we write (fsutil rules)."""
+    check_output_dir(Path(out), "--out")
 
 
 def _peak_rss_mb() -> float:
@@ -105,10 +96,18 @@ def _metadata(model: CqilModel, layout: str, dtype: str, source: dict) -> dict[s
         contract.PLAN_KEY: json.dumps(model.plan.to_dict(), sort_keys=True),
         contract.LAYOUT_KEY: layout,
         contract.DTYPE_KEY: dtype,
-        contract.SOURCE_KEY: json.dumps(source, sort_keys=True),
+        contract.SOURCE_KEY: json.dumps(_resolved(source), sort_keys=True),
         contract.VERSION_KEY: f"cqil-pipeline {__version__}",
         contract.KV_SHAPE_KEY: json.dumps(kv_shape, sort_keys=True),
     }
+
+
+def _resolved(source: dict) -> dict:
+    """The source record with its path absolute and resolved: the same model gives the same bytes
+    however its path was typed."""
+    if source.get("path"):
+        return {**source, "path": str(Path(source["path"]).expanduser().resolve())}
+    return source
 
 
 def _write_side_files(folder: Path, model: CqilModel, dtype: str, tokenizer) -> None:

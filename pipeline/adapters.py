@@ -103,6 +103,7 @@ def validate_adapter(adapter_dir: Path, model: nn.Module) -> None:
 
     weights = adapter_weights_file(adapter_dir)
     config = read_adapter_config(adapter_dir)
+    check_base_model(adapter_dir, model)
     shapes = adapter_tensor_shapes(weights)
     modules = dict(model.named_modules())
     num_layers = model.config.num_hidden_layers
@@ -140,6 +141,43 @@ def validate_adapter(adapter_dir: Path, model: nn.Module) -> None:
                 f"{module.out_features} here but the adapter's LoRA pair is A{list(a)} B{list(b)}; "
                 "use an adapter trained for this base model"
             )
+
+
+def recorded_base_model(adapter_dir: Path) -> dict[str, Any]:
+    """What an adapter records of the model it was trained on: class, family, layers, hidden size.
+
+    peft's own `auto_mapping.base_model_class` where present, and for ours the model record of the
+    plan in the run record (training_run.json). Empty for an adapter that records nothing.
+    """
+    adapter_dir = Path(adapter_dir)
+    recorded: dict[str, Any] = {}
+    try:
+        mapping = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("auto_mapping") or {}
+        model = json.loads((adapter_dir / RUN_RECORD).read_text()).get("plan", {}).get("model", {}) \
+            if (adapter_dir / RUN_RECORD).is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise CqilError(f"adapter '{adapter_dir}' has an unreadable record of its base model ({exc})") from exc
+    architecture = mapping.get("base_model_class") or model.get("architecture")
+    if architecture and architecture != "?":
+        recorded["class"] = architecture
+    for key, name in (("model_type", "model_type"), ("num_layers", "layers"), ("hidden_size", "hidden_size")):
+        if model.get(key):
+            recorded[name] = model[key]
+    return recorded
+
+
+def check_base_model(adapter_dir: Path, model: nn.Module) -> None:
+    """Refuse an adapter whose recorded base model is another one, even when its shapes happen to fit."""
+    config = model.config
+    this = {"class": type(model).__name__, "model_type": config.model_type, "layers": config.num_hidden_layers,
+            "hidden_size": config.hidden_size}
+    recorded = recorded_base_model(adapter_dir)
+    differ = [key for key, value in recorded.items() if this[key] != value]
+    if differ:
+        def describe(record: dict) -> str:
+            return ", ".join(f"{key.replace('_', ' ')} {record[key]}" for key in differ)
+        raise CqilError(f"adapter '{adapter_dir}' was trained on another model ({describe(recorded)}; this model: "
+                        f"{describe(this)}): use an adapter trained for this base model")
 
 
 def _mismatch_message(adapter_dir: Path, pairs: dict, missing: list[str], without_weights: list[str],

@@ -111,29 +111,36 @@ def run_plan(ctx: StageContext, config: dict) -> dict:
     from transformers import AutoConfig
 
     from pipeline.model import plan as plans
-
-    params = ctx.params
+    from pipeline.plan_choice import resolve_plan
     from pipeline.sources import model_name
 
+    params = ctx.params
     model_config = AutoConfig.from_pretrained(ctx.upstream("source"))
-    layers = model_config.num_hidden_layers
+    search_report = {}
+
+    def search():
+        plan, search_report["report"] = _auto_plan(ctx, config, model_config)
+        return plan
+
+    plan = resolve_plan(plan_choice(params), model_config, search=search)
+    if search_report:
+        _write_json(ctx.out / "plan.search.json", search_report["report"])
     record = {**plans.model_record(model_config), "name": model_name(ctx.upstream("source"))}
+    plan = plans.Plan(plan.groups, plan.bypass, record)
+    plan.save(ctx.out / "plan.json")
+    return {"depth": plan.depth, "layers": plan.num_layers, "bypass": plan.bypass, "plan": plan.describe()}
+
+
+def plan_choice(params: dict):
+    """The [plan] section as the options of `cqil plan`; exactly one of uniform, groups, file, auto."""
+    from pipeline.plan_choice import PlanChoice
+
     chosen = [key for key in ("uniform", "groups", "file") if params[key]] + (["auto"] if params["auto"] else [])
     if len(chosen) != 1:
         raise CqilError(f"[plan] needs exactly one of uniform, groups, file, auto (got {chosen or 'none'})")
-    if params["auto"]:
-        plan, search_report = _auto_plan(ctx, config, model_config)
-        _write_json(ctx.out / "plan.search.json", search_report)
-    elif params["uniform"]:
-        plan = plans.parse_uniform_spec(params["uniform"], layers, params["bypass"], record)
-    elif params["groups"]:
-        plan = plans.parse_groups_spec(params["groups"], layers, params["bypass"], record)
-    else:
-        loaded = plans.load_plan(Path(params["file"]), layers)
-        plan = plans.Plan(loaded.groups, loaded.bypass, record)
-    plan.check_fits(model_config)
-    plan.save(ctx.out / "plan.json")
-    return {"depth": plan.depth, "layers": plan.num_layers, "bypass": plan.bypass, "plan": plan.describe()}
+    return PlanChoice(plan=Path(params["file"]) if params["file"] else None, uniform=params["uniform"] or None,
+                      groups=params["groups"] or None, auto=params["auto"],
+                      bypass=None if params["auto"] or params["file"] else params["bypass"])  # a file has its own
 
 
 def _auto_plan(ctx: StageContext, config: dict, model_config):
@@ -196,31 +203,22 @@ def run_export(ctx: StageContext, config: dict) -> dict:
 
 
 def run_engines(ctx: StageContext, config: dict) -> dict:
-    from engines.tensorrt import (
-        EngineSettings,
-        build_engine,
-        build_script_text,
-        import_tensorrt,
-        plan_build,
-    )
+    from engines.tensorrt import EngineOptions, build_engine, engine_settings, import_tensorrt, write_engine_files
 
     params = dict(ctx.params)
-    settings = EngineSettings(**params)
     trt_dir, final_dir = ctx.out / "trt", ctx.build_dir / "engines" / "trt"
     trt_dir.mkdir()
-    build = plan_build(ctx.upstream("export") / "onnx", trt_dir / "model.plan", settings)
+    settings = engine_settings(ctx.upstream("export") / "onnx", trt_dir / "model.plan", EngineOptions(**params))
     _write_json(trt_dir / "engine_settings.json",
-                {"aux_streams": build.aux_streams, **params,
-                 "profiles": [{name: vars(r) for name, r in p.items()} for p in build.profiles]})
-    # The script sits in trt/ and names the engine and the ONNX by their final places, relative to itself.
-    script = trt_dir / "build_engine.sh"
-    script.write_text(build_script_text(dataclasses.replace(build, engine=final_dir / "model.plan"), final_dir))
-    script.chmod(0o755)
+                {"aux_streams": settings.aux_streams, **params,
+                 "profiles": [{name: vars(r) for name, r in p.items()} for p in settings.profiles]})
+    # The scripts sit in trt/ and name the engine and the ONNX by their final places, relative to themselves.
+    write_engine_files(dataclasses.replace(settings, engine=final_dir / "model.plan"), trt_dir, final_dir)
     if import_tensorrt() is None:
         return {"tensorrt": "not installed: engine NOT built; run engines/trt/build_engine.sh on a GPU host",
-                "aux_streams": build.aux_streams}
-    build_engine(build)
-    return {"tensorrt": "built", "aux_streams": build.aux_streams}
+                "aux_streams": settings.aux_streams}
+    build_engine(settings)
+    return {"tensorrt": "built", "aux_streams": settings.aux_streams}
 
 
 def run_validate(ctx: StageContext, config: dict) -> dict:
@@ -253,9 +251,10 @@ def run_validate(ctx: StageContext, config: dict) -> dict:
 
 
 def run_bench(ctx: StageContext, config: dict) -> dict:
-    from engines.bench import BenchSettings, cached_reference, run_bench
+    from engines.bench import BenchSettings, run_bench
     from engines.bench_chart import plot_bench
-    from engines.kv_contract import find_onnx, read_contract
+    from export.contract import find_onnx, read_contract
+    from pipeline.reference import cached_reference
     from pipeline.stages import read_record
 
     params = ctx.params
@@ -304,6 +303,7 @@ def make_stages(config: dict[str, dict[str, Any]]) -> list[Stage]:
     from pipeline.model.fsutil import sha256_file
     from pipeline.sources import resolve_model_dir
 
+    plan_choice(config["plan"]).check()  # before any stage runs
     model_dir = resolve_model_dir(config["source"]["model"] or None)
     weights = {f.name: sha256_file(f) for f in sorted(model_dir.glob("*.safetensors"))}
     data = config["data"]

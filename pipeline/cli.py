@@ -1,86 +1,66 @@
-"""The `cqil` command line. Each subcommand parses its options here and calls into its stage module.
+"""The `cqil` command line: the parser, and exit codes that a CI job can trust.
 
-Errors in the user's input (CqilError) end with one line on stderr and exit status 2; `--debug`
-shows the traceback instead.
+Each subcommand lives in the module of pipeline/commands/ named after it and registers itself with
+`register(subparsers)`; heavy imports stay inside the command functions so that `cqil --help` is
+quick and every module imports on a CPU-only machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+import traceback
+from typing import NoReturn
 
 from pipeline.model.errors import CqilError
 
-# -- shared options ---------------------------------------------------------------------------------
+# The exit codes, documented in `cqil --help` and the README.
+OK, CHECK_FAILED, BAD_INPUT, INTERNAL_ERROR, INTERRUPTED = 0, 1, 2, 3, 130
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct)")
+EXIT_CODES = """\
+exit codes:
+  0  success
+  1  a check ran and failed (cqil validate, cqil gate, cqil verify, a build whose validation failed)
+  2  bad input or usage: a missing or malformed option or file, an output location that cannot be
+     written (checked before any long work starts); one line on stderr names it
+  3  an internal error (a bug): one line on stderr says where the traceback was saved; --debug prints it
+--debug never changes the exit code. --out never deletes what cqil did not write: an existing output
+folder is replaced only if cqil wrote it (it holds a .cqil-output file); any other non-empty folder is
+refused."""
 
-
-def add_plan_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("plan (one of; a merged CQIL checkpoint carries its own)")
-    group.add_argument("--plan", type=Path, help="plan.json, or an official CQIL config with cqil_layers")
-    group.add_argument("--uniform", metavar="S:E:P", help="groups of P layers in [S, E), as in the paper")
-    group.add_argument("--groups", metavar="A-B,...", help="explicit parallel groups, e.g. 15-16,17-18")
-    group.add_argument("--bypass", type=int, default=None, metavar="D",
-                       help="bypass distance d (default 0; with --plan, the plan's own)")
-
-
-def add_data_options(parser: argparse.ArgumentParser, batch_size: int = 4) -> None:
-    from pipeline.data import DEFAULT_SEQ_LEN
-
-    parser.add_argument("--data", help=".txt, directory of .txt, or .jsonl (default: pydoc_data.topics)")
-    parser.add_argument("--eval-data", help="held-out text used whole (default: last 10%% of --data)")
-    parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="tokens per chunk (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="chunks per batch (default %(default)s)")
-    parser.add_argument("--max-chunks", type=int, default=None, help="use at most this many chunks")
-
-
-def plan_from_args(args: argparse.Namespace, config, required: bool = True):
-    """The plan named on the command line, else the one the checkpoint carries, else an error."""
-    from pipeline.model import plan as plans
-
-    given = [name for name in ("plan", "uniform", "groups") if getattr(args, name, None)]
-    if len(given) > 1:
-        raise CqilError(f"give one of --plan, --uniform, --groups (got {', '.join('--' + g for g in given)})")
-    record = plans.model_record(config)
-    layers = config.num_hidden_layers
-    if args.plan:
-        plan = plans.load_plan(args.plan, layers)
-        if args.bypass is not None:
-            plan = plans.Plan(plan.groups, args.bypass, plan.model)
-    elif args.uniform:
-        plan = plans.parse_uniform_spec(args.uniform, layers, args.bypass or 0, record)
-    elif args.groups:
-        plan = plans.parse_groups_spec(args.groups, layers, args.bypass or 0, record)
-    else:
-        plan = plans.plan_from_config(config)
-        if plan is None and required:
-            raise CqilError("no plan: pass --plan plan.json, --uniform S:E:P or --groups A-B,... "
-                            "(or a merged CQIL checkpoint as --model)")
-    if plan is not None:
-        plan.check_fits(config)
-    return plan
-
-
-def limit_chunks(chunks, max_chunks: int | None):
-    return chunks if max_chunks is None else chunks[:max_chunks]
-
-
-# -- parser ---------------------------------------------------------------------------------------
-
-# Each module registers its subcommands with `register(subparsers)`; heavy imports stay inside the
-# command functions so that `cqil --help` is quick and every module imports on a CPU-only machine.
 COMMAND_MODULES = (
-    "pipeline.commands.core",
-    "pipeline.commands.recover",
-    "pipeline.commands.export",
-    "pipeline.commands.engines",
-    "pipeline.commands.triton",
-    "pipeline.commands.validate",
-    "pipeline.commands.build",
+    "analyze", "plan", "eval", "generate", "finetune", "merge", "export", "engine", "triton", "validate",
+    "bench", "gate", "build", "verify",
 )
+
+
+class OptionError(CqilError):
+    """An option value that failed its check while parsing; carries the command it belongs to."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors, and option checks (commands/options.py) that name option and value."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def _get_value(self, action: argparse.Action, arg_string: str):
+        from pipeline.commands.options import Check
+
+        if not isinstance(action.type, Check):
+            return super()._get_value(action, arg_string)
+        option = action.option_strings[-1] if action.option_strings else action.metavar or action.dest
+        try:
+            return action.type(arg_string, option)
+        except CqilError as exc:  # the check's message names the option already
+            raise OptionError(self.prog, str(exc)) from exc
+        except ValueError as exc:
+            shown = arg_string if arg_string and not any(c.isspace() for c in arg_string) else repr(arg_string)
+            raise OptionError(self.prog, f"{option} {shown} {exc}") from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,12 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from pipeline import __version__
 
-    parser = argparse.ArgumentParser(prog="cqil", description="CQIL: concurrent quasi-independent layers for LLaMA-family LLMs")
+    parser = Parser(prog="cqil", description="CQIL: concurrent quasi-independent layers for LLaMA-family LLMs",
+                    epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"cqil-pipeline {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks (the exit code stays the same)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+        importlib.import_module(f"pipeline.commands.{name}").register(sub)
     return parser
 
 
@@ -118,20 +99,54 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _save_traceback() -> str:
+    """Write the current traceback to a file; its path (or why it could not be written)."""
+    import os
+    import tempfile
+    import time
+
+    text = traceback.format_exc()
+    try:
+        fd, path = tempfile.mkstemp(prefix=f"cqil-traceback-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".txt")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        return f"traceback in {path}"
+    except OSError:
+        return "the traceback could not be saved"
+
+
+def _os_error_line(exc: OSError) -> str:
+    names = [name for name in (exc.filename, exc.filename2) if name]
+    where = " -> ".join(f"'{name}'" for name in names)
+    return f"{exc.strerror or exc}{': ' + where if where else ''}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; returns its exit code (argparse usage errors exit 2 through SystemExit)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except OptionError as exc:
+        if "--debug" in (sys.argv[1:] if argv is None else argv):
+            traceback.print_exc()
+        print(f"{exc.prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return BAD_INPUT
     _quiet_libraries()
     try:
-        status = args.func(args)  # a command may return a non-zero status (e.g. a failed gate)
+        status = args.func(args)  # a command returns CHECK_FAILED when its check ran and failed
+        return status or OK
     except CqilError as exc:
-        if args.debug:
-            raise
-        print(f"cqil {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"cqil {args.command}: interrupted", file=sys.stderr)
-        return 130
-    return status or 0
+        error, code, line = exc, BAD_INPUT, f"error: {exc}"
+    except OSError as exc:  # a file or folder that cannot be read or written: the user's to fix
+        error, code, line = exc, BAD_INPUT, f"error: {_os_error_line(exc)}"
+    except KeyboardInterrupt as exc:
+        error, code, line = exc, INTERRUPTED, "interrupted"
+    except Exception as exc:  # noqa: BLE001 - a bug: say so in one line, keep the traceback
+        where = "printed above" if args.debug else _save_traceback() + "; --debug prints it"
+        error, code, line = exc, INTERNAL_ERROR, f"internal error (a bug): {type(exc).__name__}: {exc} ({where})"
+    if args.debug:
+        traceback.print_exception(error)
+    print(f"cqil {args.command}: {' '.join(line.split())}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

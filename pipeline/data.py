@@ -40,17 +40,25 @@ def read_text(source: str | Path | None) -> str:
         files = sorted(path.rglob("*.txt"))
         if not files:
             raise CqilError(f"directory '{source}' holds no .txt files")
-        return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+        return "\n\n".join(_utf8(f) for f in files)
     if path.suffix == ".jsonl":
         return "\n\n".join(_jsonl_texts(path))
     if path.suffix == ".txt":
-        return path.read_text(encoding="utf-8")
+        return _utf8(path)
     raise CqilError(f"text source '{source}' is neither .txt, .jsonl nor a directory")
+
+
+def _utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CqilError(f"'{path}' is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
+                        "convert it to UTF-8") from None
 
 
 def _jsonl_texts(path: Path) -> list[str]:
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -211,7 +211,7 @@ def finetune(hf_model: torch.nn.Module, plan: Plan, train: torch.Tensor, held_ou
                 "original_ppl": metrics["original"]["ppl"]}
 
     if resume:
-        saved = torch.load(state_file, map_location="cpu", weights_only=False)
+        saved = load_checkpoint(state_file)
         _check_same_run(saved["identity"], identity, checkpoint_dir)
         set_peft_model_state_dict(peft_model, saved["lora"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -277,6 +277,24 @@ def finetune(hf_model: torch.nn.Module, plan: Plan, train: torch.Tensor, held_ou
         (tmp / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the run is complete: its checkpoint is spent
     return record
+
+
+def load_checkpoint(state_file: Path) -> dict[str, Any]:
+    """A checkpoint's state, read without pickle (torch's weights_only loader: tensors, numbers, strings,
+    lists and dicts): a checkpoint that came from elsewhere cannot run code."""
+    import pickle
+
+    try:
+        saved = torch.load(state_file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CqilError(f"checkpoint '{state_file}' holds Python objects that only pickle can load; cqil never "
+                        "writes those and will not run them: delete the checkpoint to start over") from exc
+    except (RuntimeError, EOFError, ValueError) as exc:
+        raise CqilError(f"checkpoint '{state_file}' could not be read ({type(exc).__name__}): "
+                        "delete it to start over") from exc
+    if not isinstance(saved, dict) or not {"identity", "run", "lora", "optimizer", "scheduler", "rng"} <= set(saved):
+        raise CqilError(f"checkpoint '{state_file}' is not a cqil finetune checkpoint: delete it to start over")
+    return saved
 
 
 def sort_target_modules(config_file: Path) -> None:

@@ -41,6 +41,14 @@ def resolve_model_dir(spec: str | Path | None) -> Path:
     """Turn `--model` into an HF model directory, converting GGUF or fetching the default once."""
     if spec is None or str(spec) in ("", "default"):
         return default_model_dir()
+    path = check_model_spec(spec)
+    if path.is_file():
+        return convert_gguf(path)
+    return path.resolve()  # what records it (ONNX metadata, merged config) is the same however it was typed
+
+
+def check_model_spec(spec: str | Path) -> Path:
+    """The cheap checks of a `--model` value (nothing converted or loaded): an HF directory or a .gguf file."""
     path = Path(spec).expanduser()
     if not path.exists():
         raise CqilError(
@@ -52,7 +60,7 @@ def resolve_model_dir(spec: str | Path | None) -> Path:
             raise CqilError(
                 f"model file '{spec}' is not a .gguf file: pass a GGUF file or an HF model directory"
             )
-        return convert_gguf(path)
+        return path
     check_model_dir(path)
     return path
 
@@ -160,6 +168,31 @@ def model_name(path: Path) -> str:
     return path.name
 
 
+def _weights_misfit(path: Path) -> str | None:
+    """The first tensor whose shape in the safetensors files differs from what config.json makes, if any."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    shape = tuple(handle.get_slice(key).get_shape())
+                    if key in expected and expected[key] != shape:
+                        sizes = {k: v for k, v in config.to_dict().items()
+                                 if isinstance(v, int) and not isinstance(v, bool) and (v in shape or v in expected[key])}
+                        hint = f" (config.json: {', '.join(f'{k} {v}' for k, v in sorted(sizes.items()))})" if sizes else ""
+                        return (f"'{key}' is {list(shape)} in {file.name} but config.json makes it "
+                                f"{list(expected[key])}{hint}")
+    except Exception:  # noqa: BLE001 - only a better message is at stake; the caller reports the original
+        return None
+    return None
+
+
 def load_model(spec: str | Path | None, dtype: str = "float32") -> LoadedModel:
     """Resolve and load a supported causal LM in eval mode, with its tokenizer."""
     import torch
@@ -170,6 +203,10 @@ def load_model(spec: str | Path | None, dtype: str = "float32") -> LoadedModel:
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     except Exception as exc:
+        misfit = _weights_misfit(path)
+        if misfit:
+            raise CqilError(f"the weights in '{path}' do not fit its config.json: {misfit}; the config and the "
+                            "weights come from different models") from exc
         raise CqilError(f"could not load the weights in '{path}' ({type(exc).__name__}: {exc})") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

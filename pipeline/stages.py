@@ -24,7 +24,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.model.errors import CqilError
-from pipeline.model.fsutil import atomic_dir, sha256_file
+from pipeline.model.fsutil import MARKER, atomic_dir, has_marker, sha256_file
 
 RECORD = ".stage.json"
 LOCK = ".build.lock"
@@ -101,6 +101,26 @@ def build_lock(build_dir: Path) -> Iterator[None]:
         handle.close()
 
 
+def is_build_dir(path: Path) -> bool:
+    """A folder an earlier `cqil build` wrote (its marker, manifest or lock file): safe to build into."""
+    return has_marker(path) or (path / "manifest.json").is_file() or (path / LOCK).is_file()
+
+
+def _is_stage_dir(path: Path) -> bool:
+    """A stage's own folder (its record), which a rerun of the stage replaces."""
+    return (path / RECORD).is_file()
+
+
+def claim_build_dir(build_dir: Path) -> None:
+    """Mark `build_dir` as cqil's before writing into it; refuse a folder that holds anything else."""
+    from pipeline.model.fsutil import MARKER_TEXT, check_output_dir
+
+    check_output_dir(build_dir, "--out", is_ours=is_build_dir)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if not has_marker(build_dir):
+        (build_dir / MARKER).write_text(MARKER_TEXT)
+
+
 def remove_leftovers(build_dir: Path) -> None:
     """Delete the temporary directories of a killed build (safe: we hold the lock)."""
     for path in build_dir.glob(".*.tmp-*"):
@@ -125,6 +145,7 @@ def run_stages(stages: Sequence[Stage], build_dir: Path, force: Sequence[str] = 
             raise CqilError(f"unknown stage '{name}': the stages are {', '.join(names)}")
     results: list[StageResult] = []
     keys: dict[str, str] = {}
+    claim_build_dir(build_dir)
     with build_lock(build_dir):
         remove_leftovers(build_dir)
         for stage in stages:
@@ -140,7 +161,7 @@ def run_stages(stages: Sequence[Stage], build_dir: Path, force: Sequence[str] = 
             else:
                 log(f"[{stage.name}] running ...")
                 start = time.perf_counter()
-                with atomic_dir(final) as tmp:
+                with atomic_dir(final, is_ours=_is_stage_dir) as tmp:
                     metrics = stage.run(StageContext(out=tmp, build_dir=build_dir, params=stage.params, key=key)) or {}
                     record = {
                         "stage": stage.name,

@@ -1,5 +1,7 @@
 # Sourced by the scripts: make (or reuse) the virtualenv and install the project into it.
 # VENV defaults to .venv in the repository; CPU torch is pinned first so pip never pulls a CUDA build.
+# The install is quiet: pip's and the build backend's output go to $VENV/.cqil-install.log, which is
+# printed only when a step fails (setuptools notes such as "Editable installation" are not for users).
 VENV="${VENV:-$PWD/.venv}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 stamp="$VENV/.cqil-installed"
@@ -8,9 +10,16 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
   echo "installing cqil-pipeline into $VENV ..." >&2
-  "$VENV/bin/python" -m pip install -q --upgrade pip >&2
-  "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" >&2
-  "$VENV/bin/python" -m pip install -q -e ".[test]" >&2
+  log="$VENV/.cqil-install.log"
+  if ! {
+    "$VENV/bin/python" -m pip install -q --upgrade pip &&
+    "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" &&
+    "$VENV/bin/python" -m pip install -q -e ".[test]"
+  } >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "installing cqil-pipeline failed (log above, also in $log)" >&2
+    return 1
+  fi
   touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

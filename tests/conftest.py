@@ -74,6 +74,16 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     return make
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a module of tiny matmuls: on the loaded, shared 2-core machine two
+    threads fighting make them ~100x slower (measured: 20 ms -> 3-6 s per tiny prefill + decode)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def cache_env(tmp_path, monkeypatch):
     """An empty, private CQIL cache."""

@@ -63,7 +63,8 @@ def test_build_writes_every_stage_and_the_report(built):
     assert set(quality) >= {"original", "cqil", "cqil_recovered"}
     latency = json.loads((out / "bench" / "latency.json").read_text())
     assert set(latency["scenarios"]) == {"prefill", "decode"}
-    assert (out / "engines" / "trt" / "build_engine.sh").read_text().count("--maxAuxStreams=1") == 1
+    assert (out / "engines" / "trt" / "build_engine.sh").read_text().count("--max-aux-streams 1") == 1
+    assert (out / "engines" / "trt" / "data_loader.py").is_file()
     report = (out / "report.md").read_text()
     for heading in ("## Quality", "## Validation", "## Latency", "## Stages", "TensorRT is not installed"):
         assert heading in report

@@ -65,7 +65,9 @@ def test_greedy_generation_equals_pytorch(runner, reference):
     assert torch.equal(greedy_generate(runner, ids, mask, 6), expected)
 
 
-@pytest.mark.parametrize("call, message", [
+# Bad calls and the one-line error each gets from ContractRunner (engines/runner.py), before any
+# engine runs; tests/test_runner.py holds the TensorRT runner to the same list.
+BAD_CALLS = [
     (lambda r: r(tokens(1, 4), torch.ones(1, 5, dtype=torch.long)), "attention_mask has shape (1, 5)"),
     (lambda r: r(tokens(1, 4).float()), "input_ids is torch.float32"),
     (lambda r: r(tokens(1, 4), torch.ones(1, 4)), "attention_mask is torch.float32"),
@@ -74,7 +76,16 @@ def test_greedy_generation_equals_pytorch(runner, reference):
     (lambda r: r(tokens(1, 1), past_key_values=[torch.zeros(1, 2, 3, 8)] * 8), "past_key_values[0] is"),
     (lambda r: r(tokens(1, 1), past_key_values=[torch.zeros(1, 2, 3, 16, dtype=torch.long)] * 8),
      "past_key_values[0] is torch.int64"),
-])
+    (lambda r: r(tokens(1, 1), past_key_values=[torch.zeros(1, 2, 3, 16)] * 7 + [torch.zeros(1, 2, 4, 16)]),
+     "past_key_values[7] is torch.float32 (1, 2, 4, 16), expected a float tensor [batch, kv_heads, past, head_dim] = "
+     + "[1, 2, 3, 16]"),
+    (lambda r: r(tokens(1, 1), torch.ones(1, 3, dtype=torch.long), past_key_values=[torch.zeros(1, 2, 3, 16)] * 8),
+     "attention_mask has shape (1, 3), expected [batch, past + seq] = [1, 4]"),
+    (lambda r: r(tokens(1, 4), None, torch.zeros(1, 3, dtype=torch.long)), "position_ids has shape (1, 3)"),
+]
+
+
+@pytest.mark.parametrize("call, message", BAD_CALLS)
 def test_bad_inputs_are_one_line_errors(runner, call, message):
     with pytest.raises(CqilError) as info:
         call(runner)

@@ -17,7 +17,7 @@ PROGRAM = "cqil-ranks"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.cli import add_model_options, add_plan_options
+    from pipeline.commands.options import add_model_options, add_plan_options
 
     parser = argparse.ArgumentParser(prog="torchrun --nproc-per-node P -m engines.distributed",
                                      description="CQIL with rank r running the r-th layer of every group")
@@ -64,12 +64,12 @@ def _rank_model(args: argparse.Namespace, ctx):
     from transformers import AutoConfig, AutoTokenizer
 
     from engines.distributed.per_rank import Placement, load_rank_model, rank_model
-    from pipeline.cli import plan_from_args
+    from pipeline.plan_choice import PlanChoice, resolve_plan
     from pipeline.sources import check_model_dir, resolve_model_dir
 
     path = resolve_model_dir(args.model)
     check_model_dir(path)
-    plan = plan_from_args(args, AutoConfig.from_pretrained(path))
+    plan = resolve_plan(PlanChoice.from_args(args), AutoConfig.from_pretrained(path))
     placement = Placement(plan, ctx.rank, ctx.world)
     model = rank_model(load_rank_model(path, placement, torch.float32).to(ctx.device), placement)
     return model, AutoTokenizer.from_pretrained(path), path

@@ -1,18 +1,25 @@
-"""`cqil build` (the staged build-once pipeline) and `cqil verify` (recheck a build's file hashes)."""
+"""`cqil build`: the staged build-once pipeline (source -> ... -> package, report.md)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from pathlib import Path
+
+from pipeline.commands.options import NON_NEGATIVE, TEXT, input_file, output_dir
+
+
+def _build_dir():
+    from pipeline.stages import is_build_dir
+
+    return output_dir(is_ours=is_build_dir)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     from pipeline.build import STAGE_ORDER, make_stages
     from pipeline.build_config import load_config, to_toml
-    from pipeline.model.fsutil import atomic_write_text
     from pipeline.manifest import write_manifest
+    from pipeline.model.fsutil import atomic_write_text
     from pipeline.report import render
     from pipeline.stages import run_stages
 
@@ -43,36 +50,21 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
-    from pipeline.model.errors import CqilError
-    from pipeline.stages import verify_build
-
-    if not (args.dir / "manifest.json").is_file():
-        raise CqilError(f"'{args.dir}' is not a cqil build (no manifest.json): pass the --out of `cqil build`")
-    problems = verify_build(args.dir)
-    for problem in problems:
-        print(problem)
-    print(f"{args.dir}: {'OK, every file matches its recorded sha256' if not problems else f'{len(problems)} problem(s)'}")
-    return 1 if problems else 0
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     from pipeline.build import STAGE_ORDER
 
     p = sub.add_parser("build", help="the staged build-once pipeline: source -> ... -> package (report.md)")
-    p.add_argument("--config", type=Path, help="build.toml: [section] key = value for any stage parameter")
-    p.add_argument("--out", type=Path, default=Path("artifacts"), help="build directory (default %(default)s)")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one parameter (repeatable)")
-    p.add_argument("--model", help="shortcut for --set source.model=...")
-    p.add_argument("--uniform", metavar="S:E:P", help="shortcut for --set plan.uniform=...")
-    p.add_argument("--bypass", type=int, help="shortcut for --set plan.bypass=...")
-    p.add_argument("--steps", type=int, help="shortcut for --set recover.steps=... (0 = no recovery)")
+    p.add_argument("--config", type=input_file(), help="build.toml: [section] key = value for any stage parameter")
+    p.add_argument("--out", type=_build_dir(), default="artifacts",
+                   help="build directory (default %(default)s; an earlier build there is updated)")
+    p.add_argument("--set", type=TEXT, action="append", metavar="SECTION.KEY=VALUE",
+                   help="override one parameter (repeatable)")
+    p.add_argument("--model", type=TEXT, help="shortcut for --set source.model=...")
+    p.add_argument("--uniform", type=TEXT, metavar="S:E:P", help="shortcut for --set plan.uniform=...")
+    p.add_argument("--bypass", type=NON_NEGATIVE, help="shortcut for --set plan.bypass=...")
+    p.add_argument("--steps", type=NON_NEGATIVE, help="shortcut for --set recover.steps=... (0 = no recovery)")
     p.add_argument("--layout", choices=("branches", "fused"), help="shortcut for --set export.layout=...")
     p.add_argument("--dtype", choices=("fp32", "fp16"), help="shortcut for --set export.dtype=...")
     p.add_argument("--force", action="append", choices=STAGE_ORDER, metavar="STAGE", help="rerun this stage (repeatable)")
     p.add_argument("--until", choices=STAGE_ORDER, metavar="STAGE", help="stop after this stage")
     p.set_defaults(func=cmd_build)
-
-    p = sub.add_parser("verify", help="recheck a build's files against the sha256 its stages recorded")
-    p.add_argument("dir", type=Path, help="the build directory")
-    p.set_defaults(func=cmd_verify)

@@ -4,35 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from pipeline.cli import add_model_options, add_plan_options, plan_from_args
-from pipeline.model.errors import CqilError
-
-
-def _plan(args: argparse.Namespace, config):
-    from pipeline.model.plan import identity_plan, plan_from_config
-
-    given = [f"--{name}" for name in ("plan", "uniform", "groups") if getattr(args, name)]
-    if args.original:
-        if given:
-            raise CqilError(f"--original exports the model without a plan: drop {', '.join(given)}")
-        return identity_plan(config.num_hidden_layers)
-    if not given and plan_from_config(config) is None:
-        raise CqilError("no plan: pass --plan plan.json, --uniform S:E:P or --groups A-B,..., a merged "
-                        "CQIL checkpoint as --model, or --original to export the original model")
-    return plan_from_args(args, config)
+from pipeline.commands.options import OUTPUT_DIR, add_model_options, add_plan_options
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from export.writer import DTYPES, check_options, check_writable, export_model
+    from export.writer import DTYPES, check_options, export_model
     from pipeline.model.cqil import CqilModel
+    from pipeline.plan_choice import PlanChoice, resolve_plan
     from pipeline.sources import load_model
 
     check_options(args.layout, args.dtype)
-    check_writable(args.out)
+    choice = PlanChoice.from_args(args)
+    choice.check()
     loaded = load_model(args.model, dtype=str(DTYPES[args.dtype]).removeprefix("torch."))
-    plan = _plan(args, loaded.model.config)
+    plan = resolve_plan(choice, loaded.model.config)
     model = CqilModel(loaded.model, plan)
     result = export_model(model, args.out, args.layout, args.dtype,
                           source={"name": loaded.name, "path": str(loaded.path)}, tokenizer=loaded.tokenizer,
@@ -54,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_plan_options(p)
     p.add_argument("--original", action="store_true",
                    help="export the original model (every layer alone): the reference for cqil bench")
-    p.add_argument("--out", type=Path, default=Path("onnx"), help="output directory (default %(default)s)")
+    p.add_argument("--out", type=OUTPUT_DIR, default="onnx", help="output directory (default %(default)s)")
     p.add_argument("--layout", default="branches",
                    help="branches (one branch per layer of a group, default) or fused (wide operations)")
     p.add_argument("--dtype", default="fp32", help="fp32 (default) or fp16")

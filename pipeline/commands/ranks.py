@@ -14,24 +14,25 @@ import sys
 import uuid
 from pathlib import Path
 
-from pipeline.model.errors import CqilError
-
 WORKER_MODULE = "engines.distributed"
 
 
 def add_rank_options(parser: argparse.ArgumentParser, plan_options: bool = False) -> None:
     """--ranks/--backend/--timeout; `plan_options` adds --uniform/--groups/--bypass where a command lacks them."""
+    from pipeline.commands.options import NON_NEGATIVE, POSITIVE, POSITIVE_NUMBER, TEXT
+
     group = parser.add_argument_group("several processes (torch.distributed)")
-    group.add_argument("--ranks", type=int, default=None, metavar="P",
+    group.add_argument("--ranks", type=POSITIVE, default=None, metavar="P",
                        help="run CQIL on P processes, rank r running the r-th layer of each group")
     group.add_argument("--backend", choices=("gloo", "nccl"), default=None,
                        help="torch.distributed backend (default: nccl where CUDA is present, else gloo)")
-    group.add_argument("--timeout", type=float, default=None, metavar="S",
+    group.add_argument("--timeout", type=POSITIVE_NUMBER, default=None, metavar="S",
                        help="seconds a collective may wait before the run fails (default 120)")
     if plan_options:
-        group.add_argument("--uniform", metavar="S:E:P", help="with --ranks: groups of P layers in [S, E)")
-        group.add_argument("--groups", metavar="A-B,...", help="with --ranks: explicit parallel groups")
-        group.add_argument("--bypass", type=int, default=None, metavar="D", help="with --ranks: bypass distance d")
+        group.add_argument("--uniform", type=TEXT, metavar="S:E:P", help="with --ranks: groups of P layers in [S, E)")
+        group.add_argument("--groups", type=TEXT, metavar="A-B,...", help="with --ranks: explicit parallel groups")
+        group.add_argument("--bypass", type=NON_NEGATIVE, default=None, metavar="D",
+                           help="with --ranks: bypass distance d")
 
 
 def encode_prompts(tokenizer, prompts: list[str], raw: bool):
@@ -61,15 +62,15 @@ def checked_model_and_plan(args: argparse.Namespace):
 
     from engines.distributed.launch import check_backend
     from engines.distributed.per_rank import check_world_fits
-    from pipeline.cli import plan_from_args
+    from pipeline.plan_choice import PlanChoice, resolve_plan
     from pipeline.sources import check_model_dir, resolve_model_dir
 
-    if args.ranks < 1:
-        raise CqilError(f"--ranks {args.ranks} must be at least 1")
+    choice = PlanChoice.from_args(args)
+    choice.check()
     check_backend(args.backend)
     path = resolve_model_dir(args.model)
     check_model_dir(path)
-    plan = plan_from_args(args, AutoConfig.from_pretrained(path))
+    plan = resolve_plan(choice, AutoConfig.from_pretrained(path))
     check_world_fits(plan, args.ranks)
     return path
 

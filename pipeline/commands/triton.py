@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from pipeline.commands.options import INPUT_PATH, TEXT, input_file, output_dir
 
 
 def cmd_triton(args: argparse.Namespace) -> None:
@@ -22,8 +23,10 @@ def cmd_triton(args: argparse.Namespace) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("triton", help="write a Triton model repository (ONNX Runtime, Python backend, TensorRT)")
-    p.add_argument("--onnx", type=Path, required=True, help="exported ONNX file or its directory")
-    p.add_argument("--out", type=Path, required=True, help="model repository directory (replaced as a whole)")
-    p.add_argument("--engine", type=Path, default=None, help="TensorRT engine from `cqil engine` (adds <name>_trt)")
-    p.add_argument("--name", default="cqil", help="model name prefix (default %(default)s)")
+    p.add_argument("--onnx", type=INPUT_PATH, required=True, help="exported ONNX file or its directory")
+    # Which folders are the repository's own is known only with --name: engines/triton.py checks that.
+    p.add_argument("--out", type=output_dir(is_ours=lambda folder: True), required=True,
+                   help="model repository directory (replaced as a whole; only its own model folders)")
+    p.add_argument("--engine", type=input_file("build it with `cqil engine`"), default=None, help="TensorRT engine from `cqil engine` (adds <name>_trt)")
+    p.add_argument("--name", type=TEXT, default="cqil", help="model name prefix (default %(default)s)")
     p.set_defaults(func=cmd_triton)

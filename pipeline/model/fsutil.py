@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,20 +53,108 @@ def link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-@contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `final`; rename it into place only if the block succeeds.
+# Every folder cqil writes as a whole carries this file, so that a later run may replace it (and
+# never a folder that holds anything else: a user's files are not ours to delete).
+MARKER = ".cqil-output"
+MARKER_TEXT = "This folder was written by cqil; a later cqil run may replace it as a whole.\n"
 
-    An interrupted or failed write leaves `final` as it was (absent or the old version).
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary folder
+    return umask
+
+
+def has_marker(path: Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The first ancestor of `path` that exists as something other than a folder, if any."""
+    for parent in reversed(Path(path).absolute().parents):
+        if parent.exists() and not parent.is_dir():
+            return parent
+    return None
+
+
+def _probe_writable(folder: Path, path: Path, option: str) -> None:
+    """Create and remove a temporary folder in `folder`: the only test of writability that root obeys."""
+    from pipeline.model.errors import CqilError
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".cqil-probe-", dir=folder))
+    except OSError as exc:
+        raise CqilError(f"cannot write to '{path}' ({exc.strerror or exc}): choose another {option}") from exc
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_output_dir(path: Path, option: str = "--out", is_ours: Callable[[Path], bool] | None = None) -> None:
+    """Refuse, before any work, a folder output that cannot be written or that holds what cqil did not write.
+
+    `is_ours` recognizes an earlier output of this kind (default: the MARKER file); an empty folder is
+    always accepted.
+    """
+    from pipeline.model.errors import CqilError
+
+    path = Path(path)
+    blocker = _blocking_file(path)
+    if blocker is not None:
+        raise CqilError(f"cannot write to '{path}': '{blocker}' is a file, not a folder: choose another {option}")
+    if path.exists() and not path.is_dir():
+        raise CqilError(f"{option} '{path}' is a file: give a folder (it is written as a whole)")
+    if path.is_dir():
+        if str(path.absolute()) in ("/", str(Path.home())) or path.absolute() == Path.cwd():
+            raise CqilError(f"{option} '{path}' is the current, home or root folder: give a folder of its own")
+        if any(path.iterdir()) and not (is_ours or has_marker)(path):
+            raise CqilError(f"{option} '{path}' already holds files that cqil did not write: give a new or "
+                            "empty folder, or move those files away (cqil replaces only folders it wrote)")
+        _probe_writable(path, path, option)  # an earlier output is replaced: it must be removable
+    _probe_writable(_nearest_existing(path.absolute().parent), path, option)
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """Refuse, before any work, a file output whose place cannot be written."""
+    from pipeline.model.errors import CqilError
+
+    path = Path(path)
+    blocker = _blocking_file(path)
+    if blocker is not None:
+        raise CqilError(f"cannot write to '{path}': '{blocker}' is a file, not a folder: choose another {option}")
+    if path.is_dir():
+        raise CqilError(f"{option} '{path}' is a folder: give a file name")
+    if not path.name or path.name in (".", ".."):
+        raise CqilError(f"{option} '{path}' names no file: give a file name")
+    _probe_writable(_nearest_existing(path.absolute().parent), path, option)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, is_ours: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling of `final`; rename it into place only if the block succeeds.
+
+    An interrupted or failed write leaves `final` as it was (absent or the old version). An existing
+    `final` is replaced only if it is empty or cqil's (`is_ours`, default: it holds the MARKER file,
+    which is then written into the new folder too; a caller with its own rule writes no marker).
+    """
+    from pipeline.model.errors import CqilError
+
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise CqilError(f"'{final}' is a file: cqil writes a folder there and will not replace a file")
+    if final.is_dir() and any(final.iterdir()) and not (is_ours or has_marker)(final):
+        raise CqilError(f"'{final}' already holds files that cqil did not write: give a new or empty folder")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should be an ordinary folder
     try:
         yield tmp
+        if is_ours is None:
+            (tmp / MARKER).write_text(MARKER_TEXT)
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             final.rename(old)
@@ -92,6 +180,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -209,6 +209,13 @@ def plan_from_dict(data: dict[str, Any], num_layers: int | None = None) -> Plan:
         groups = data["groups"]
         if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
             raise CqilError("plan 'groups' must be a list of lists of layer indices")
+        owner: dict[Any, list] = {}
+        for group in groups:
+            for layer in group:
+                if isinstance(layer, int) and layer in owner:
+                    raise CqilError(f"layer {layer} is in two groups of the plan, {owner[layer]} and {group}: "
+                                    "groups must not overlap")
+                owner[layer] = group
         count = sum(len(g) for g in groups)
         if num_layers is not None and count != num_layers:
             raise CqilError(

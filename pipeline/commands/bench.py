@@ -1,0 +1,90 @@
+"""`cqil bench`: latency of the original vs the CQIL model on ONNX Runtime, interleaved."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipeline.commands.onnx_source import load_source, onnx_and_plan, write_json
+from pipeline.commands.options import (
+    INPUT_PATH,
+    JSON_FILE,
+    NON_NEGATIVE,
+    OUTPUT_FILE,
+    POSITIVE,
+    add_model_options,
+)
+from pipeline.commands.ranks import add_rank_options
+
+
+def cmd_bench(args: argparse.Namespace) -> int | None:
+    if args.ranks is not None:  # --ranks P: one process vs TP vs CQIL on P processes (pipeline/commands/ranks.py)
+        from pipeline.commands.ranks import launch_bench
+
+        return launch_bench(args)
+    if args.onnx is None:
+        from pipeline.model.errors import CqilError
+
+        raise CqilError("--onnx is required (or --ranks P for the multi-process bench of the PyTorch model)")
+    from engines.bench import BenchSettings, run_bench
+    from engines.bench_chart import plot_bench
+    from pipeline.model.cqil import CqilModel
+    from pipeline.model.fsutil import check_output_file
+    from pipeline.model.plan import identity_plan
+    from pipeline.reference import cached_reference
+
+    settings = BenchSettings(batch=args.batch, seq=args.seq, past=args.past, prefill_repeats=args.prefill_repeats,
+                             decode_repeats=args.decode_repeats, warmup=args.warmup, threads=args.threads)
+    chart = args.chart or (args.out.with_suffix(".png") if args.out else None)
+    if chart is not None:
+        check_output_file(chart, "--chart")
+    onnx_path, spec, plan = onnx_and_plan(args)
+    reference = args.reference or cached_reference(spec, onnx_path, args.model)
+    torch_models = None
+    if not args.no_torch:
+        loaded = load_source(args, spec, onnx_path, plan)
+        torch_models = {"reference": CqilModel(loaded.model, identity_plan(plan.num_layers)),
+                        "candidate": CqilModel(loaded.model, plan)}
+    result = run_bench(onnx_path, reference, settings, torch_models)
+    if chart is not None:
+        plot_bench(result, chart)
+        result["chart"] = str(chart)
+    write_json(args.out, result)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{onnx_path} ({result['candidate']['plan']}) vs {result['reference']['onnx']}, "
+          f"{', '.join(result['providers'])}, threads {settings.threads or 'default'}")
+    for name, scenario in result["scenarios"].items():
+        rows = {"ORT reference": scenario["reference"], "ORT candidate": scenario["candidate"],
+                **{key.replace("pytorch_", "PyTorch "): value for key, value in scenario.get("rows", {}).items()}}
+        print(f"{name} {scenario['shape']}:")
+        for label, stats in rows.items():
+            print(f"  {label:<18} p50 {stats['p50_ms']:9.3f} ms  p90 {stats['p90_ms']:9.3f}  p99 {stats['p99_ms']:9.3f}")
+        low, high = scenario["ratio_ci"]
+        print(f"  ratio candidate/reference {scenario['ratio']:.3f} [{low:.3f}, {high:.3f}], "
+              f"ideal depth ratio {result['ideal_depth_ratio']:.3f}")
+    if chart is not None:
+        print(f"chart: {chart}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("bench", help="latency of the original vs the CQIL model on ONNX Runtime, interleaved")
+    b.add_argument("--onnx", type=INPUT_PATH, help="the candidate (CQIL) folder written by cqil export (required without --ranks)")
+    b.add_argument("--reference", type=INPUT_PATH,
+                   help="the original model's ONNX folder (default: exported once into the CQIL cache)")
+    add_model_options(b)
+    b.add_argument("--plan", type=JSON_FILE, help="plan.json; must match the plan stored in the ONNX")
+    b.add_argument("--batch", type=POSITIVE, default=1, help="rows per call (default %(default)s)")
+    b.add_argument("--seq", type=POSITIVE, default=128, help="prefill tokens (default %(default)s)")
+    b.add_argument("--past", type=POSITIVE, default=128, help="decode context length (default %(default)s)")
+    b.add_argument("--prefill-repeats", type=POSITIVE, default=20, help="timed prefill rounds (default %(default)s)")
+    b.add_argument("--decode-repeats", type=POSITIVE, default=100, help="timed decode rounds (default %(default)s)")
+    b.add_argument("--warmup", type=NON_NEGATIVE, default=3, help="untimed rounds first (default %(default)s)")
+    b.add_argument("--threads", type=POSITIVE, default=None, help="ONNX Runtime and torch threads")
+    b.add_argument("--no-torch", action="store_true", help="skip the eager PyTorch rows")
+    b.add_argument("--out", type=OUTPUT_FILE, help="write the cqil-bench/1 JSON here (e.g. latency.json; chart beside it)")
+    b.add_argument("--chart", type=OUTPUT_FILE, help="PNG chart path (default: --out with .png)")
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_rank_options(b, plan_options=True)
+    b.set_defaults(func=cmd_bench)

@@ -1,0 +1,62 @@
+"""`cqil eval`: held-out perplexity, KL and top-1 of the original and the CQIL model (and CQIL+adapter)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipeline.commands.options import (
+    INPUT_FOLDER,
+    MODEL,
+    add_data_options,
+    add_model_options,
+    add_plan_options,
+    limit_chunks,
+)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from pipeline.comparison import LABELS, comparison_models
+    from pipeline.data import load_split
+    from pipeline.plan_choice import PlanChoice, adapter_fallback, resolve_plan
+    from pipeline.quality import evaluate
+    from pipeline.sources import load_model
+
+    choice = PlanChoice.from_args(args)
+    choice.check()
+    loaded = load_model(args.model)
+    config = loaded.model.config
+    plan = resolve_plan(choice, config, fallback=adapter_fallback(args.adapter, config))
+    original, candidates, provenance = comparison_models(loaded, plan, args.adapter, args.base_model)
+    split = load_split(loaded.tokenizer, args.data, args.eval_data, args.seq_len)
+    chunks = limit_chunks(split.held_out, args.max_chunks)
+    result = evaluate(original, candidates, chunks, args.batch_size)
+    result["plan"] = plan.to_dict()
+    result["model"] = loaded.name
+    result["data"] = split.source
+    result.update(provenance)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{loaded.name} on {split.source}: {len(chunks)} held-out chunks, {result['tokens']} tokens")
+    print(f"plan: {plan.describe()}")
+    print(f"{'model':<13} {'ppl':>9} {'kl':>9} {'top1':>7}")
+    for name in ("original", *candidates):
+        row = result[name]
+        kl = f"{row['kl']:.4f}" if "kl" in row else "-"
+        top1 = f"{row['top1']:.3f}" if "top1" in row else "-"
+        label = LABELS[name] if provenance else name
+        print(f"{label:<13} {row['ppl']:>9.3f} {kl:>9} {top1:>7}")
+    print(f"{result['tokens_per_s']} tokens/s ({result['seconds']} s)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="held-out perplexity, KL and top-1 of the original and the CQIL model")
+    add_model_options(p)
+    add_plan_options(p)
+    add_data_options(p)
+    p.add_argument("--adapter", type=INPUT_FOLDER, help="peft LoRA adapter: also report CQIL+adapter")
+    p.add_argument("--base-model", type=MODEL, help="for a merged CQIL checkpoint: the model it was merged from "
+                   "(default: the one recorded in its config)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_eval)

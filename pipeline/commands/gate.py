@@ -1,0 +1,49 @@
+"""`cqil gate`: pass or fail a bench result against a baseline or a ratio limit (exit 0 pass, 1 fail, 2 bad input)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipeline.commands.options import INPUT_FILE, NON_NEGATIVE_NUMBER, OUTPUT_FILE, POSITIVE_NUMBER
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from engines import gate
+    from pipeline.model.errors import CqilError
+    from pipeline.model.fsutil import atomic_write_text
+
+    if args.tolerance is not None and args.baseline is None:
+        raise CqilError("--tolerance applies only with --baseline")
+    bench = gate.load_bench(args.bench)
+    if args.baseline is not None:
+        tolerance = gate.DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
+        checks = gate.check_baseline(bench, gate.load_bench(args.baseline), tolerance)
+        rule = f"baseline {args.baseline} tolerance {tolerance:g}"
+    else:
+        checks = gate.check_max_ratio(bench, args.max_ratio)
+        rule = f"max ratio {args.max_ratio:g}"
+    result = gate.gate_result(checks, rule)
+    # The reports first: a verdict is printed only once everything it promises is on disk.
+    if args.junit:
+        atomic_write_text(args.junit, gate.junit_xml(checks, rule))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+    for check in checks:
+        print(f"{'PASS' if check.passed else 'FAIL'} {check.scenario}: {check.detail}")
+    print(f"gate {'passed' if result['passed'] else 'FAILED'} ({rule})")
+    return 0 if result["passed"] else 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gate", help="pass/fail a bench result against a baseline or a ratio limit "
+                       "(exit 0 pass, 1 fail, 2 bad input)")
+    p.add_argument("bench", type=INPUT_FILE, help="bench JSON (cqil-bench/1)")
+    rule = p.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--baseline", type=INPUT_FILE, help="an earlier bench JSON to compare ratios with")
+    rule.add_argument("--max-ratio", type=POSITIVE_NUMBER, help="largest allowed candidate/reference ratio")
+    p.add_argument("--tolerance", type=NON_NEGATIVE_NUMBER, default=None,
+                   help="with --baseline: allowed relative ratio increase (default 0.05)")
+    p.add_argument("--junit", type=OUTPUT_FILE, help="write a JUnit XML report here")
+    p.add_argument("--json", type=OUTPUT_FILE, help="write the gate result as JSON here")
+    p.set_defaults(func=cmd_gate)

@@ -1,0 +1,56 @@
+"""`cqil generate`: greedy generation with the KV cache, under a plan or the original model."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.commands.options import (
+    POSITIVE,
+    TEXT,
+    add_model_options,
+    add_plan_options,
+)
+from pipeline.commands.ranks import add_rank_options
+
+
+def cmd_generate(args: argparse.Namespace) -> int | None:
+    if args.ranks is not None:  # --ranks P: the same generation on P processes (pipeline/commands/ranks.py)
+        from pipeline.commands.ranks import launch_generate
+
+        return launch_generate(args)
+    from pipeline.model.cqil import CqilModel, greedy_generate
+    from pipeline.model.plan import identity_plan
+    from pipeline.plan_choice import PlanChoice, resolve_plan
+    from pipeline.sources import load_model
+
+    choice = PlanChoice.from_args(args)
+    choice.check()
+    loaded = load_model(args.model)
+    config = loaded.model.config
+    plan = resolve_plan(choice, config, required=False) or identity_plan(config.num_hidden_layers)
+    tokenizer = loaded.tokenizer
+    prompts = args.prompt
+    if not args.raw and getattr(tokenizer, "chat_template", None):
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in prompts]
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    model = CqilModel(loaded.model, plan)
+    new = greedy_generate(model, batch["input_ids"], batch["attention_mask"], args.max_new_tokens,
+                          tokenizer.eos_token_id)
+    for prompt, tokens in zip(args.prompt, new):
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        print(f"> {prompt}\n{text.strip()}\n" if len(args.prompt) > 1 else text.strip())
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="greedy generation with the KV cache")
+    add_model_options(p)
+    add_plan_options(p)
+    p.add_argument("--prompt", type=TEXT, action="append", required=True, help="prompt (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=64, help="tokens to generate (default %(default)s)")
+    p.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
+    add_rank_options(p)
+    p.set_defaults(func=cmd_generate)

@@ -1,0 +1,30 @@
+"""`cqil merge`: merge an adapter into the weights, a CQIL checkpoint that carries its plan."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.commands.options import INPUT_FOLDER, OUTPUT_DIR, add_model_options, add_plan_options
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from pipeline.merge import merge_adapter
+    from pipeline.plan_choice import PlanChoice, adapter_fallback, resolve_plan
+    from pipeline.sources import load_model
+
+    choice = PlanChoice.from_args(args)
+    choice.check()
+    loaded = load_model(args.model)
+    config = loaded.model.config
+    plan = resolve_plan(choice, config, fallback=adapter_fallback(args.adapter, config))
+    merge_adapter(loaded, plan, args.adapter, args.out)
+    print(f"wrote {args.out}: {loaded.name} + {args.adapter}, {plan.describe()}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge an adapter into the weights: a CQIL checkpoint that carries its plan")
+    add_model_options(p)
+    add_plan_options(p)
+    p.add_argument("--adapter", type=INPUT_FOLDER, required=True, help="peft LoRA adapter directory")
+    p.add_argument("--out", type=OUTPUT_DIR, default="model", help="output directory (default %(default)s)")
+    p.set_defaults(func=cmd_merge)

@@ -1,0 +1,103 @@
+"""`cqil plan`: write plan.json from explicit groups, a uniform spec, an official config, or the --auto search."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from pipeline.commands.options import (
+    JSON_FILE,
+    OUTPUT_FILE,
+    POSITIVE,
+    TEXT,
+    add_data_options,
+    add_model_options,
+    add_plan_options,
+    at_least,
+    limit_chunks,
+    number,
+)
+from pipeline.model.errors import CqilError
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from transformers import AutoConfig
+
+    from pipeline.plan_choice import PlanChoice, resolve_plan
+    from pipeline.sources import resolve_model_dir
+
+    if not args.auto and (args.target_depth is not None or args.max_kl is not None):
+        raise CqilError("--target-depth and --max-kl choose an automatic plan: add --auto")
+    choice = PlanChoice.from_args(args)
+    if choice.check() == "auto":
+        return _auto_plan(args, choice)
+    config = AutoConfig.from_pretrained(resolve_model_dir(args.model))
+    plan = resolve_plan(choice, config)
+    plan.save(args.out)
+    print(f"{args.out}: {plan.describe()}")
+
+
+def _auto_plan(args: argparse.Namespace, choice) -> None:
+    from pipeline.autoplan import SearchRequest, parse_bypass_choices, search
+    from pipeline.data import load_split
+    from pipeline.model.cqil import CqilModel
+    from pipeline.model.fsutil import atomic_write_text, check_output_file
+    from pipeline.model.plan import identity_plan, model_record
+    from pipeline.plan_choice import resolve_plan
+    from pipeline.sources import load_model
+
+    table = args.out.with_suffix(".search.json")
+    check_output_file(table, "--out")
+    loaded = load_model(args.model)
+    config = loaded.model.config
+    request = SearchRequest(args.target_depth, args.max_kl, args.max_group_size,
+                            parse_bypass_choices(args.bypass_choices), args.proxy_keep)
+    request.check(config.num_hidden_layers)
+    split = load_split(loaded.tokenizer, args.data, args.eval_data, args.seq_len)
+    calibration = limit_chunks(split.train, args.max_chunks)
+    held_out = limit_chunks(split.held_out, args.eval_chunks)
+    original = CqilModel(loaded.model, identity_plan(config.num_hidden_layers))
+    start = time.perf_counter()
+    result = search(original, calibration, held_out, request, model_record(config), args.batch_size)
+    plan = resolve_plan(choice, config, search=lambda: result.plan)
+    seconds = time.perf_counter() - start
+    report = {"model": loaded.name, "data": split.source, **result.report}
+    atomic_write_text(table, json.dumps(report, indent=2) + "\n")
+    plan.save(args.out)
+
+    measured = report["measured"]
+    print(f"{loaded.name}: {len(report['candidates'])} candidate groups scored on {len(calibration)} "
+          f"calibration chunks, verified on {len(held_out)} held-out chunks")
+    for step in report["steps"]:
+        spans = ",".join(f"{g[0]}-{g[-1]}" for g in step["groups"]) or "none"
+        print(f"  depth {step['depth']:>3} d={step['bypass']}  predicted KL {step['predicted_kl']:.4f}  "
+              f"measured KL {step['measured']['kl']:.4f}  ppl {step['measured']['ppl']:.3f}  groups {spans}")
+    print(f"{args.out}: {plan.describe()}; held-out KL {measured['kl']:.4f}, "
+          f"ppl {measured['ppl']:.3f} (original {measured['original_ppl']:.3f}); search {seconds:.0f} s")
+    print(f"candidate table: {table}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="write plan.json from explicit groups, a uniform S:E:P spec, an official "
+                       "config, or --auto search")
+    add_model_options(p)
+    add_plan_options(p)
+    p.add_argument("--official", type=JSON_FILE, help="official CQIL config (JSON with cqil_layers and d)")
+    p.add_argument("--out", type=OUTPUT_FILE, default="plan.json", help="output file (default %(default)s)")
+    group = p.add_argument_group("automatic plan (--auto; see docs/autoplan.md)")
+    group.add_argument("--auto", action="store_true", help="search the plan on calibration text")
+    group.add_argument("--target-depth", type=POSITIVE, metavar="N", help="number of groups wanted")
+    group.add_argument("--max-kl", type=number(lambda v: v > 0, "must be positive"), metavar="X",
+                       help="budget on held-out KL(original || plan), nats/token")
+    group.add_argument("--max-group-size", type=at_least(2), default=2, metavar="P",
+                       help="largest group (default %(default)s)")
+    group.add_argument("--bypass-choices", type=TEXT, default="0,1", metavar="D,...",
+                       help="bypass distances to try (default %(default)s)")
+    group.add_argument("--proxy-keep", type=number(lambda v: 0 < v <= 1, "must be in (0, 1]"), default=1.0,
+                       metavar="F", help="measure only this fraction of each size's candidates, those whose "
+                       "layer inputs are most alike (default %(default)s: all)")
+    group.add_argument("--eval-chunks", type=POSITIVE, default=None, metavar="N",
+                       help="held-out chunks for verification (default: all)")
+    add_data_options(p)
+    p.set_defaults(max_chunks=8, func=cmd_plan)  # calibration chunks for scoring

@@ -1,0 +1,114 @@
+"""Which plan a command uses: one function for every command line option and for `cqil build`.
+
+The sources of a plan are exclusive: a plan file (--plan, or --official for the official CQIL config
+form), a uniform S:E:P spec, explicit groups, the automatic search, or --original (every layer alone).
+With none, a merged CQIL checkpoint's own plan applies, then a command's fallback (e.g. the plan an
+adapter was trained for), else the command refuses to guess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.model import plan as plans
+from pipeline.model.errors import CqilError
+
+SOURCES = ("plan", "uniform", "groups", "official", "auto", "original")
+
+
+@dataclass(frozen=True)
+class PlanChoice:
+    """The plan options as given (None / False: not given)."""
+
+    plan: Path | None = None
+    uniform: str | None = None
+    groups: str | None = None
+    official: Path | None = None
+    bypass: int | None = None
+    auto: bool = False
+    original: bool = False
+    offers_original: bool = False  # the command has --original (named in the "no plan" message)
+
+    @classmethod
+    def from_args(cls, args: Any) -> PlanChoice:
+        """From an argparse namespace; options a command does not have count as not given."""
+        values = {name: getattr(args, name, None) for name in ("plan", "uniform", "groups", "official", "bypass")}
+        return cls(**values, auto=bool(getattr(args, "auto", False)), original=bool(getattr(args, "original", False)),
+                   offers_original=hasattr(args, "original"))
+
+    def given(self) -> list[str]:
+        return [name for name in SOURCES if getattr(self, name)]
+
+    def check(self) -> str | None:
+        """Refuse options that exclude each other (before any model is loaded); the one source given."""
+        given = self.given()
+        if len(given) > 1:
+            for alone, does in (("auto", "searches the plan itself"), ("original", "exports the model without a plan")):
+                if alone in given:
+                    others = ", ".join(f"--{g}" for g in given if g != alone)
+                    raise CqilError(f"--{alone} {does}: drop {others}")
+            raise CqilError(f"give only one plan source (got {', '.join('--' + g for g in given)})")
+        source = given[0] if given else None
+        if self.bypass is not None and source in ("auto", "original", None):
+            why = {"auto": "--auto tries the distances in --bypass-choices",
+                   "original": "--original has no groups to bypass",
+                   None: "--bypass sets the distance of a plan given with --plan, --uniform or --groups"}[source]
+            raise CqilError(f"{why}: drop --bypass")
+        return source
+
+
+def resolve_plan(choice: PlanChoice, config: Any, search: Callable[[], plans.Plan] | None = None,
+                 fallback: Callable[[], plans.Plan | None] | None = None,
+                 required: bool = True) -> plans.Plan | None:
+    """The plan `choice` names for the model of `config`, checked to fit it.
+
+    `search` runs the automatic search (--auto); `fallback` is asked when no option and no checkpoint
+    plan is given. Returns None only when nothing names a plan and `required` is False.
+    """
+    source = choice.check()
+    layers = config.num_hidden_layers
+    record = plans.model_record(config)
+    if source == "original":
+        plan = plans.identity_plan(layers, record)
+    elif source == "auto":
+        if search is None:
+            raise CqilError("--auto is only available to `cqil plan` and `cqil build`")
+        plan = search()
+    elif source in ("plan", "official"):
+        loaded = plans.load_plan(getattr(choice, source), layers)
+        bypass = loaded.bypass if choice.bypass is None else choice.bypass
+        plan = plans.Plan(loaded.groups, bypass, loaded.model or record)
+    elif source == "uniform":
+        plan = plans.parse_uniform_spec(choice.uniform, layers, choice.bypass or 0, record)
+    elif source == "groups":
+        plan = plans.parse_groups_spec(choice.groups, layers, choice.bypass or 0, record)
+    else:
+        plan = plans.plan_from_config(config) or (fallback() if fallback else None)
+        if plan is None:
+            if not required:
+                return None
+            original = ", or --original to export the original model" if choice.offers_original else ""
+            raise CqilError("no plan: pass --plan plan.json, --uniform S:E:P or --groups A-B,... "
+                            f"(or a merged CQIL checkpoint as --model){original}")
+    plan.check_fits(config)
+    return plan
+
+
+def adapter_fallback(adapter: Path | None, config: Any) -> Callable[[], plans.Plan | None]:
+    """The plan an adapter of ours was trained for, as a `resolve_plan` fallback."""
+    def plan() -> plans.Plan | None:
+        from pipeline.adapters import adapter_plan
+
+        if adapter is None:
+            return None
+        try:
+            found = adapter_plan(adapter, config.num_hidden_layers)
+            if found is not None:
+                found.check_fits(config)
+            return found
+        except CqilError as exc:
+            raise CqilError(f"adapter '{adapter}' was trained for another model ({exc})") from exc
+    return plan

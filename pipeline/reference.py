@@ -1,0 +1,50 @@
+"""The original model as ONNX, the reference that `cqil bench` and `cqil build` time a CQIL model against.
+
+When no reference ONNX is given, the original model is exported once (identity plan) into the CQIL
+cache, keyed by the source model's weights, the dtype and the tool version, and reused after that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from export.contract import DTYPE_KEY, ContractSpec
+from pipeline.model.errors import CqilError
+from pipeline.model.fsutil import cache_dir, sha256_file
+
+
+def reference_key(source_path: Path, dtype: str) -> str:
+    """Hash of the source model's config and weights, the dtype and the tool version."""
+    from pipeline import __version__
+
+    files = sorted(p for p in Path(source_path).iterdir()
+                   if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
+    record = {"files": {p.name: sha256_file(p) for p in files}, "dtype": dtype, "tool": __version__}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_reference(spec: ContractSpec, onnx_path: Path, model: str | Path | None = None,
+                     progress: bool = True) -> Path:
+    """The original model as ONNX, exported once into the cache (identity plan, same dtype)."""
+    from export.writer import export_model
+    from pipeline.model.cqil import CqilModel
+    from pipeline.model.plan import identity_plan, model_record
+    from pipeline.sources import load_model, resolve_model_dir
+
+    source = spec.source_model()
+    if model is None and not source.get("path"):
+        raise CqilError(f"'{onnx_path}' does not record its source model (cqil.source_model): pass "
+                        "--reference with an `cqil export --original` folder, or --model")
+    path = resolve_model_dir(model if model is not None else source["path"])
+    dtype = spec.metadata.get(DTYPE_KEY, "fp32")
+    target = cache_dir() / "reference" / f"{path.name}-{dtype}-{reference_key(path, dtype)}"
+    if (target / "model.onnx").is_file():
+        return target
+    loaded = load_model(path, dtype={"fp32": "float32", "fp16": "float16"}.get(dtype, "float32"))
+    config = loaded.model.config
+    original = CqilModel(loaded.model, identity_plan(config.num_hidden_layers, model_record(config)))
+    export_model(original, target, "branches", dtype, source={"name": loaded.name, "path": str(path)},
+                 tokenizer=loaded.tokenizer, progress=progress)
+    return target
