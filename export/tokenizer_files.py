@@ -5,7 +5,9 @@ not have, and its extra special tokens as a list under `extra_special_tokens`, w
 name -> token mapping (it fails with "'list' object has no attribute 'keys'"). Optimum pins
 transformers < 4.58, so its users would get a folder whose model loads and whose tokenizer does not.
 The portable spelling is the one both read: `PreTrainedTokenizerFast` (5.x aliases it to
-TokenizersBackend) over tokenizer.json, and the list under `additional_special_tokens`.
+TokenizersBackend) over tokenizer.json, and the list under `additional_special_tokens`. The
+tokenizer's `model_input_names` are written out too: 4.x's PreTrainedTokenizerFast would otherwise
+also return `token_type_ids`, which the decoder does not take (Optimum's generate refuses them).
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ _V5_ONLY_CLASSES = ("TokenizersBackend",)
 _LOADER_KEYS = ("is_local", "local_files_only")
 
 
-def portable_tokenizer_config(config: dict[str, Any], has_tokenizer_json: bool) -> dict[str, Any]:
+def portable_tokenizer_config(config: dict[str, Any], has_tokenizer_json: bool,
+                              model_input_names: list[str] | None = None) -> dict[str, Any]:
     """`config` (a tokenizer_config.json) rewritten so that transformers 4.x and 5.x both load it."""
     config = {key: value for key, value in config.items() if key not in _LOADER_KEYS}
+    if model_input_names and "model_input_names" not in config:
+        config["model_input_names"] = list(model_input_names)
     if config.get("tokenizer_class") in _V5_ONLY_CLASSES and has_tokenizer_json:
         config["tokenizer_class"] = PORTABLE_FAST_CLASS
     extra = config.get("extra_special_tokens")
@@ -40,5 +45,6 @@ def write_tokenizer_files(tokenizer: Any, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
     path = folder / TOKENIZER_CONFIG
     if path.is_file():
-        config = portable_tokenizer_config(json.loads(path.read_text()), (folder / "tokenizer.json").is_file())
+        config = portable_tokenizer_config(json.loads(path.read_text()), (folder / "tokenizer.json").is_file(),
+                                           getattr(tokenizer, "model_input_names", None))
         path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")

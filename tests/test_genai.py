@@ -7,6 +7,9 @@ under transformers (not naming the 5.x-only TokenizersBackend class) and with Ge
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import onnx
 import pytest
@@ -18,7 +21,7 @@ from export.tokenizer_files import portable_tokenizer_config
 from pipeline.cli import main
 from pipeline.model.cqil import CqilModel, greedy_generate
 from pipeline.model.errors import CqilError
-from pipeline.model.plan import Plan, identity_plan
+from pipeline.model.plan import Plan, identity_plan, uniform_plan
 from pipeline.sources import load_model
 from tests.conftest import tiny_config
 
@@ -111,6 +114,7 @@ def test_exported_tokenizer_loads_with_transformers_and_genai(tiny_cqil_onnx, to
     folder = tiny_cqil_onnx[1]
     saved = json.loads((folder / "tokenizer_config.json").read_text())
     assert saved["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert saved["model_input_names"] == ["input_ids", "attention_mask"]  # 4.x would add token_type_ids
     assert "TokenizersBackend" not in (folder / "tokenizer_config.json").read_text()
     loaded = AutoTokenizer.from_pretrained(folder)
     genai_tokenizer = og.Tokenizer(GenaiModel(folder).model)
@@ -125,9 +129,57 @@ def test_exported_tokenizer_loads_with_transformers_and_genai(tiny_cqil_onnx, to
 def test_portable_tokenizer_config_rewrites_only_what_4x_cannot_read():
     v5 = {"tokenizer_class": "TokenizersBackend", "backend": "tokenizers", "is_local": True,
           "local_files_only": False, "extra_special_tokens": ["<tool>", "<end>"], "eos_token": "</s>"}
-    portable = portable_tokenizer_config(v5, has_tokenizer_json=True)
+    portable = portable_tokenizer_config(v5, has_tokenizer_json=True, model_input_names=["input_ids", "attention_mask"])
     assert portable == {"tokenizer_class": "PreTrainedTokenizerFast", "backend": "tokenizers",
-                        "additional_special_tokens": ["<tool>", "<end>"], "eos_token": "</s>"}
+                        "additional_special_tokens": ["<tool>", "<end>"], "eos_token": "</s>",
+                        "model_input_names": ["input_ids", "attention_mask"]}
     named = {"tokenizer_class": "Qwen2Tokenizer", "extra_special_tokens": {"image_token": "<img>"}}
     assert portable_tokenizer_config(named, has_tokenizer_json=True) == named  # 4.x reads both as they are
     assert portable_tokenizer_config(v5, has_tokenizer_json=False)["tokenizer_class"] == "TokenizersBackend"
+
+
+# -- the default model (slow): its CQIL export under ONNX Runtime GenAI and under Optimum ----------------
+
+CHAT = ("What is Python?", "Explain a for loop in one sentence.")
+
+
+@pytest.fixture(scope="module")
+def default_cqil_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("default-cqil") / "onnx"
+    assert main(["export", "--uniform", "15:30:2", "--bypass", "1", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_genai_runs_the_default_cqil_export_as_cqil_generate(default_cqil_export):
+    import onnxruntime_genai as og
+
+    loaded = load_model(None)
+    tokenizer = loaded.tokenizer
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True)
+             for m in CHAT]
+    prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    model = CqilModel(loaded.model, uniform_plan(15, 30, 2, 30, bypass=1))
+    expected = []
+    for prompt in prompts:  # one at a time, as `cqil generate --prompt` does
+        ids = torch.tensor([prompt])
+        row = greedy_generate(model, ids, torch.ones_like(ids), 20, tokenizer.eos_token_id)[0].tolist()
+        expected.append(until_eos(row, tokenizer.eos_token_id))
+    genai = GenaiModel(default_cqil_export, threads=2)
+    genai_tokenizer = og.Tokenizer(genai.model)
+    assert [genai_tokenizer.encode(t).tolist() for t in texts] == prompts
+    chat = json.dumps([{"role": "user", "content": CHAT[0]}])
+    assert genai_tokenizer.apply_chat_template(chat, add_generation_prompt=True) == texts[0]  # chat_template.jinja
+    assert genai.greedy(prompts, 20) == expected
+
+
+@pytest.mark.slow
+def test_optimum_loads_the_default_cqil_export_with_its_tokenizer(default_cqil_export):
+    """scripts/check_optimum.py: Optimum (transformers 4.x, its own virtualenv) gives our greedy tokens."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "check_optimum.py"
+    result = subprocess.run([sys.executable, str(script), str(default_cqil_export), "--max-new-tokens", "16"],
+                            capture_output=True, text=True, timeout=1800)
+    print(result.stdout, result.stderr[-2000:])
+    assert result.returncode == 0
+    assert "transformers 4." in result.stdout and "PreTrainedTokenizerFast" in result.stdout
+    assert result.stdout.count("new tokens same") == 2 and "DIFFER" not in result.stdout
