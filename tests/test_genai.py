@@ -82,7 +82,8 @@ def test_genai_config_names_the_graph_inputs_and_outputs(tiny_cqil_onnx):
     decoder = settings["model"]["decoder"]
     layers = decoder["num_hidden_layers"]
     named_inputs = [decoder["inputs"][k] for k in ("input_ids", "attention_mask", "position_ids")]
-    named_inputs += [decoder["inputs"][kind] % i for i in range(layers) for kind in ("past_key_names", "past_value_names")]
+    named_inputs += [decoder["inputs"][kind] % i for i in range(layers)
+                     for kind in ("past_key_names", "past_value_names")]
     named_outputs = [decoder["outputs"]["logits"]]
     named_outputs += [decoder["outputs"][kind] % i for i in range(layers)
                       for kind in ("present_key_names", "present_value_names")]
