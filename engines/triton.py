@@ -6,11 +6,16 @@
                       1/model.plan
     <repo>/<name>_python/config.pbtxt     backend "python": ONNX Runtime on CPU inside Triton
                          1/model.py       + model.onnx and its data (hard links to the _onnx copy)
+    <repo>/<name>_text/config.pbtxt       backend "python", decoupled: text in, text out (generate extension)
+                       1/model.py         + model.onnx, its data, the tokenizer and generation config
+                                          (only when the export folder holds its tokenizer files)
 
 Every model declares the ONNX graph's own inputs and outputs (DESIGN.md section 4) with their dtypes
 and dims, -1 where the graph has a symbolic dim, and `max_batch_size: 0` because batch is already an
-explicit dynamic dim; so a client sends the same tensors to any of the three. The configs are plain
-text here (no Triton import needed to write them); the tests parse them with Triton's ModelConfig schema.
+explicit dynamic dim; so a client sends the same tensors to any of the three. The text model instead
+declares the inputs and output of Triton's generate extension (`text_input` -> `text_output`, as the
+vLLM and TensorRT-LLM backends do) and keeps the KV cache inside. The configs are plain text here (no
+Triton import needed to write them); the tests parse them with Triton's ModelConfig schema.
 """
 
 from __future__ import annotations
@@ -32,7 +37,17 @@ ONNX_TO_TRITON = {"INT64": "TYPE_INT64", "INT32": "TYPE_INT32", "FLOAT": "TYPE_F
 # unless the instance group lists them.
 ENGINE_PROFILES = ("0", "1")
 PYTHON_MODEL_SOURCE = Path(__file__).with_name("triton_python_model.py")
+TEXT_MODEL_SOURCE = Path(__file__).with_name("triton_generate_model.py")
 VERSION = "1"
+# What the text model reads beside model.onnx: the tokenizer (both files needed) and the configs.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+TEXT_SIDE_FILES = (*TOKENIZER_FILES, "special_tokens_map.json", "chat_template.jinja", "config.json",
+                   "generation_config.json")
+# The generate extension's tensors, as the vLLM and TensorRT-LLM backends name and type them.
+TEXT_INPUTS = (("text_input", "TYPE_STRING", False), ("max_tokens", "TYPE_INT32", True),
+               ("stream", "TYPE_BOOL", True), ("temperature", "TYPE_FP32", True), ("top_k", "TYPE_INT32", True),
+               ("top_p", "TYPE_FP32", True), ("random_seed", "TYPE_UINT64", True))
+MAX_IN_FLIGHT = 4
 
 
 @dataclass(frozen=True)
@@ -61,7 +76,11 @@ class Repository:
 
 
 def model_names(model_name: str) -> dict[str, str]:
-    return {kind: f"{model_name}_{kind}" for kind in ("onnx", "trt", "python")}
+    return {kind: f"{model_name}_{kind}" for kind in ("onnx", "trt", "python", "text")}
+
+
+def has_tokenizer(onnx_folder: Path) -> bool:
+    return all((Path(onnx_folder) / name).is_file() for name in TOKENIZER_FILES)
 
 
 def read_graph_io(onnx: Path) -> GraphIO:
@@ -130,7 +149,9 @@ def _all_tensors(graph) -> Iterator:
 # -- config.pbtxt --------------------------------------------------------------------------------------
 
 def config_text(name: str, kind: str, io: GraphIO) -> str:
-    """The config.pbtxt of one model of the repository; `kind` is onnx, trt or python."""
+    """The config.pbtxt of one model of the repository; `kind` is onnx, trt, python or text."""
+    if kind == "text":
+        return text_config_text(name, io)
     header = {
         "onnx": ['backend: "onnxruntime"', 'default_model_filename: "model.onnx"'],
         "trt": ['platform: "tensorrt_plan"', 'default_model_filename: "model.plan"'],
@@ -144,10 +165,29 @@ def config_text(name: str, kind: str, io: GraphIO) -> str:
     elif kind == "python":
         lines.append("instance_group [ { kind: KIND_CPU count: 1 } ]")
     # The ONNX Runtime model keeps Triton's default placement: the GPU where there is one, else the CPU.
-    if io.spec.plan is not None:
-        plan = json.dumps(io.spec.plan.to_dict(), sort_keys=True, ensure_ascii=False)
-        lines.append(f'parameters {{ key: "{PLAN_KEY}" value {{ string_value: "{_quote(plan)}" }} }}')
+    lines += _plan_parameter(io)
     return "\n".join(lines) + "\n"
+
+
+def text_config_text(name: str, io: GraphIO) -> str:
+    """The text model: decoupled (it streams), the generate extension's tensors, requests on a thread pool."""
+    entries = [f'  {{ name: "{tensor}" data_type: {dtype} dims: [ 1 ]{" optional: true" if optional else ""} }}'
+               for tensor, dtype, optional in TEXT_INPUTS]
+    lines = [f'name: "{name}"', 'backend: "python"', "max_batch_size: 0",
+             "model_transaction_policy { decoupled: true }",
+             "input [", ",\n".join(entries), "]",
+             'output [ { name: "text_output" data_type: TYPE_STRING dims: [ -1 ] } ]',
+             "instance_group [ { kind: KIND_CPU count: 1 } ]",
+             f'parameters {{ key: "max_in_flight" value {{ string_value: "{MAX_IN_FLIGHT}" }} }}',
+             *_plan_parameter(io)]
+    return "\n".join(lines) + "\n"
+
+
+def _plan_parameter(io: GraphIO) -> list[str]:
+    if io.spec.plan is None:
+        return []
+    plan = json.dumps(io.spec.plan.to_dict(), sort_keys=True, ensure_ascii=False)
+    return [f'parameters {{ key: "{PLAN_KEY}" value {{ string_value: "{_quote(plan)}" }} }}']
 
 
 def _tensors_text(field: str, tensors: tuple[TensorSpec, ...]) -> list[str]:
@@ -185,6 +225,16 @@ def write_model_repository(onnx: Path, repo_dir: Path, model_name: str = "cqil",
         for relative in ("model.onnx", *io.external_data):
             link_or_copy(onnx_version / relative, python_version / relative)
         shutil.copyfile(PYTHON_MODEL_SOURCE, python_version / "model.py")
+
+        if has_tokenizer(io.onnx.parent):
+            text_version = tmp / names["text"] / VERSION
+            for relative in ("model.onnx", *io.external_data):
+                link_or_copy(onnx_version / relative, text_version / relative)
+            for side in TEXT_SIDE_FILES:
+                if (io.onnx.parent / side).is_file():
+                    shutil.copyfile(io.onnx.parent / side, text_version / side)
+            shutil.copyfile(TEXT_MODEL_SOURCE, text_version / "model.py")
+            models[names["text"]] = "Python backend, text in / text out (generate extension)"
 
         if engine_plan is not None:
             link_or_copy(Path(engine_plan), tmp / names["trt"] / VERSION / "model.plan")

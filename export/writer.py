@@ -2,7 +2,8 @@
 
     out/model.onnx (+ model.onnx.data when large)   the graph of DESIGN.md section 4
     out/config.json, generation_config.json          the HF config, with the plan under `cqil_plan`
-    out/tokenizer files                              so the folder alone can serve text
+    out/tokenizer files                              so the folder alone can serve text (transformers 4 and 5)
+    out/genai_config.json                            so ONNX Runtime GenAI's Generator runs the folder
 
 The folder is written through a temporary sibling and renamed into place, so a failed export leaves
 nothing behind; the same model, plan, layout and dtype give the same bytes (no timestamps, no paths
@@ -23,6 +24,8 @@ from tqdm import tqdm
 
 from export import contract
 from export.check import StructureReport, check_branch_structure
+from export.genai_config import write_genai_config
+from export.tokenizer_files import write_tokenizer_files
 from pipeline.model.cqil import CqilModel
 from pipeline.model.errors import CqilError
 from pipeline.model.fsutil import atomic_dir, check_output_dir
@@ -118,8 +121,9 @@ def _write_side_files(folder: Path, model: CqilModel, dtype: str, tokenizer) -> 
     generation = getattr(model.hf, "generation_config", None)
     if generation is not None:
         generation.save_pretrained(folder)
+    write_genai_config(folder, config, generation, MODEL_FILE)
     if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+        write_tokenizer_files(tokenizer, folder)
 
 
 def export_model(model: CqilModel, out: Path, layout: str = "branches", dtype: str = "fp32",

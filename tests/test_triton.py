@@ -8,6 +8,7 @@ import importlib.util
 import json
 import shutil
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from engines.triton import write_model_repository
+from engines.triton import TEXT_MODEL_SOURCE, write_model_repository
 from export.contract import PLAN_KEY
 from pipeline.cli import main
 from pipeline.model.errors import CqilError
@@ -244,3 +245,190 @@ def test_not_the_contract(tmp_path):
     with pytest.raises(CqilError, match="no 'input_ids' input"):
         write_model_repository(tmp_path / "other.onnx", tmp_path / "repo")
     assert not (tmp_path / "repo").exists()
+
+
+# -- the text model (generate extension) ----------------------------------------------------------------
+
+TEXT_PROMPTS = ("The object model of Python", "Lambda expressions", "A for statement")
+
+
+class FakeRequest:
+    def __init__(self, inputs: dict, parameters: dict | None = None):
+        self.inputs = {name: FakeTensor(name, np.asarray(value)) for name, value in inputs.items()}
+        self._parameters, self.sender = parameters or {}, FakeSender()
+
+    def get_response_sender(self):
+        return self.sender
+
+    def parameters(self):
+        return json.dumps(self._parameters)
+
+
+class FakeSender:
+    """Records what the model sends, and on which thread."""
+
+    def __init__(self):
+        self.sent, self.threads, self.done = [], set(), False
+
+    def send(self, response=None, flags=0):
+        assert not self.done, "a response after the final flag"
+        self.sent.append(response)
+        self.threads.add(threading.current_thread().name)
+        self.done = bool(flags & FINAL)
+
+    def texts(self) -> list[str]:
+        return [r.output_tensors[0].as_numpy()[0].decode() for r in self.sent if r is not None and r.error is None]
+
+    def errors(self) -> list[str]:
+        return [r.error for r in self.sent if r is not None and r.error]
+
+
+FINAL = 1
+
+
+class ModelException(Exception):
+    pass
+
+
+def fake_text_backend_utils(misread: bool = False) -> types.ModuleType:
+    module = fake_backend_utils()
+    module.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
+    module.TRITONSERVER_RESPONSE_COMPLETE_FINAL = FINAL
+    module.TritonModelException = ModelException
+    module.using_decoupled_model_transaction_policy = lambda config: config["model_transaction_policy"]["decoupled"]
+
+    class Tensor(FakeTensor):
+        @classmethod
+        def from_dlpack(cls, name, capsule):
+            tensor = FakeTensor.from_dlpack(name, capsule)
+            if misread:  # what a stub built against another numpy does: every element reads as the first
+                tensor._array = np.full_like(tensor._array, tensor._array[0])
+            return tensor
+
+    module.Tensor = Tensor
+    return module
+
+
+def load_text_model(version: Path, monkeypatch, misread: bool = False):
+    from google.protobuf import json_format
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_text_backend_utils(misread))
+    spec = importlib.util.spec_from_file_location("cqil_triton_text_model", version / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = json_format.MessageToJson(parse_config(version.parent / "config.pbtxt"), preserving_proto_field_name=True)
+    model = module.TritonPythonModel()
+    model.initialize({"model_repository": str(version.parent), "model_version": version.name, "model_config": config})
+    return model, module
+
+
+@pytest.fixture(scope="module")
+def text_repo(tmp_path_factory, tiny_cqil_onnx):
+    repo = tmp_path_factory.mktemp("text-repo") / "repo"
+    write_model_repository(tiny_cqil_onnx[1], repo)
+    return repo
+
+
+def cqil_generate(model_dir, prompt: str, max_tokens: int, capsys) -> str:
+    """What `cqil generate --raw` prints for the tiny CQIL model of the tiny_cqil_onnx fixture."""
+    capsys.readouterr()
+    assert main(["generate", "--model", str(model_dir), "--groups", "1-3", "--bypass", "1", "--raw",
+                 "--prompt", prompt, "--max-new-tokens", str(max_tokens)]) == 0
+    return capsys.readouterr().out.strip()
+
+
+def run_requests(model, requests: list[FakeRequest]) -> list[FakeRequest]:
+    assert model.execute(requests) is None  # decoupled: the answers go through the senders
+    model.finalize()  # waits for the requests in flight
+    return requests
+
+
+def test_text_model_config_parses_as_a_decoupled_generate_model(text_repo, onnx_dir, tmp_path):
+    assert sorted(p.name for p in text_repo.iterdir()) == ["cqil_onnx", "cqil_python", "cqil_text"]
+    config = parse_config(text_repo / "cqil_text" / "config.pbtxt")
+    assert config.backend == "python" and config.max_batch_size == 0
+    assert config.model_transaction_policy.decoupled
+    inputs = {i.name: (model_config_pb2.DataType.Name(i.data_type), list(i.dims), i.optional) for i in config.input}
+    assert inputs["text_input"] == ("TYPE_STRING", [1], False)
+    assert inputs["max_tokens"] == ("TYPE_INT32", [1], True) and inputs["stream"] == ("TYPE_BOOL", [1], True)
+    assert {"temperature", "top_k", "top_p", "random_seed"} <= set(inputs)
+    [output] = config.output
+    assert (output.name, model_config_pb2.DataType.Name(output.data_type)) == ("text_output", "TYPE_STRING")
+    assert int(config.parameters["max_in_flight"].string_value) > 1
+    version = text_repo / "cqil_text" / "1"
+    for name in ("model.py", "model.onnx", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (version / name).is_file(), name
+    write_model_repository(onnx_dir, tmp_path / "toy")  # no tokenizer beside the graph: no text model
+    assert not (tmp_path / "toy" / "cqil_text").exists()
+
+
+def test_text_model_answers_what_cqil_generate_prints(text_repo, tiny_cqil_onnx, monkeypatch, capsys):
+    model_dir = tiny_cqil_onnx[0]
+    expected = {prompt: cqil_generate(model_dir, prompt, 10, capsys) for prompt in TEXT_PROMPTS}
+    assert len(set(expected.values())) == len(TEXT_PROMPTS)  # different prompts, different texts
+    model, _ = load_text_model(text_repo / "cqil_text" / "1", monkeypatch)
+    requests = [FakeRequest({"text_input": np.array([p.encode()], dtype=object),
+                             "max_tokens": np.array([10], dtype=np.int32)}) for p in TEXT_PROMPTS]
+    requests.append(FakeRequest({"text_input": np.array([TEXT_PROMPTS[0].encode()], dtype=object)},
+                                parameters={"max_tokens": 10}))  # settings as request parameters (vLLM's curl)
+    for request, prompt in zip(run_requests(model, requests), [*TEXT_PROMPTS, TEXT_PROMPTS[0]]):
+        assert request.sender.done and not request.sender.errors()
+        [text] = request.sender.texts()  # not streamed: one response with the whole completion
+        assert text.strip() == expected[prompt]
+    assert len(set().union(*(r.sender.threads for r in requests))) > 1  # several requests were in flight
+
+
+def test_text_model_streams_pieces_of_the_same_text(text_repo, tiny_cqil_onnx, monkeypatch, capsys):
+    expected = cqil_generate(tiny_cqil_onnx[0], TEXT_PROMPTS[1], 12, capsys)
+    model, _ = load_text_model(text_repo / "cqil_text" / "1", monkeypatch)
+    [request] = run_requests(model, [FakeRequest({"text_input": np.array([TEXT_PROMPTS[1].encode()], dtype=object),
+                                                  "max_tokens": np.array([12], dtype=np.int32),
+                                                  "stream": np.array([True])})])
+    pieces = request.sender.texts()
+    assert len(pieces) > 1 and "".join(pieces).strip() == expected
+    assert request.sender.sent[-1] is None and request.sender.done  # the final flag closes the stream
+
+
+def test_text_model_sampling_and_bad_requests(text_repo, monkeypatch):
+    model, _ = load_text_model(text_repo / "cqil_text" / "1", monkeypatch)
+    prompt = np.array([TEXT_PROMPTS[0].encode()], dtype=object)
+
+    def request(**settings):
+        inputs = {"text_input": prompt, "max_tokens": np.array([8], dtype=np.int32)}
+        kinds = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "random_seed": np.uint64}
+        inputs.update({k: np.array([v], dtype=kinds[k]) for k, v in settings.items()})
+        return FakeRequest(inputs)
+
+    greedy, top1, seeded, same_seed, hot = (request(), request(temperature=5.0, top_k=1, random_seed=1),
+                                            request(temperature=5.0, random_seed=7),
+                                            request(temperature=5.0, random_seed=7),
+                                            request(temperature=5.0, random_seed=8))
+    bad = [FakeRequest({"max_tokens": np.array([4], dtype=np.int32)}),
+           FakeRequest({"text_input": prompt, "max_tokens": np.array([0], dtype=np.int32)}),
+           FakeRequest({"text_input": prompt, "max_tokens": np.array([10_000], dtype=np.int32)})]
+    run_requests(model, [greedy, top1, seeded, same_seed, hot, *bad])
+    assert top1.sender.texts() == greedy.sender.texts()  # top_k=1 is greedy at any temperature
+    assert seeded.sender.texts() == same_seed.sender.texts() != hot.sender.texts()
+    assert seeded.sender.texts() != greedy.sender.texts()
+    messages = [r.sender.errors() for r in bad]
+    assert all(r.sender.done and r.sender.sent == [r.sender.sent[0]] for r in bad)  # one final error each
+    assert "no text_input" in messages[0][0] and "max_tokens 0" in messages[1][0]
+    assert "exceeds the model's context of 512 tokens" in messages[2][0]
+
+
+def test_text_model_refuses_a_stub_that_misreads_numpy(text_repo, monkeypatch):
+    with pytest.raises(ModelException, match="stub misreads numpy"):
+        load_text_model(text_repo / "cqil_text" / "1", monkeypatch, misread=True)
+
+
+def test_pick_token_filters(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_text_backend_utils())
+    spec = importlib.util.spec_from_file_location("cqil_triton_text_module", TEXT_MODEL_SOURCE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    logits = np.array([0.0, 3.0, 2.9, -1.0, 2.8])
+    assert module.pick_token(logits) == 1 and module.pick_token(logits, temperature=0) == 1
+    rng = np.random.default_rng(0)
+    assert {module.pick_token(logits, 10.0, top_k=2, rng=rng) for _ in range(200)} == {1, 2}
+    assert {module.pick_token(logits, 10.0, top_p=0.5, rng=rng) for _ in range(200)} == {1, 2, 4}
+    assert {module.pick_token(logits, 10.0, rng=rng) for _ in range(400)} == {0, 1, 2, 3, 4}

@@ -1,4 +1,5 @@
-"""A real Triton server serves the repository's Python-backend model; its logits match PyTorch.
+"""A real Triton server serves the repository's Python-backend models: logits match PyTorch, text matches
+`cqil generate` through the generate and generate_stream endpoints.
 
 The `tritonserver` binary, its libraries and the Python-backend stubs come from the nvidia-pytriton
 wheel (docs/triton.md says how it is installed); they run on CPU. The test exports a tiny CQIL model
@@ -11,12 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,27 +80,30 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def triton_server(repo: Path, work: Path):
-    """Start tritonserver with only MODEL loaded; yield a gRPC client and the log file; stop it afterwards."""
+def triton_server(repo: Path, work: Path, model: str = MODEL, python_bin: Path | None = None):
+    """Start tritonserver with only `model` loaded; yield a gRPC client, the HTTP port and the log file.
+
+    `python_bin`: the bin/ of the Python environment the backend's stub runs in (default: this venv's).
+    """
     import tritonclient.grpc as grpcclient
 
     server, libs = pytriton_server()
     backends = python_backend_dir(server, work)
-    port = free_port()
+    grpc_port, http_port = free_port(), free_port()
     env = dict(os.environ)
     # The stub embeds libpython: prefer this interpreter's own, and put this venv's python first on PATH
     # so the embedded interpreter finds the venv's site-packages (numpy, onnxruntime), as pytriton does.
     env["LD_LIBRARY_PATH"] = ":".join(filter(None, (sysconfig.get_config_var("LIBDIR"), str(libs),
                                                    env.get("LD_LIBRARY_PATH"))))
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env["PATH"] = f"{python_bin or Path(sys.executable).parent}:{env.get('PATH', '')}"
     command = [str(server / "bin" / "tritonserver"), "--model-repository", str(repo),
-               "--model-control-mode", "explicit", "--load-model", MODEL,
-               "--backend-directory", str(backends), "--grpc-port", str(port),
-               "--allow-http", "false", "--allow-metrics", "false"]
+               "--model-control-mode", "explicit", "--load-model", model,
+               "--backend-directory", str(backends), "--grpc-port", str(grpc_port),
+               "--http-port", str(http_port), "--allow-metrics", "false"]
     log_path = work / "tritonserver.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
 
     def log_tail() -> str:
         return "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
@@ -103,12 +114,12 @@ def triton_server(repo: Path, work: Path):
             if process.poll() is not None:
                 pytest.fail(f"tritonserver exited with status {process.returncode}:\n{log_tail()}")
             with contextlib.suppress(Exception):
-                if client.is_model_ready(MODEL):
+                if client.is_model_ready(model):
                     break
             if time.monotonic() > deadline:
-                pytest.fail(f"{MODEL} not ready after {READY_TIMEOUT_S} s:\n{log_tail()}")
+                pytest.fail(f"{model} not ready after {READY_TIMEOUT_S} s:\n{log_tail()}")
             time.sleep(0.5)
-        yield client, log_path
+        yield Server(client, http_port, log_path)
     finally:
         client.close()
         process.terminate()
@@ -117,6 +128,13 @@ def triton_server(repo: Path, work: Path):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@dataclass
+class Server:
+    client: object  # tritonclient.grpc.InferenceServerClient
+    http_port: int
+    log: Path
 
 
 def infer(client, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -156,10 +174,10 @@ def test_triton_serves_the_python_backend_model(tmp_path, capsys):
         step_positions = positions[:, -1:] + 1
         step_logits, step_presents = model(token, step_mask, step_positions, list(presents))
 
-    with triton_server(tmp_path / "repo", tmp_path) as (client, log_path):
-        prefill = infer(client, contract_feed(ids, mask, positions, [empty] * (2 * LAYERS)))
-        decode = infer(client, contract_feed(token, step_mask, step_positions, presents))
-        log = log_path.read_text(errors="replace")
+    with triton_server(tmp_path / "repo", tmp_path) as server:
+        prefill = infer(server.client, contract_feed(ids, mask, positions, [empty] * (2 * LAYERS)))
+        decode = infer(server.client, contract_feed(token, step_mask, step_positions, presents))
+        log = server.log.read_text(errors="replace")
     assert "Traceback" not in log, log  # the model ran cleanly, no Python errors in the server log
 
     for got, want_logits, want_presents in ((prefill, logits, presents), (decode, step_logits, step_presents)):
@@ -168,3 +186,87 @@ def test_triton_serves_the_python_backend_model(tmp_path, capsys):
         for name, want in zip(output_names(LAYERS)[1:], want_presents):
             np.testing.assert_allclose(got[name], want.numpy(), atol=TOLERANCE, rtol=0)
     assert decode["present.3.value"].shape[2] == 6  # 5 prompt tokens + 1 decoded
+
+
+# -- the text model: Triton's generate extension, over HTTP ---------------------------------------------
+
+TEXT_MODEL = "cqil_text"
+TEXT_PROMPTS = ("The object model of Python", "Lambda expressions", "A for statement iterates", "Class definitions")
+TEXT_TOKENS = 12
+
+
+def numpy1_python_bin() -> Path:
+    """bin/ of a virtualenv with numpy < 2, for the stub of the nvidia-pytriton 0.7 wheel (built against numpy 1,
+    it misreads numpy 2 arrays, and strings cannot avoid its numpy path: docs/triton.md). Made once, with pip,
+    with this venv's onnxruntime and transformers."""
+    from importlib import metadata
+
+    from pipeline.model.fsutil import cache_dir
+
+    venv = cache_dir() / "venvs" / "triton-numpy1"
+    if (venv / "bin" / "python").is_file():
+        return venv / "bin"
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{venv.name}.", dir=venv.parent))
+    packages = ["numpy<2", *(f"{name}=={metadata.version(name)}" for name in ("onnxruntime", "transformers"))]
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True)
+        subprocess.run([str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", *packages], check=True,
+                       capture_output=True, text=True)
+    except subprocess.CalledProcessError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        pytest.fail(f"could not make the numpy<2 environment for the Triton stub ({' '.join(packages)}):\n{exc.stderr}")
+    tmp.rename(venv)
+    return venv / "bin"
+
+
+def post(port: int, path: str, body: dict) -> tuple[int, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def generate(port: int, prompt: str) -> tuple[str, float, float]:
+    start = time.monotonic()
+    status, body = post(port, f"/v2/models/{TEXT_MODEL}/generate", {"text_input": prompt, "max_tokens": TEXT_TOKENS})
+    assert status == 200, body
+    return json.loads(body)["text_output"], start, time.monotonic()
+
+
+def test_triton_generate_endpoints_answer_what_cqil_generate_prints(tmp_path, tiny_model_dir, capsys):
+    model_dir = tiny_model_dir("llama", LAYERS)
+    plan_args = ["--groups", "1-2", "--bypass", "1"]  # [0] [1,2] [3], d=1: the PLAN above
+    assert main(["export", "--model", str(model_dir), *plan_args, "--out", str(tmp_path / "onnx")]) == 0
+    assert main(["triton", "--onnx", str(tmp_path / "onnx"), "--out", str(tmp_path / "repo")]) == 0
+    assert f"/v2/models/{TEXT_MODEL}/generate" in capsys.readouterr().out
+    expected = {}
+    for prompt in TEXT_PROMPTS:
+        assert main(["generate", "--model", str(model_dir), *plan_args, "--raw", "--prompt", prompt,
+                     "--max-new-tokens", str(TEXT_TOKENS)]) == 0
+        expected[prompt] = capsys.readouterr().out.strip()
+    assert len(set(expected.values())) > 1
+
+    with triton_server(tmp_path / "repo", tmp_path, TEXT_MODEL, numpy1_python_bin()) as server:
+        port = server.http_port
+        single, _, _ = generate(port, TEXT_PROMPTS[0])
+        status, stream = post(port, f"/v2/models/{TEXT_MODEL}/generate_stream",
+                              {"text_input": TEXT_PROMPTS[1], "max_tokens": TEXT_TOKENS, "stream": True})
+        with ThreadPoolExecutor(4) as pool:  # four requests at once
+            together = list(pool.map(lambda prompt: generate(port, prompt), TEXT_PROMPTS))
+        bad_status, bad_body = post(port, f"/v2/models/{TEXT_MODEL}/generate", {"max_tokens": 4})
+        log = server.log.read_text(errors="replace")
+
+    assert single.strip() == expected[TEXT_PROMPTS[0]]
+    assert status == 200, stream
+    events = [json.loads(line[len("data: "):]) for line in stream.splitlines() if line.startswith("data: ")]
+    assert len(events) > 1 and "".join(e["text_output"] for e in events).strip() == expected[TEXT_PROMPTS[1]]
+    for prompt, (text, _, _) in zip(TEXT_PROMPTS, together):
+        assert text.strip() == expected[prompt]
+    overlap = min(end for _, _, end in together) - max(start for _, start, _ in together)
+    print(f"\nfour requests at once: {'all in flight together' if overlap > 0 else 'not all overlapping'} "
+          f"(overlap {overlap:.3f} s, longest {max(end - start for _, start, end in together):.3f} s)")
+    assert bad_status == 400 and "no text_input" in bad_body
+    assert "Traceback" not in log, log

@@ -19,10 +19,15 @@ def cmd_triton(args: argparse.Namespace) -> None:
     if args.engine is None:
         print("  no --engine: the TensorRT model was not written (build one with `cqil engine`)")
     print(f"serve with: tritonserver --model-repository {repo.path}")
+    text = triton.model_names(args.name)["text"]
+    if text in repo.models:
+        print(f"text in, text out: curl -X POST localhost:8000/v2/models/{text}/generate "
+              """-d '{"text_input": "...", "max_tokens": 32}'""")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("triton", help="write a Triton model repository (ONNX Runtime, Python backend, TensorRT)")
+    p = sub.add_parser("triton", help="write a Triton model repository (ONNX Runtime, Python backend, text "
+                                      "generate model, TensorRT)")
     p.add_argument("--onnx", type=INPUT_PATH, required=True, help="exported ONNX file or its directory")
     # Which folders are the repository's own is known only with --name: engines/triton.py checks that.
     p.add_argument("--out", type=output_dir(is_ours=lambda folder: True), required=True,
