@@ -12,10 +12,11 @@ import sys
 import traceback
 from typing import NoReturn
 
-from pipeline.model.errors import CqilError
+from pipeline.model.errors import CqilError, ExitCode
 
 # The exit codes, documented in `cqil --help` and the README.
-OK, CHECK_FAILED, BAD_INPUT, INTERNAL_ERROR, INTERRUPTED = 0, 1, 2, 3, 130
+OK, CHECK_FAILED, BAD_INPUT, INTERNAL_ERROR, INTERRUPTED = (ExitCode.OK, ExitCode.CHECK_FAILED, ExitCode.BAD_INPUT,
+                                                           ExitCode.INTERNAL_ERROR, ExitCode.INTERRUPTED)
 
 EXIT_CODES = """\
 exit codes:
@@ -24,6 +25,7 @@ exit codes:
   2  bad input or usage: a missing or malformed option or file, an output location that cannot be
      written (checked before any long work starts); one line on stderr names it
   3  an internal error (a bug): one line on stderr says where the traceback was saved; --debug prints it
+  4  a multi-process run (--ranks) broke: a rank died or failed to load, a collective timed out
 --debug never changes the exit code. --out never deletes what cqil did not write: an existing output
 folder is replaced only if cqil wrote it (it holds a .cqil-output file); any other non-empty folder is
 refused."""
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     import logging
     import os
     import warnings
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{exc.prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return BAD_INPUT
-    _quiet_libraries()
+    quiet_libraries()
     try:
         status = args.func(args)  # a command returns CHECK_FAILED when its check ran and failed
         return status or OK

@@ -246,8 +246,8 @@ def test_plan_that_does_not_fit_the_ranks_is_refused_before_launch(tiny_model_di
 
 def test_every_rank_stops_with_one_line_when_one_fails_to_load():
     results = finish(start_ranks(2, "fail-load"), timeout=60)
-    assert results[1][0] == 1 and results[1][2].strip().endswith("failed to load: OSError: disk on fire")
-    assert results[0][0] == 1 and "rank 1 failed to load" in results[0][2]
+    assert results[1][0] == 4 and results[1][2].strip().endswith("failed to load: OSError: disk on fire")
+    assert results[0][0] == 4 and "rank 1 failed to load" in results[0][2]
     assert all(len(err.strip().splitlines()) == 1 for _, _, err in results)
 
 
@@ -258,7 +258,7 @@ def test_killed_rank_makes_the_other_exit_instead_of_hanging(tiny_model_dir):
     procs[1].send_signal(signal.SIGKILL)
     started = time.monotonic()
     (code, _, err), _ = finish(procs, timeout=30)
-    assert code == 1 and "error: the run failed" in err and len(err.strip().splitlines()) == 1
+    assert code == 4 and "error: the run failed" in err and len(err.strip().splitlines()) == 1
     assert time.monotonic() - started < 30
 
 

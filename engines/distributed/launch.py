@@ -4,7 +4,8 @@ Every rank must end with one line and the same kind of exit status, never hang: 
 gets a collective timeout, a bad input found before the group exists ends every rank alike (each
 rank checks the same input), and a failure while loading is agreed on with one all-reduce of the
 ranks' status codes, so the ranks that loaded fine stop with a line that names the failed rank.
-Exit status: 2 for bad input (CqilError), 1 for a failed run (a lost peer, a timeout, a crash).
+Exit status (pipeline.model.errors.ExitCode): 2 for bad input (CqilError), 4 for a run that broke (a lost peer,
+a timeout, a crash), so that CI never mistakes a broken run for a check that failed (1).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from pipeline.model.errors import CqilError
+from pipeline.model.errors import CqilError, ExitCode
 
 BACKENDS = ("gloo", "nccl")
 DEFAULT_TIMEOUT_S = 120.0
@@ -82,7 +83,7 @@ def init_process_group(backend: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Ra
     missing = [name for name in TORCHRUN_ENV if name not in os.environ]
     if missing:
         raise CqilError(f"not started by torchrun ({', '.join(missing)} unset): run "
-                        "`torchrun --nproc-per-node P -m engines.distributed ...` or `cqil generate --ranks P`")
+                        "`torchrun --nproc-per-node P -m pipeline.rank_worker ...` or `cqil generate --ranks P`")
     ctx = RankContext(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                       int(os.environ.get("LOCAL_RANK", os.environ["RANK"])), backend)
     if backend == "nccl":
@@ -103,9 +104,9 @@ def together(ctx: RankContext, load: Callable[[], T]) -> T:
     try:
         value = load()
     except CqilError as exc:
-        status, error = 2, str(exc)
+        status, error = ExitCode.BAD_INPUT, str(exc)
     except Exception as exc:  # noqa: BLE001 - any load failure must reach the other ranks
-        status, error = 1, f"failed to load: {one_line(exc)}"
+        status, error = ExitCode.RUN_FAILED, f"failed to load: {one_line(exc)}"
     flags = torch.zeros(ctx.world, dtype=torch.long, device=ctx.device)
     flags[ctx.rank] = status
     dist.all_reduce(flags)  # every rank learns which ranks failed, and how
@@ -136,16 +137,16 @@ def run_ranks(program: str, backend: str | None, body: Callable[[RankContext], i
         status = body(ctx) or 0
     except CqilError as exc:
         print(f"{program} [rank {rank}]: error: {exc}", file=sys.stderr)
-        status = 2
+        status = ExitCode.BAD_INPUT
     except RankAbort as exc:
         print(f"{program} [rank {rank}]: error: {exc}", file=sys.stderr)
         status = exc.status
     except KeyboardInterrupt:
         print(f"{program} [rank {rank}]: interrupted", file=sys.stderr)
-        status = 130
+        status = ExitCode.INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - a lost peer, a timeout: one line, not a traceback per rank
         print(f"{program} [rank {rank}]: error: the run failed ({one_line(exc)})", file=sys.stderr)
-        status = 1
+        status = ExitCode.RUN_FAILED
     finally:
         if dist.is_available() and dist.is_initialized():
             if status == 0:

@@ -29,20 +29,30 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
     config = loaded.model.config
     plan = resolve_plan(choice, config, required=False) or identity_plan(config.num_hidden_layers)
     tokenizer = loaded.tokenizer
-    prompts = args.prompt
-    if not args.raw and getattr(tokenizer, "chat_template", None):
+    ids, mask = encode_prompts(tokenizer, args.prompt, args.raw)
+    new = greedy_generate(CqilModel(loaded.model, plan), ids, mask, args.max_new_tokens, tokenizer.eos_token_id)
+    print(format_generations(tokenizer, args.prompt, new))
+
+
+def encode_prompts(tokenizer, prompts: list[str], raw: bool):
+    """Prompts as a left-padded batch (the chat template applied unless `raw`): (input_ids, attention_mask)."""
+    if not raw and getattr(tokenizer, "chat_template", None):
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                  add_generation_prompt=True) for p in prompts]
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    model = CqilModel(loaded.model, plan)
-    new = greedy_generate(model, batch["input_ids"], batch["attention_mask"], args.max_new_tokens,
-                          tokenizer.eos_token_id)
-    for prompt, tokens in zip(args.prompt, new):
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def format_generations(tokenizer, prompts: list[str], new_tokens) -> str:
+    """What `cqil generate` prints: the text alone for one prompt, '> prompt' headed blocks for several."""
+    lines = []
+    for prompt, tokens in zip(prompts, new_tokens):
         text = tokenizer.decode(tokens, skip_special_tokens=True)
-        print(f"> {prompt}\n{text.strip()}\n" if len(args.prompt) > 1 else text.strip())
+        lines.append(f"> {prompt}\n{text.strip()}\n" if len(prompts) > 1 else text.strip())
+    return "\n".join(lines)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,6 +1,6 @@
 """`--ranks P` for `cqil generate` and `cqil bench`: start P processes with torch's launcher.
 
-The processes run `python -m engines.distributed generate|bench ...` (the same entry torchrun users
+The processes run `python -m pipeline.rank_worker generate|bench ...` (the same entry torchrun users
 call), started by torch.distributed's elastic launch API on this host. The model is resolved and
 the plan checked against P here first, so a bad input ends with one line before any process starts.
 The prompt encoding and the printed text are shared with the one-process generate, so both print
@@ -14,7 +14,9 @@ import sys
 import uuid
 from pathlib import Path
 
-WORKER_MODULE = "engines.distributed"
+from pipeline.model.errors import ExitCode
+
+WORKER_MODULE = "pipeline.rank_worker"
 
 
 def add_rank_options(parser: argparse.ArgumentParser, plan_options: bool = False) -> None:
@@ -33,27 +35,6 @@ def add_rank_options(parser: argparse.ArgumentParser, plan_options: bool = False
         group.add_argument("--groups", type=TEXT, metavar="A-B,...", help="with --ranks: explicit parallel groups")
         group.add_argument("--bypass", type=NON_NEGATIVE, default=None, metavar="D",
                            help="with --ranks: bypass distance d")
-
-
-def encode_prompts(tokenizer, prompts: list[str], raw: bool):
-    """Prompts as a left-padded batch (the chat template applied unless `raw`): (input_ids, attention_mask)."""
-    if not raw and getattr(tokenizer, "chat_template", None):
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                 add_generation_prompt=True) for p in prompts]
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    return batch["input_ids"], batch["attention_mask"]
-
-
-def format_generations(tokenizer, prompts: list[str], new_tokens) -> str:
-    """What `cqil generate` prints: the text alone for one prompt, '> prompt' headed blocks for several."""
-    lines = []
-    for prompt, tokens in zip(prompts, new_tokens):
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        lines.append(f"> {prompt}\n{text.strip()}\n" if len(prompts) > 1 else text.strip())
-    return "\n".join(lines)
 
 
 def checked_model_and_plan(args: argparse.Namespace):
@@ -120,7 +101,7 @@ def launch_bench(args: argparse.Namespace) -> int:
 
 
 def launch(ranks: int, worker_argv: list[str]) -> int:
-    """Run `python -m engines.distributed ARGV` on `ranks` local processes; the worst exit status."""
+    """Run `python -m pipeline.rank_worker ARGV` on `ranks` local processes; the worst exit status."""
     import logging
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -134,11 +115,11 @@ def launch(ranks: int, worker_argv: list[str]) -> int:
         elastic_launch(config, sys.executable)("-m", WORKER_MODULE, *worker_argv)
     except ChildFailedError as exc:
         codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
-        if 2 in codes.values():
-            return 2
-        silent = {rank: code for rank, code in codes.items() if code not in (1, 2)}
+        if ExitCode.BAD_INPUT in codes.values():
+            return ExitCode.BAD_INPUT
+        silent = {rank: code for rank, code in codes.items() if code not in (ExitCode.RUN_FAILED, ExitCode.BAD_INPUT)}
         if silent:
             print(f"rank(s) {', '.join(map(str, silent))} ended with status {', '.join(map(str, silent.values()))} "
                   "(killed?) without a message", file=sys.stderr)
-        return 1
-    return 0
+        return ExitCode.RUN_FAILED
+    return ExitCode.OK

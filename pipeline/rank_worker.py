@@ -1,4 +1,4 @@
-"""What each rank runs: `torchrun --nproc-per-node P -m engines.distributed generate|bench ...`.
+"""What each rank runs: `torchrun --nproc-per-node P -m pipeline.rank_worker generate|bench ...`.
 
 `cqil generate --ranks P` and `cqil bench --ranks P` start these same commands (pipeline/commands/ranks.py).
 Options are those of the one-process commands; rank 0 prints and writes, every rank ends with one
@@ -19,7 +19,7 @@ PROGRAM = "cqil-ranks"
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.commands.options import add_model_options, add_plan_options
 
-    parser = argparse.ArgumentParser(prog="torchrun --nproc-per-node P -m engines.distributed",
+    parser = argparse.ArgumentParser(prog="torchrun --nproc-per-node P -m pipeline.rank_worker",
                                      description="CQIL with rank r running the r-th layer of every group")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("generate", "greedy generation with the KV cache (rank 0 prints the text)"),
@@ -49,10 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from engines.distributed.launch import DEFAULT_TIMEOUT_S, run_ranks
-    from pipeline.cli import _quiet_libraries
+    from pipeline.cli import quiet_libraries
 
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     body = {"generate": _generate, "bench": _bench}[args.command]
     return run_ranks(f"{PROGRAM} {args.command}", args.backend, lambda ctx: body(args, ctx),
                      args.timeout or DEFAULT_TIMEOUT_S)
@@ -80,7 +80,7 @@ def _generate(args: argparse.Namespace, ctx) -> int:
 
     from engines.distributed.launch import together
     from engines.distributed.per_rank import AgreedTokens
-    from pipeline.commands.ranks import encode_prompts, format_generations
+    from pipeline.commands.generate import encode_prompts, format_generations
     from pipeline.model.cqil import greedy_generate
 
     if "OMP_NUM_THREADS" not in os.environ and ctx.device.type == "cpu":
@@ -165,3 +165,7 @@ def _bench(args: argparse.Namespace, ctx) -> int:
     if chart is not None:
         print(f"chart: {chart}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
