@@ -109,7 +109,7 @@ def interleaved_times(callables: Mapping[str, Callable[[], Any]], repeats: int, 
 def stats_ms(seconds: np.ndarray) -> Stats:
     """p50/p90/p99 in milliseconds (numpy's linear interpolation)."""
     values = np.percentile(np.asarray(seconds, dtype=float) * 1e3, PERCENTILES)
-    return Stats(*(round(float(v), 6) for v in values), n=int(len(seconds)))
+    return Stats(*(round(float(v), 6) for v in values), n=len(seconds))
 
 
 def ratio_ci(reference: np.ndarray, candidate: np.ndarray, confidence: float = 0.95,

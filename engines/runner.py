@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.contract import ContractSpec, empty_past, flat_presents, named_past, output_names
+from export.contract import (
+    ContractSpec,
+    empty_past,
+    flat_presents,
+    named_past,
+    output_names,
+)
 from pipeline.model.cqil import positions_from_mask
 from pipeline.model.errors import CqilError
 

@@ -172,7 +172,11 @@ def create_config(settings: EngineSettings):
 
 def engine_loader(settings: EngineSettings, path: Path):
     """The lazy chain parse -> configure -> build (timing cache saved) -> save to `path`; calling it builds."""
-    from polygraphy.backend.trt import EngineFromNetwork, NetworkFromOnnxPath, SaveEngine
+    from polygraphy.backend.trt import (
+        EngineFromNetwork,
+        NetworkFromOnnxPath,
+        SaveEngine,
+    )
 
     network = NetworkFromOnnxPath(str(settings.onnx))  # parse_from_file: external weights resolve
     build = EngineFromNetwork(network, config=create_config(settings), save_timing_cache=str(settings.timing_cache))
@@ -247,7 +251,7 @@ def check_commands(settings: EngineSettings, base: Path) -> list[list[str]]:
 
     Tolerances are `cqil validate`'s logits and present limits for the precision (engines/validate.py).
     """
-    from engines.validate import DEFAULT_THRESHOLDS
+    from engines.tolerances import DEFAULT_THRESHOLDS
 
     fp32 = settings.options.precision == "fp32" and settings.spec.kv_dtype == "FLOAT"
     limits = DEFAULT_THRESHOLDS["FLOAT" if fp32 else "FLOAT16"]

@@ -27,7 +27,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.contract import PLAN_KEY, ContractSpec, find_onnx, output_names, read_contract
+from export.contract import (
+    PLAN_KEY,
+    ContractSpec,
+    find_onnx,
+    output_names,
+    read_contract,
+)
 from pipeline.model.errors import CqilError
 from pipeline.model.fsutil import atomic_dir, link_or_copy
 

@@ -126,7 +126,7 @@ class TextGenerator:
                 sent = text_so_far
         final = self.tokenizer.decode(new, skip_special_tokens=True)
         if final != sent:
-            yield final[len(sent):] if final.startswith(sent) else final
+            yield final.removeprefix(sent)
 
 
 def stub_misreads_numpy():
@@ -195,7 +195,6 @@ class TritonPythonModel:
                             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
             self.pool.submit(self._serve, sender, *job)
-        return None
 
     def _parse(self, request):
         text = _text_input(request)

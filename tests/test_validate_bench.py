@@ -18,7 +18,8 @@ from onnx import numpy_helper
 
 from engines.bench import BenchSettings, run_bench
 from engines.latency import bench_from_dict
-from engines.validate import DEFAULT_THRESHOLDS, validate_onnx
+from engines.tolerances import DEFAULT_THRESHOLDS
+from engines.validate import validate_onnx
 from pipeline.cli import main
 from pipeline.model.cqil import CqilModel
 from pipeline.model.errors import CqilError
