@@ -14,7 +14,6 @@ ratios against it are kept under each scenario's "rows".
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -171,7 +170,7 @@ def plot_rank_bench(result: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from pipeline.model.fsutil import atomic_write_bytes
+    from engines.bench_chart import write_png
 
     scenarios = list(result["scenarios"].items())
     with matplotlib.rc_context({"font.family": "DejaVu Sans", "font.size": 9}):
@@ -188,9 +187,4 @@ def plot_rank_bench(result: dict[str, Any], path: Path) -> Path:
             shape = ", ".join(f"{k} {v}" for k, v in scenario["shape"].items())
             ax.set_title(f"{name} ({shape}), {result['ranks']} ranks {result['backend']}\n"
                          f"CQIL/TP {scenario['ratio']:.3f} [{low:.3f}, {high:.3f}]", fontsize=9)
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
-        plt.close(fig)
-    atomic_write_bytes(Path(path), buffer.getvalue())
-    return Path(path)
+        return write_png(fig, path)
