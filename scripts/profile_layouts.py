@@ -1,13 +1,15 @@
 """Where an exported model spends its time on ONNX Runtime CPU: kernel time by op type and by node role.
 
     PYTHONPATH=. python scripts/profile_layouts.py DIR [DIR ...] [--threads 2] [--seq 128] [--past 128] \
-        [--repeats 10] [--optimized OUT_DIR] [--out FILE]
+        [--repeats 10] [--statistic mean|min] [--optimized OUT_DIR] [--out FILE]
 
 For each export folder and each scenario (prefill 1 x seq, decode 1 token after past), a fresh session
 with ONNX Runtime's profiler runs the scenario once to warm up and `--repeats` times measured; the
 node events of the measured runs are summed per op type (after ORT's fusions: what really ran) and per
 role (the node name without its group, layer and op: `attn/q_proj`, `ffn`, `combine`, ...), in ms per
-run. `--optimized` saves the graph ORT runs (`optimized_model_filepath`) as OUT_DIR/<folder>.onnx, to see
+run: the mean over the runs, or with `--statistic min` each node's fastest run (on a shared machine
+a kernel's wall time includes the time its thread was preempted; the fastest run is the nearest to
+its own cost, good for small kernels and one thread). `--optimized` saves the graph ORT runs (`optimized_model_filepath`) as OUT_DIR/<folder>.onnx, to see
 which fusions it made. Prints Markdown tables, one column per folder; --out writes them as JSON.
 """
 
