@@ -1,16 +1,18 @@
-"""The packed implementation of a group's pieces: the p layers' projections stacked into wide matmuls.
+"""The packed implementation of a group's pieces: what the p layers share, computed once or wide.
 
-For a device that runs one kernel at a time, p narrow matmuls cost more than one wide one (PaLM's parallel
-layers, FFN Fusion). Every layer of a group reads the same x, so:
-- the attention RMSNorm statistics are computed once and each layer's norm scale is folded (in fp32) into
-  its q/k/v weights: q/k/v of all p layers are one matmul;
-- attention runs once over p * heads heads, laid out layer-major so grouped-query attention still pairs
-  each layer's queries with its own keys; each layer's KV cache stays its own;
-- the output projections run per layer (the bypass needs each a_j);
-- gate/up are one batched matmul over the p layers (post-norm scales folded), and the down projections one
-  wide matmul over the concatenated activations, which sums the p FFN outputs as it goes.
-Weights are copied when the group is packed (inference after merge: LoRA adapters must be merged first).
-Results equal the per-layer pieces up to float rounding (the fold and the summation order).
+Every layer of a group reads the same x, so the attention RMSNorm statistics are computed once and each
+layer's norm scale is folded (in fp32) into its q/k/v weights: q/k/v of all p layers are one wide
+matmul, and attention runs once over p * heads heads, laid out layer-major so grouped-query attention
+still pairs each layer's queries with its own keys; each layer's KV cache stays its own. The output
+projections run per layer (the bypass needs each a_j), and so does the FFN, on its own input x + a_j + b_j.
+
+Why the FFN is per layer, measured on ONNX Runtime CPU (docs/export.md, "Fused layout on ONNX Runtime"):
+a batched gate/up matmul over the p layers has a 3-D weight, which ONNX Runtime does not pre-pack (2-D
+weights are), and made prefill 10 % slower than p plain matmuls; a wide down projection over the
+concatenated activations was no faster than p plain ones plus their sum. Norms are written as
+x / sqrt(mean(x^2) + eps) * scale, the pattern ONNX Runtime fuses into one SimplifiedLayerNormalization
+(x * rsqrt(...) is not fused). Weights are copied when the group is packed (inference after merge: LoRA
+adapters must be merged first). Results equal the per-layer pieces up to float rounding (the fold, the division).
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from pipeline.model.decoder import AttentionShape, StepInputs, attend
 from pipeline.model.errors import CqilError
 from pipeline.model.kv import KV
 
+PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
-def rms_unscaled(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm without its scale, computed in fp32 as the HF norms do."""
+
+def rms_unscaled(x: torch.Tensor, eps: float, ones: torch.Tensor) -> torch.Tensor:
+    """RMSNorm whose scale is folded elsewhere, in fp32 as the HF norms do; `ones` keeps ORT's fusion pattern."""
     h = x.to(torch.float32)
-    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * ones
 
 
 def _folded(linear: nn.Linear, scale: torch.Tensor | None) -> torch.Tensor:
@@ -36,14 +40,12 @@ def _folded(linear: nn.Linear, scale: torch.Tensor | None) -> torch.Tensor:
     return weight if scale is None else weight * scale.detach().to(torch.float32)[None, :]
 
 
-def _bias(linears: list[nn.Linear]) -> torch.Tensor | None:
-    if linears[0].bias is None:
-        return None
-    return torch.cat([linear.bias.detach().to(torch.float32) for linear in linears])
+def _copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach().clone()
 
 
 class PackedGroup(nn.Module):
-    """The pieces of one group of p >= 2 layers as wide operations; one lane holds every position."""
+    """The pieces of one group of p >= 2 layers: shared norm, wide q/k/v and attention; one lane holds every position."""
 
     def __init__(self, layers: list[nn.Module], shape: AttentionShape):
         super().__init__()
@@ -54,62 +56,51 @@ class PackedGroup(nn.Module):
         self.p, self.shape = len(layers), shape
         self.lanes = [list(range(self.p))]
         dtype = layers[0].self_attn.q_proj.weight.dtype
-        attn = [layer.self_attn for layer in layers]
-        mlp = [layer.mlp for layer in layers]
         self.attn_eps = layers[0].input_layernorm.variance_epsilon
         self.ffn_eps = layers[0].post_attention_layernorm.variance_epsilon
-        self.act = mlp[0].act_fn
-        self.ffn_width = mlp[0].gate_proj.weight.shape[0]
-        in_scales = [layer.input_layernorm.weight for layer in layers]
-        post_scales = [layer.post_attention_layernorm.weight for layer in layers]
+        self.act = layers[0].mlp.act_fn
         with torch.no_grad():
-            # [p*(q + k + v), hidden]: q of every layer, then k of every layer, then v.
-            qkv = [_folded(getattr(a, name), s) for name in ("q_proj", "k_proj", "v_proj") for a, s in zip(attn, in_scales)]
-            qkv_bias = [_bias([getattr(a, name) for a in attn]) for name in ("q_proj", "k_proj", "v_proj")]
+            self._buffer("ones", torch.ones_like(layers[0].input_layernorm.weight, dtype=dtype))
+            # [p * (q + k + v), hidden]: q of every layer, then k of every layer, then v.
+            attn = [(layer.self_attn, layer.input_layernorm.weight) for layer in layers]
+            qkv = [_folded(getattr(a, name), scale) for name in PROJECTIONS for a, scale in attn]
             self._buffer("qkv_weight", torch.cat(qkv).to(dtype))
-            self._buffer("qkv_bias", None if qkv_bias[0] is None else torch.cat(qkv_bias).to(dtype))
-            for j, a in enumerate(attn):
-                self._buffer(f"o_weight_{j}", a.o_proj.weight.detach().clone())
-                self._buffer(f"o_bias_{j}", None if a.o_proj.bias is None else a.o_proj.bias.detach().clone())
-            # [p, hidden, 2 * ffn]: gate then up of each layer, for one batched matmul.
-            gate_up = [torch.cat((_folded(m.gate_proj, s), _folded(m.up_proj, s))).t() for m, s in zip(mlp, post_scales)]
-            self._buffer("gate_up_weight", torch.stack(gate_up).to(dtype).contiguous())
-            biases = [_bias([m.gate_proj, m.up_proj]) for m in mlp]
-            self._buffer("gate_up_bias", None if biases[0] is None else torch.stack(biases)[:, None, :].to(dtype))
-            # [hidden, p * ffn]: sum_j down_j(g_j) = down_cat @ concat_j(g_j).
-            self._buffer("down_weight", torch.cat([m.down_proj.weight.detach() for m in mlp], dim=1).contiguous())
-            down_bias = _bias([m.down_proj for m in mlp])
-            self._buffer("down_bias", None if down_bias is None else down_bias.view(self.p, -1).sum(0).to(dtype))
+            biases = [getattr(a, name).bias for name in PROJECTIONS for a, _ in attn]
+            self._buffer("qkv_bias", None if biases[0] is None else torch.cat(biases).detach().to(dtype))
+            for j, layer in enumerate(layers):
+                mlp, scale = layer.mlp, layer.post_attention_layernorm.weight
+                for name, linear, fold in (("o", layer.self_attn.o_proj, None), ("gate", mlp.gate_proj, scale),
+                                           ("up", mlp.up_proj, scale), ("down", mlp.down_proj, None)):
+                    weight = _copy(linear.weight) if fold is None else _folded(linear, fold).to(dtype)
+                    self._buffer(f"{name}_weight_{j}", weight)
+                    self._buffer(f"{name}_bias_{j}", _copy(linear.bias))
 
     def _buffer(self, name: str, tensor: torch.Tensor | None) -> None:
         self.register_buffer(name, tensor, persistent=False)
+
+    def _linear(self, x: torch.Tensor, name: str, j: int) -> torch.Tensor:
+        return F.linear(x, getattr(self, f"{name}_weight_{j}"), getattr(self, f"{name}_bias_{j}"))
 
     def attention(self, lane: list[int], x: torch.Tensor, step: StepInputs,
                   past: list[KV | None]) -> tuple[list[torch.Tensor], list[KV]]:
         batch, seq, _ = x.shape
         p, heads, kv_heads, dim = self.p, self.shape.heads, self.shape.kv_heads, self.shape.head_dim
-        qkv = F.linear(rms_unscaled(x, self.attn_eps), self.qkv_weight, self.qkv_bias)
-        q, k, v = qkv.split((p * heads * dim, p * kv_heads * dim, p * kv_heads * dim), dim=-1)
-        q = q.view(batch, seq, p * heads, dim).transpose(1, 2)
-        k = k.view(batch, seq, p * kv_heads, dim).transpose(1, 2)
-        v = v.view(batch, seq, p * kv_heads, dim).transpose(1, 2)
+        qkv = F.linear(rms_unscaled(x, self.attn_eps, self.ones), self.qkv_weight, self.qkv_bias)
+        q, k, v = (part.view(batch, seq, -1, dim).transpose(1, 2)
+                   for part in qkv.split((p * heads * dim, p * kv_heads * dim, p * kv_heads * dim), dim=-1))
         stacked = None
         if past[0] is not None:
             stacked = (torch.cat([kv[0] for kv in past], dim=1), torch.cat([kv[1] for kv in past], dim=1))
         out, (k, v) = attend(q, k, v, stacked, step)
         out = out.transpose(1, 2).reshape(batch, seq, p, heads * dim)
-        outputs = [F.linear(out[:, :, j], getattr(self, f"o_weight_{j}"), getattr(self, f"o_bias_{j}"))
-                   for j in range(p)]
-        presents = list(zip(k.split(kv_heads, dim=1), v.split(kv_heads, dim=1)))
-        return outputs, presents
+        outputs = [self._linear(out[:, :, j], "o", j) for j in range(p)]
+        return outputs, list(zip(k.split(kv_heads, dim=1), v.split(kv_heads, dim=1)))
 
     def ffn(self, lane: list[int], inputs: list[torch.Tensor]) -> torch.Tensor:
-        """The sum of the p FFN outputs."""
-        batch, seq, hidden = inputs[0].shape
-        h = rms_unscaled(torch.stack(inputs), self.ffn_eps).view(self.p, batch * seq, hidden)
-        gate_up = torch.bmm(h, self.gate_up_weight)
-        if self.gate_up_bias is not None:
-            gate_up = gate_up + self.gate_up_bias
-        gate, up = gate_up.split(self.ffn_width, dim=-1)
-        activations = (self.act(gate) * up).transpose(0, 1).reshape(batch, seq, self.p * self.ffn_width)
-        return F.linear(activations, self.down_weight, self.down_bias)
+        """The sum of the p FFN outputs, in layer order."""
+        total = None
+        for j, x in enumerate(inputs):
+            h = rms_unscaled(x, self.ffn_eps, self.ones)
+            f = self._linear(self.act(self._linear(h, "gate", j)) * self._linear(h, "up", j), "down", j)
+            total = f if total is None else total + f
+        return total
