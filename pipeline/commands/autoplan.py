@@ -4,27 +4,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 from pipeline.cli import add_data_options, limit_chunks
 from pipeline.model.errors import CqilError
 
 
 def add_auto_options(parser: argparse.ArgumentParser) -> None:
+    from pipeline.build_config import DEFAULTS  # the fast search's measured defaults, shared with `cqil build`
+
+    fast = DEFAULTS["plan"]
     group = parser.add_argument_group("automatic plan (--auto; see docs/autoplan.md)")
     group.add_argument("--auto", action="store_true", help="search the plan on calibration text")
     group.add_argument("--target-depth", type=int, metavar="N", help="number of groups wanted")
     group.add_argument("--max-kl", type=float, metavar="X", help="budget on held-out KL(original || plan), nats/token")
     group.add_argument("--max-group-size", type=int, default=2, metavar="P", help="largest group (default %(default)s)")
-    group.add_argument("--bypass-choices", default="0,1", metavar="D,...",
+    group.add_argument("--bypass-choices", default=fast["bypass_choices"], metavar="D,...",
                        help="bypass distances to try (default %(default)s)")
     group.add_argument("--proxy-keep", type=float, default=1.0, metavar="F",
                        help="measure only this fraction of each size's candidates, those whose layer inputs "
                             "are most alike (default %(default)s: all)")
+    group.add_argument("--head-every", type=int, default=fast["head_every"], metavar="K",
+                       help="score the KL at every K-th position only (default %(default)s; 1 = all)")
     group.add_argument("--eval-chunks", type=int, default=None, metavar="N",
                        help="held-out chunks for verification (default: all)")
     add_data_options(parser)
-    parser.set_defaults(max_chunks=8)  # calibration chunks for scoring
+    parser.set_defaults(max_chunks=fast["calibration_chunks"])  # calibration chunks for scoring
 
 
 def auto_requested(args: argparse.Namespace) -> bool:
@@ -50,15 +54,13 @@ def cmd_auto_plan(args: argparse.Namespace) -> None:
     loaded = load_model(args.model)
     config = loaded.model.config
     request = SearchRequest(args.target_depth, args.max_kl, args.max_group_size,
-                            parse_bypass_choices(args.bypass_choices), args.proxy_keep)
+                            parse_bypass_choices(args.bypass_choices), args.proxy_keep, args.head_every)
     request.check(config.num_hidden_layers)
     split = load_split(loaded.tokenizer, args.data, args.eval_data, args.seq_len)
     calibration = limit_chunks(split.train, args.max_chunks)
     held_out = limit_chunks(split.held_out, args.eval_chunks)
     original = CqilModel(loaded.model, identity_plan(config.num_hidden_layers))
-    start = time.perf_counter()
     result = search(original, calibration, held_out, request, model_record(config), args.batch_size)
-    seconds = time.perf_counter() - start
     report = {"model": loaded.name, "data": split.source, **result.report}
     table = args.out.with_suffix(".search.json")
     atomic_write_text(table, json.dumps(report, indent=2) + "\n")
@@ -72,5 +74,6 @@ def cmd_auto_plan(args: argparse.Namespace) -> None:
         print(f"  depth {step['depth']:>3} d={step['bypass']}  predicted KL {step['predicted_kl']:.4f}  "
               f"measured KL {step['measured']['kl']:.4f}  ppl {step['measured']['ppl']:.3f}  groups {spans}")
     print(f"{args.out}: {result.plan.describe()}; held-out KL {measured['kl']:.4f}, "
-          f"ppl {measured['ppl']:.3f} (original {measured['original_ppl']:.3f}); search {seconds:.0f} s")
+          f"ppl {measured['ppl']:.3f} (original {measured['original_ppl']:.3f}); scoring {result.seconds['score']:.0f} s, "
+          f"verification {result.seconds['verify']:.0f} s")
     print(f"candidate table: {table}")
