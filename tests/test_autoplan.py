@@ -234,7 +234,8 @@ def test_cli_writes_plan_and_table_deterministically(tiny_model_dir, tmp_path, c
     plan = load_plan(tmp_path / "a" / "plan.json", LAYERS)
     table = json.loads(outputs[0][1])
     assert plan.depth == 4 and table["plan"]["groups"] == [list(g) for g in plan.groups]
-    assert len(table["candidates"]) == 5 * 2 and all(c["kl"] > 0 for c in table["candidates"])
+    assert len(table["candidates"]) == 5  # the default bypass choice is d = 1 alone
+    assert all(c["kl"] > 0 and c["bypass"] == 1 for c in table["candidates"])
     assert table["calibration"]["chunks"] == 4 and table["held_out"]["chunks"] == 4
     assert "held-out KL" in capsys.readouterr().out
 
