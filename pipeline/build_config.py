@@ -29,8 +29,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
              "eval_chunks": 8},
     # steps = 0: no recovery. The held-out KL is measured every eval_every steps on eval_chunks chunks;
     # training stops after `patience` measurements without improvement (0 = never stops early).
-    "recover": {"steps": 100, "lr": 1e-3, "seq_len": 256, "batch_size": 4, "grad_accum": 1, "rank": 32,
-                "seed": 0, "warmup_steps": 5, "eval_every": 10, "eval_chunks": 8, "patience": 3},
+    "recover": {"steps": 60, "lr": 1e-3, "seq_len": 256, "batch_size": 4, "grad_accum": 1, "rank": 32,
+                "seed": 0, "warmup_steps": 3, "eval_every": 10, "eval_chunks": 8, "patience": 3},
     "export": {"layout": "branches", "dtype": "fp32"},
     "engines": {"precision": "fp16", "opt_batch": 1, "max_batch": 1, "opt_seq": 128, "max_seq": 512,
                 "opt_past": 256, "max_context": 1024},
