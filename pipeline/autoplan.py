@@ -6,8 +6,10 @@ group instead of trusting a uniform S:E:P rule:
 1. Score. Every run of 2..P consecutive layers, under each bypass choice, is applied *alone* (all
    other layers single) and its mean KL(original || candidate) is measured on calibration text.
    A group alone only changes the residual stream from its first layer on, so each candidate
-   resumes from the original's cached stream at that layer. Optionally only the candidates whose
-   first and last layer inputs are most alike (pipeline.analysis) are measured; the rest are never used.
+   resumes from the original's cached stream at that layer. The KL may be taken at every k-th position
+   only (the LM head of a small model costs as much as many layers; the ranking holds, docs/autoplan.md).
+   Optionally only the candidates whose first and last layer inputs are most alike (pipeline.analysis)
+   are measured; the rest are never used.
 2. Search. Assuming the KL of groups adds up, dynamic programming over consecutive groups finds, for
    every depth, the partition with the least predicted KL; a depth target takes that depth, a budget
    the shallowest depth whose prediction fits.
