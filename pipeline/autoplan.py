@@ -6,8 +6,10 @@ group instead of trusting a uniform S:E:P rule:
 1. Score. Every run of 2..P consecutive layers, under each bypass choice, is applied *alone* (all
    other layers single) and its mean KL(original || candidate) is measured on calibration text.
    A group alone only changes the residual stream from its first layer on, so each candidate
-   resumes from the original's cached stream at that layer. Optionally only the candidates whose
-   first and last layer inputs are most alike (pipeline.analysis) are measured; the rest are never used.
+   resumes from the original's cached stream at that layer. The KL may be taken at every k-th position
+   only (the LM head of a small model costs as much as many layers; the ranking holds, docs/autoplan.md).
+   Optionally only the candidates whose first and last layer inputs are most alike (pipeline.analysis)
+   are measured; the rest are never used.
 2. Search. Assuming the KL of groups adds up, dynamic programming over consecutive groups finds, for
    every depth, the partition with the least predicted KL; a depth target takes that depth, a budget
    the shallowest depth whose prediction fits.
@@ -24,6 +26,7 @@ arithmetic; verification is one held-out evaluation per repair step.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -34,7 +37,7 @@ from tqdm import tqdm
 from pipeline.model.cqil import CqilModel
 from pipeline.model.divergence import token_kl
 from pipeline.model.errors import CqilError
-from pipeline.model.plan import Plan, from_parallel_groups
+from pipeline.model.plan import Plan, from_parallel_groups, uniform_plan
 
 SEARCH_FORMAT = "cqil-plan-search/1"
 Groups = tuple[tuple[int, ...], ...]
@@ -49,6 +52,7 @@ class SearchRequest:
     max_group_size: int = 2
     bypass_choices: tuple[int, ...] = (0, 1)
     proxy_keep: float = 1.0
+    head_every: int = 1  # score KL at every k-th position only (the LM head is ~8 layers' work per token)
 
     def check(self, num_layers: int) -> None:
         """Refuse a request no plan can meet, before any forward pass."""
@@ -65,6 +69,8 @@ class SearchRequest:
                                 f"use values in 0..{size - 1} or raise --max-group-size")
         if not 0 < self.proxy_keep <= 1:
             raise CqilError(f"--proxy-keep {self.proxy_keep} must be in (0, 1]")
+        if self.head_every < 1:
+            raise CqilError(f"--head-every {self.head_every} must be at least 1 (1 = every position)")
         if self.target_depth is not None:
             least = math.ceil(num_layers / size)
             if not least <= self.target_depth <= num_layers:
@@ -112,47 +118,58 @@ def _short(value: float) -> float:
 
 # -- measuring KL on calibration text, resuming from the original's residual stream ---------------
 
+def scored_positions(head_every: int) -> slice:
+    """Every `head_every`-th position, ending on the last one of a chunk when the length allows."""
+    return slice(head_every - 1, None, head_every)
+
+
 @torch.no_grad()
 def calibration_kl(original: CqilModel, plans: Sequence[Plan], chunks: torch.Tensor, batch_size: int = 4,
-                   progress: bool = True) -> list[float]:
+                   progress: bool = True, head_every: int = 1) -> list[float]:
     """Mean per-token KL(original || plan) on `chunks` for each plan, as pipeline.quality defines it.
 
     Layers before a plan's first parallel group are single, so its stream there is the original's:
-    each plan resumes from the cached original stream at that layer instead of starting over.
+    each plan resumes from the cached original stream at that layer instead of starting over. With
+    `head_every` k > 1 only every k-th position goes through the LM head (the layers still see every
+    token, so each scored position has its full context): the mean over those positions.
     """
     if len(chunks) == 0:
         raise CqilError("no calibration chunks: give more text with --data or raise --max-chunks")
+    positions = scored_positions(head_every)
     models = [original.with_plan(plan) for plan in plans]
     firsts = [_first_parallel(plan) for plan in plans]
     totals = [0.0] * len(plans)
+    scored = 0
     batches = torch.split(chunks, batch_size)
     bar = tqdm(total=len(batches) * len(plans), desc="score", unit="plan", disable=not progress, leave=False)
     for batch in batches:
-        hidden, step, reference = _original_pass(original, batch)
+        hidden, step, reference = _original_pass(original, batch, positions)
+        scored += reference.shape[0] * reference.shape[1]
         for index, (model, first) in enumerate(zip(models, firsts)):
             if first is not None:
                 x = hidden[model.plan.groups[first][0]]
                 for group_index in range(first, len(model.plan.groups)):
                     x, _ = model.run_group(group_index, x, step, [None] * len(model.plan.groups[group_index]))
-                log_probs = F.log_softmax(model.head(x).float(), -1)
+                log_probs = F.log_softmax(model.head(x[:, positions]).float(), -1)
                 totals[index] += float(token_kl(reference, log_probs).double().sum())
             bar.update()
     bar.close()
-    return [total / chunks.numel() for total in totals]
+    return [total / scored for total in totals]
 
 
 def _first_parallel(plan: Plan) -> int | None:
     return next((i for i, group in enumerate(plan.groups) if len(group) > 1), None)
 
 
-def _original_pass(original: CqilModel, batch: torch.Tensor):
-    """The original's stream entering every layer (and leaving the last), the step inputs, log-probs."""
+def _original_pass(original: CqilModel, batch: torch.Tensor, positions: slice = slice(None)):
+    """The original's stream entering every layer (and leaving the last), the step inputs, and its
+    log-probabilities at `positions`."""
     x, step = original.prologue(batch, torch.ones_like(batch))
     hidden = [x]
     for layer in range(original.num_layers):
         x, _ = original.run_group(layer, x, step, [None])
         hidden.append(x)
-    reference = F.log_softmax(original.head(x).float(), -1)
+    reference = F.log_softmax(original.head(x[:, positions]).float(), -1)
     return hidden, step, reference
 
 
@@ -160,7 +177,7 @@ def _original_pass(original: CqilModel, batch: torch.Tensor):
 
 def score_candidates(original: CqilModel, chunks: torch.Tensor, max_group_size: int,
                      bypass_choices: Sequence[int], proxy_keep: float = 1.0, batch_size: int = 4,
-                     progress: bool = True) -> list[Candidate]:
+                     progress: bool = True, head_every: int = 1) -> list[Candidate]:
     """Every run of 2..max_group_size layers under each distinct effective bypass, with its KL alone."""
     from pipeline.analysis import layer_input_similarity
 
@@ -175,7 +192,7 @@ def score_candidates(original: CqilModel, chunks: torch.Tensor, max_group_size: 
             for d in sorted({min(d, size - 1) for d in bypass_choices})]
     measured = [key for key in keys if key[:2] in kept_set]
     plans = [from_parallel_groups([list(range(s, s + size))], layers, d) for s, size, d in measured]
-    kls = dict(zip(measured, calibration_kl(original, plans, chunks, batch_size, progress)))
+    kls = dict(zip(measured, calibration_kl(original, plans, chunks, batch_size, progress, head_every)))
     return [Candidate(s, size, d, float(similarity[s, s + size - 1]), kls.get((s, size, d)))
             for s, size, d in keys]
 
@@ -293,10 +310,22 @@ def repair(choice: Choice, costs: dict[tuple[int, int], float], measure: Callabl
 
 # -- the whole search ---------------------------------------------------------------------------
 
+def uniform_of_depth(num_layers: int, depth: int, group_size: int, bypass: int,
+                     model_record: dict | None = None) -> tuple[str, Plan] | None:
+    """The paper-style plan S:L:P (groups of `group_size` up to the last layer) with `depth` groups and
+    the smallest S, named by its spec: what a user would have picked by hand, to compare the search with."""
+    for start in range(num_layers - 1):
+        plan = uniform_plan(start, num_layers, group_size, num_layers, min(bypass, group_size - 1), model_record)
+        if plan.depth == depth:
+            return f"{start}:{num_layers}:{group_size}", plan
+    return None
+
+
 @dataclass
 class SearchResult:
     plan: Plan
     report: dict  # JSON-ready: the request, the candidate table, the DP pick and every verification
+    seconds: dict[str, float]  # wall time of scoring and of verification (kept out of the report's bytes)
 
 
 def search(original: CqilModel, calibration: torch.Tensor, held_out: torch.Tensor, request: SearchRequest,
@@ -306,9 +335,11 @@ def search(original: CqilModel, calibration: torch.Tensor, held_out: torch.Tenso
 
     layers = original.num_layers
     request.check(layers)
+    started = time.perf_counter()
     candidates = score_candidates(original, calibration, request.max_group_size, request.bypass_choices,
-                                  request.proxy_keep, batch_size, progress)
+                                  request.proxy_keep, batch_size, progress, request.head_every)
     choice = select(candidates, request, layers)
+    scored = time.perf_counter()
     measured: dict[Groups, dict] = {}
 
     def measure(step: Choice) -> float:
@@ -326,10 +357,11 @@ def search(original: CqilModel, calibration: torch.Tensor, held_out: torch.Tenso
         "format": SEARCH_FORMAT,
         "request": {"target_depth": request.target_depth, "max_kl": request.max_kl,
                     "max_group_size": request.max_group_size, "bypass_choices": list(request.bypass_choices),
-                    "proxy_keep": request.proxy_keep},
+                    "proxy_keep": request.proxy_keep, "head_every": request.head_every},
         "cost_model": "predicted KL of a plan = sum of the KL of each of its groups applied alone, "
                       "measured on calibration text",
-        "calibration": {"chunks": len(calibration), "tokens": calibration.numel()},
+        "calibration": {"chunks": len(calibration), "tokens": calibration.numel(),
+                        "scored_positions": len(calibration) * len(range(calibration.shape[1])[scored_positions(request.head_every)])},
         "held_out": {"chunks": len(held_out), "tokens": held_out.numel()},
         "candidates": [c.to_dict() for c in candidates],
         "steps": [_step_dict(step, measured[step.groups]) for step, _ in steps],
@@ -337,7 +369,8 @@ def search(original: CqilModel, calibration: torch.Tensor, held_out: torch.Tenso
         "predicted_kl": _short(final.predicted_kl),
         "measured": _metrics(measured[final.groups]),
     }
-    return SearchResult(plan, report)
+    seconds = {"score": round(scored - started, 1), "verify": round(time.perf_counter() - scored, 1)}
+    return SearchResult(plan, report, seconds)
 
 
 def _metrics(result: dict) -> dict:

@@ -116,19 +116,21 @@ def run_plan(ctx: StageContext, config: dict) -> dict:
 
     params = ctx.params
     model_config = AutoConfig.from_pretrained(ctx.upstream("source"))
-    search_report = {}
+    searched = {}
 
     def search():
-        plan, search_report["report"] = _auto_plan(ctx, config, model_config)
+        plan, searched["report"], searched["seconds"] = _auto_plan(ctx, config, model_config)
         return plan
 
     plan = resolve_plan(plan_choice(params), model_config, search=search)
-    if search_report:
-        _write_json(ctx.out / "plan.search.json", search_report["report"])
+    timing = {}
+    if searched:
+        _write_json(ctx.out / "plan.search.json", searched["report"])
+        timing = {"search_score_s": searched["seconds"]["score"], "search_verify_s": searched["seconds"]["verify"]}
     record = {**plans.model_record(model_config), "name": model_name(ctx.upstream("source"))}
     plan = plans.Plan(plan.groups, plan.bypass, record)
     plan.save(ctx.out / "plan.json")
-    return {"depth": plan.depth, "layers": plan.num_layers, "bypass": plan.bypass, "plan": plan.describe()}
+    return {"depth": plan.depth, "layers": plan.num_layers, "bypass": plan.bypass, "plan": plan.describe(), **timing}
 
 
 def plan_choice(params: dict):
@@ -150,18 +152,22 @@ def _auto_plan(ctx: StageContext, config: dict, model_config):
 
     params = ctx.params
     request = SearchRequest(params["target_depth"] or None, params["max_kl"] or None, params["max_group_size"],
-                            parse_bypass_choices(params["bypass_choices"]))
-    request.check(model_config.num_hidden_layers)
+                            parse_bypass_choices(params["bypass_choices"]), head_every=params["head_every"])
+    try:
+        request.check(model_config.num_hidden_layers)
+    except CqilError as exc:
+        raise CqilError(f"[plan] {exc} (in the build: --set plan.target_depth=N, plan.max_kl=X, ...)") from None
     loaded = _source_model(ctx)
     split = _split(loaded, config)
     original = CqilModel(loaded.model, identity_plan(model_config.num_hidden_layers))
     result = search(original, split.train[: params["calibration_chunks"]], split.held_out[: params["eval_chunks"]],
                     request, model_record(model_config))
-    return result.plan, result.report
+    return result.plan, result.report, result.seconds
 
 
 def run_recover(ctx: StageContext, config: dict) -> dict:
     from pipeline.recovery import FinetuneSettings, finetune
+    from pipeline.recovery_chart import save_curve
 
     params = ctx.params
     if params["steps"] == 0:
@@ -172,15 +178,17 @@ def run_recover(ctx: StageContext, config: dict) -> dict:
     split = _split(loaded, config, params["seq_len"])
     settings = FinetuneSettings(steps=params["steps"], lr=params["lr"], warmup_steps=params["warmup_steps"],
                                 batch_size=params["batch_size"], grad_accum=params["grad_accum"],
-                                seed=params["seed"], rank=params["rank"], eval_every=0,
-                                eval_chunks=min(8, len(split.held_out)), save_every=10)
+                                seed=params["seed"], rank=params["rank"], eval_every=params["eval_every"],
+                                eval_chunks=min(params["eval_chunks"], len(split.held_out)), save_every=10,
+                                patience=params["patience"])
     # Checkpoints outlive a killed build (the stage's own directory does not): named by the stage key.
     checkpoint = ctx.build_dir / f".recover-{ctx.key}.checkpoint"
     record = finetune(loaded.model, plan, split.train, split.held_out, settings, ctx.out / "adapter",
                       checkpoint_dir=checkpoint, resume=(checkpoint / "state.pt").is_file(),
                       source={"name": loaded.name})
+    save_curve(record, ctx.out / "curve.png", f"{loaded.name}: recovery, {plan.describe()}")
     first, last = record["held_out"][0], record["held_out"][-1]
-    return {"steps": params["steps"], "tokens_seen": record["tokens_seen"],
+    return {"steps": record["steps"], "stopped_early": record["stopped_early"], "tokens_seen": record["tokens_seen"],
             "seconds_per_step": record["seconds_per_step"], "kl_before": round(first["kl"], 4), "kl_after": round(last["kl"], 4)}
 
 
@@ -223,6 +231,8 @@ def run_engines(ctx: StageContext, config: dict) -> dict:
 
 def run_validate(ctx: StageContext, config: dict) -> dict:
     from engines.validate import validate_onnx
+    from pipeline.autoplan import uniform_of_depth
+    from pipeline.data import chunk_tokens, read_text, spread_chunks
     from pipeline.model.cqil import CqilModel
     from pipeline.model.plan import identity_plan
     from pipeline.quality import evaluate
@@ -239,15 +249,38 @@ def run_validate(ctx: StageContext, config: dict) -> dict:
     layers = source.model.config.num_hidden_layers
     original = CqilModel(source.model, identity_plan(layers))
     candidates = {"cqil": original.with_plan(merged.plan)}
+    specs = {}
+    if config["plan"]["auto"]:  # what the search bought: the paper-style plan of the same depth
+        uniform = uniform_of_depth(layers, merged.plan.depth, config["plan"]["max_group_size"], merged.plan.bypass)
+        if uniform is not None and uniform[1].groups != merged.plan.groups:
+            specs["cqil_uniform"] = f"S{uniform[0]} d={uniform[1].bypass}"
+            candidates["cqil_uniform"] = original.with_plan(uniform[1])
     if (ctx.upstream("recover") / "adapter").is_dir():
         candidates["cqil_recovered"] = merged
-    quality = evaluate(original, candidates, split.held_out[: params["quality_chunks"]])
-    # Timings go to the stage record, not into the artifact: the same inputs give the same bytes.
-    timing = {key: quality.pop(key) for key in ("seconds", "tokens_per_s")}
+    texts = {"held_out": split.held_out[: params["quality_chunks"]]}
+    second = config["data"]["second_eval"]
+    if second:
+        texts["second"] = spread_chunks(chunk_tokens(loaded.tokenizer, read_text(second), config["data"]["seq_len"]),
+                                        params["quality_chunks"])
+    quality, seconds = {"plans": specs}, 0.0
+    for name, chunks in texts.items():
+        result = evaluate(original, candidates, chunks)
+        seconds += result.pop("seconds")  # timings go to the stage record: the same inputs give the same bytes
+        result.pop("tokens_per_s")
+        if name == "held_out":
+            quality.update(result)
+        else:
+            quality["second_text"] = {"name": second, **result}
     _write_json(ctx.out / "quality.json", quality)
-    return {"passed": validation["passed"],
-            **{f"{name}_kl": round(quality[name]["kl"], 4) for name in candidates},
-            "original_ppl": round(quality["original"]["ppl"], 3), "eval_tokens_per_s": timing["tokens_per_s"]}
+    shipped = "cqil_recovered" if "cqil_recovered" in candidates else "cqil"
+    metrics = {"passed": validation["passed"],
+               **{f"{name}_kl": round(quality[name]["kl"], 4) for name in candidates},
+               "original_ppl": round(quality["original"]["ppl"], 3),
+               "ppl_ratio": round(quality[shipped]["ppl"] / quality["original"]["ppl"], 3), "eval_s": round(seconds, 1)}
+    if second:
+        metrics["second_ppl_ratio"] = round(quality["second_text"][shipped]["ppl"]
+                                            / quality["second_text"]["original"]["ppl"], 3)
+    return metrics
 
 
 def run_bench(ctx: StageContext, config: dict) -> dict:
@@ -307,9 +340,10 @@ def make_stages(config: dict[str, dict[str, Any]]) -> list[Stage]:
     model_dir = resolve_model_dir(config["source"]["model"] or None)
     weights = {f.name: sha256_file(f) for f in sorted(model_dir.glob("*.safetensors"))}
     data = config["data"]
+    training_data = {key: value for key, value in data.items() if key != "second_eval"}  # validate alone reads it
 
     def stage(name: str, run, after: tuple[str, ...], params: dict, with_data: bool = False) -> Stage:
-        keyed = {**params, **({"data": data} if with_data else {})}
+        keyed = {**params, **({"data": data if name == "validate" else training_data} if with_data else {})}
         return Stage(name, lambda ctx: run(ctx, config), keyed, after)
 
     return [
@@ -321,7 +355,9 @@ def make_stages(config: dict[str, dict[str, Any]]) -> list[Stage]:
         stage("merge", run_merge, ("source", "plan", "recover"), {}),
         stage("export", run_export, ("merge",), config["export"]),
         stage("engines", run_engines, ("export",), config["engines"]),
-        stage("validate", run_validate, ("source", "recover", "merge", "export"), config["validate"], with_data=True),
+        stage("validate", run_validate, ("source", "recover", "merge", "export"),
+              {**config["validate"], "uniform_comparison": [config["plan"]["auto"], config["plan"]["max_group_size"]]},
+              with_data=True),
         stage("bench", run_bench, ("source", "export"), config["bench"]),
         stage("package", run_package, ("export", "engines"), config["package"]),
     ]

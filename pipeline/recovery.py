@@ -65,19 +65,35 @@ class FinetuneSettings:
     eval_every: int = 50
     eval_chunks: int = 16
     save_every: int = 50
+    patience: int = 0  # stop after this many held-out points without improvement; 0 = run every step
 
     def check(self, train_chunks: int) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_chunks"):
             if getattr(self, name) < 1:
                 raise CqilError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
-        for name in ("warmup_steps", "eval_every", "save_every"):
+        for name in ("warmup_steps", "eval_every", "save_every", "patience"):
             if getattr(self, name) < 0:
                 raise CqilError(f"--{name.replace('_', '-')} {getattr(self, name)} must not be negative")
+        if self.patience and not self.eval_every:
+            raise CqilError(f"--patience {self.patience} needs held-out points during the run: set --eval-every")
         if self.lr <= 0:
             raise CqilError(f"--lr {self.lr} must be positive")
         if train_chunks < self.batch_size:
             raise CqilError(f"the training text gives {train_chunks} chunks, fewer than --batch-size "
                             f"{self.batch_size}: give more text or a shorter --seq-len")
+
+
+MIN_IMPROVEMENT = 0.005  # a held-out KL counts as better when it is at least 0.5 % below the best before
+
+
+def stalled(kls: list[float], patience: int) -> bool:
+    """True when the last `patience` held-out KLs are none of them better than the best before them.
+
+    The held-out chunks are the same at every point, so a flat curve means training no longer helps.
+    """
+    if patience < 1 or len(kls) <= patience:
+        return False
+    return min(kls[-patience:]) > min(kls[:-patience]) * (1 - MIN_IMPROVEMENT)
 
 
 def distill_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -138,6 +154,7 @@ class RunState:
     losses: list[float] = field(default_factory=list)
     held_out: list[dict[str, float]] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
+    stopped_early: bool = False
 
 
 def peak_memory_mb() -> float:
@@ -250,6 +267,12 @@ def finetune(hf_model: torch.nn.Module, plan: Plan, train: torch.Tensor, held_ou
                 run.held_out.append(point)
                 tqdm.write(f"step {run.step}: held-out KL {point['kl']:.4f}, PPL {point['ppl']:.3f} "
                            f"(original {point['original_ppl']:.3f})")
+                run.stopped_early = run.step < settings.steps and stalled([p["kl"] for p in run.held_out],
+                                                                         settings.patience)
+                if run.stopped_early:
+                    tqdm.write(f"stopping at step {run.step}: no held-out improvement in the last "
+                               f"{settings.patience} points")
+                    break
             if stop.requested:
                 save_checkpoint()
                 tqdm.write(f"saved a checkpoint at step {run.step} in {checkpoint_dir}; continue with --resume")
@@ -262,6 +285,7 @@ def finetune(hf_model: torch.nn.Module, plan: Plan, train: torch.Tensor, held_ou
         "format": RUN_FORMAT,
         **identity,
         "steps": run.step,
+        "stopped_early": run.stopped_early,
         "tokens_seen": run.step * tokens_per_step,
         "tokens_per_step": tokens_per_step,
         "losses": run.losses,

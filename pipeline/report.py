@@ -13,17 +13,38 @@ def _load(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _quality_rows(quality: dict) -> list[str]:
-    labels = {"original": "original", "cqil": "CQIL (no recovery)", "cqil_recovered": "CQIL + recovery (merged)"}
-    rows = ["| model | held-out PPL | KL(original ‖ model) | top-1 agreement |", "|---|---:|---:|---:|"]
+def _quality_rows(quality: dict, plan_label: str) -> list[str]:
+    """Original / the paper-style plan of the same depth / the shipped plan, before and after recovery."""
+    uniform = quality.get("plans", {}).get("cqil_uniform", "")
+    labels = {"original": "original", "cqil_uniform": f"CQIL uniform {uniform} (no recovery)",
+              "cqil": f"CQIL {plan_label} (no recovery)", "cqil_recovered": f"CQIL {plan_label} + recovery (merged)"}
+    rows = ["| model | PPL | PPL / original | KL(original ‖ model) | top-1 agreement |", "|---|---:|---:|---:|---:|"]
+    original = quality["original"]["ppl"]
     for key, label in labels.items():
         if key in quality:
             row = quality[key]
             kl = f"{row['kl']:.4f}" if "kl" in row else "–"
             top1 = f"{row['top1']:.3f}" if "top1" in row else "–"
-            rows.append(f"| {label} | {row['ppl']:.3f} | {kl} | {top1} |")
-    rows.append(f"\n{quality['tokens']} held-out tokens.")
+            rows.append(f"| {label} | {row['ppl']:.3f} | {row['ppl'] / original:.3f} | {kl} | {top1} |")
     return rows
+
+
+def _recovery_lines(build_dir: Path) -> list[str]:
+    record = _load(build_dir / "recover" / "adapter" / "training_run.json")
+    if not record:
+        return []
+    first, last = record["held_out"][0], record["held_out"][-1]
+    settings = record["settings"]
+    stop = (f"stopped early at step {record['steps']} (no held-out improvement in {settings['patience']} points)"
+            if record.get("stopped_early") else f"{record['steps']} steps")
+    lines = [f"LoRA self-distillation, {stop}: {record['tokens_seen']:,} tokens "
+             f"({settings['batch_size']} × {record['seq_len']} per step, lr {settings['lr']:g}, cosine), "
+             f"{record['seconds_training']:.0f} s of training. Held-out KL {first['kl']:.4f} → {last['kl']:.4f}, "
+             f"PPL {first['ppl']:.3f} → {last['ppl']:.3f} (original {last['original_ppl']:.3f}; "
+             f"{record['held_out_chunks']} chunks).", ""]
+    if (build_dir / "recover" / "curve.png").is_file():
+        lines += ["![recovery curve](recover/curve.png)", ""]
+    return lines
 
 
 def _validation_rows(validation: dict) -> list[str]:
@@ -68,17 +89,31 @@ def _latency_rows(latency: dict) -> list[str]:
 def render(build_dir: Path, results: list[StageResult], seconds: float) -> str:
     build_dir = Path(build_dir)
     plan = _load(build_dir / "plan" / "plan.json")
+    search = _load(build_dir / "plan" / "plan.search.json")
+    records = {r.name: r.record for r in results}
     lines = ["# CQIL build report", ""]
     if plan:
         parallel = [g for g in plan["groups"] if len(g) > 1]
         spans = ", ".join(f"{g[0]}-{g[-1]}" for g in parallel) or "none"
-        lines += [f"**Plan**: depth {plan['depth']} of {plan['num_layers']} layers, bypass d = {plan['bypass']}, "
+        how = "automatic" if search else "given"
+        lines += [f"**Plan** ({how}): depth {plan['depth']} of {plan['num_layers']} layers, bypass d = {plan['bypass']}, "
                   f"parallel groups {spans} (model: {plan['model'].get('name') or plan['model'].get('model_type')}).", ""]
+        if search:
+            lines += [_search_line(search, records.get("plan", {}).get("metrics", {})), ""]
     if (build_dir / "analyze" / "similarity.png").is_file():
         lines += ["## Layer-input similarity", "", "![similarity](analyze/similarity.png)", ""]
     quality = _load(build_dir / "validate" / "quality.json")
+    label = "auto" if search else "plan"
     if quality:
-        lines += ["## Quality", "", *_quality_rows(quality), ""]
+        lines += ["## Quality", "", f"Held-out text ({quality['tokens']:,} tokens, the training text's held-out part):", "",
+                  *_quality_rows(quality, label), ""]
+        second = quality.get("second_text")
+        if second:
+            lines += [f"Second held-out text, of another kind: `{second['name']}` ({second['tokens']:,} tokens, "
+                      "never trained on):", "", *_quality_rows(second | {"plans": quality["plans"]}, label), ""]
+    recovery = _recovery_lines(build_dir)
+    if recovery:
+        lines += ["## Recovery", "", *recovery]
     validation = _load(build_dir / "validate" / "validation.json")
     if validation:
         lines += ["## Validation against the PyTorch reference", "", *_validation_rows(validation), ""]
@@ -95,6 +130,19 @@ def render(build_dir: Path, results: list[StageResult], seconds: float) -> str:
     lines += ["", f"Wall time of this run: {seconds:.0f} s.", "", "## Skipped", ""]
     lines += skipped_notes(build_dir) or ["Nothing."]
     return "\n".join(lines) + "\n"
+
+
+def _search_line(search: dict, metrics: dict) -> str:
+    request, calibration = search["request"], search["calibration"]
+    goal = (f"depth {request['target_depth']}" if request["target_depth"] is not None
+            else f"held-out KL ≤ {request['max_kl']}")
+    timing = (f" in {metrics['search_score_s']:.0f} s (verification {metrics['search_verify_s']:.0f} s)"
+              if "search_score_s" in metrics else "")
+    measured = search["measured"]
+    return (f"Searched for {goal}: {len(search['candidates'])} candidate groups scored{timing} on "
+            f"{calibration['tokens']:,} calibration tokens (KL at {calibration['scored_positions']:,} positions); "
+            f"predicted KL {search['predicted_kl']:.4f}, measured {measured['kl']:.4f} on "
+            f"{search['held_out']['tokens']:,} held-out tokens. `plan/plan.search.json` has the candidate table.")
 
 
 def skipped_notes(build_dir: Path) -> list[str]:

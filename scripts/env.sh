@@ -22,5 +22,11 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
   fi
   touch "$stamp"
 fi
+# The build's second held-out text (data.second_eval = "jargon-file"): the Jargon File, a Debian package.
+if [[ ! -f /usr/share/doc/jargon-text/jargon.txt.gz ]] && command -v apt-get >/dev/null && [[ $EUID -eq 0 ]]; then
+  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jargon-text \
+      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jargon-text; }; } >/dev/null 2>&1 \
+    || echo "could not install jargon-text: set data.second_eval = \"\" or install it by hand" >&2
+fi
 export PATH="$VENV/bin:$PATH"
 export TOKENIZERS_PARALLELISM=false

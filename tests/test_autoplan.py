@@ -7,6 +7,7 @@ import math
 import random
 
 import pytest
+import torch
 
 from pipeline.autoplan import (
     Candidate,
@@ -233,7 +234,8 @@ def test_cli_writes_plan_and_table_deterministically(tiny_model_dir, tmp_path, c
     plan = load_plan(tmp_path / "a" / "plan.json", LAYERS)
     table = json.loads(outputs[0][1])
     assert plan.depth == 4 and table["plan"]["groups"] == [list(g) for g in plan.groups]
-    assert len(table["candidates"]) == 5 * 2 and all(c["kl"] > 0 for c in table["candidates"])
+    assert len(table["candidates"]) == 5  # the default bypass choice is d = 1 alone
+    assert all(c["kl"] > 0 and c["bypass"] == 1 for c in table["candidates"])
     assert table["calibration"]["chunks"] == 4 and table["held_out"]["chunks"] == 4
     assert "held-out KL" in capsys.readouterr().out
 
@@ -254,3 +256,47 @@ def test_cli_refuses_bad_requests(tiny_model_dir, tmp_path, capsys, extra, messa
 def test_identity_fallback_records_bypass_zero():
     choice = Choice(tuple((i,) for i in range(LAYERS)), 1, 0.0)
     assert choice.plan({}).bypass == 0 and choice.plan({}).is_identity
+
+
+def test_head_every_scores_every_kth_position_of_a_full_evaluation(setup):
+    original, calibration, _, _ = setup
+    plan = from_parallel_groups([[2, 3]], LAYERS, 1)
+    for every in (1, 3, 4):
+        [kl] = calibration_kl(original, [plan], calibration, batch_size=3, progress=False, head_every=every)
+        with torch.no_grad():  # independently: whole forwards, then the KL at positions k-1, 2k-1, ...
+            reference = torch.log_softmax(original(calibration)[0], -1)[:, every - 1::every]
+            other = torch.log_softmax(original.with_plan(plan)(calibration)[0], -1)[:, every - 1::every]
+        expected = (reference.exp() * (reference - other)).sum(-1).mean()
+        assert kl == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_fast_search_returns_the_exhaustive_plan(tiny_model_dir):
+    """The defaults of the fast search (fewer calibration chunks, every 4th position, d = 1 only) pick
+    the plan that today's exhaustive scoring (8 chunks, every position, d in {0, 1}) picks."""
+    from pipeline.build_config import DEFAULTS
+    from pipeline.sources import load_model
+
+    layers = 8
+    loaded = load_model(tiny_model_dir("llama", layers))
+    split = load_split(loaded.tokenizer, seq_len=64)
+    original = CqilModel(loaded.model, identity_plan(layers))
+    record = model_record(loaded.model.config)
+    fast = DEFAULTS["plan"]
+    for depth in (7, 6, 5):
+        exhaustive = search(original, split.train[:8], split.held_out[:2],
+                            SearchRequest(target_depth=depth, bypass_choices=(0, 1)), record, progress=False)
+        quick = search(original, split.train[: fast["calibration_chunks"]], split.held_out[:2],
+                       SearchRequest(target_depth=depth, bypass_choices=parse_bypass_choices(fast["bypass_choices"]),
+                                     head_every=fast["head_every"]), record, progress=False)
+        assert quick.plan == exhaustive.plan, depth
+        assert quick.report["calibration"]["scored_positions"] < exhaustive.report["calibration"]["scored_positions"]
+
+
+def test_uniform_of_depth_is_the_paper_style_plan():
+    from pipeline.autoplan import uniform_of_depth
+
+    spec, plan = uniform_of_depth(30, 23, 2, 1)
+    assert spec == "15:30:2" and plan.depth == 23 and plan.bypass == 1
+    assert [g for g in plan.groups if len(g) > 1] == [(s, s + 1) for s in range(15, 29, 2)]
+    assert plan.groups[-1] == (29,)
+    assert uniform_of_depth(6, 6, 2, 1) is None  # no parallel group at all is not a plan to compare with

