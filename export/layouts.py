@@ -19,7 +19,6 @@ from export.naming import group_scope, layer_scope
 from pipeline.model.cqil import CqilModel
 from pipeline.model.group import fold_terms
 
-LAYOUTS = ("branches", "fused")
 LANE_ROLES = ("attn", "residual", "bypass", "ffn")
 
 

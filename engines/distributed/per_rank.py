@@ -27,8 +27,6 @@ from pipeline.model.errors import CqilError
 from pipeline.model.group import fold_terms
 from pipeline.model.plan import Plan
 
-LAYER_PREFIX = "model.layers."
-
 
 @dataclass(frozen=True)
 class Placement:
