@@ -21,10 +21,9 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from engines.latency import BenchResult, compare, interleaved_times, ratio_ci, stats_ms
-from export.contract import LAYOUT_KEY, find_onnx
-from pipeline.model.errors import CqilError
+from cqil.engines.latency import BenchResult, compare, interleaved_times, ratio_ci, stats_ms
+from cqil.export.contract import LAYOUT_KEY, find_onnx
+from cqil.model.errors import CqilError
 
 
 @dataclass(frozen=True)
@@ -104,7 +103,7 @@ def run_bench(candidate_onnx: Path, reference_onnx: Path, settings: BenchSetting
               torch_models: Mapping[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
     """Time reference and candidate ONNX interleaved; `torch_models` {"reference": m, "candidate": m}
     (eager CqilModels) adds PyTorch rows timed in the same rounds. Returns the cqil-bench/1 dict."""
-    from engines.onnxruntime import OrtRunner
+    from cqil.engines.onnxruntime import OrtRunner
 
     candidate = OrtRunner(find_onnx(Path(candidate_onnx)), settings.providers, settings.threads, spin=False)
     reference = OrtRunner(find_onnx(Path(reference_onnx)), settings.providers, settings.threads, spin=False)

@@ -61,8 +61,7 @@ def plot_bench(result: dict[str, Any], path: Path) -> Path:
 def write_png(fig, path: Path) -> Path:
     """Save a matplotlib figure as PNG bytes that depend only on its content (no software tag), atomically."""
     import matplotlib.pyplot as plt
-
-    from pipeline.model.fsutil import atomic_write_bytes
+    from cqil.model.fsutil import atomic_write_bytes
 
     fig.tight_layout()
     buffer = io.BytesIO()

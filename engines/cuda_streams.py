@@ -18,11 +18,10 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import torch
-
-from pipeline.model.cqil import CqilModel
-from pipeline.model.errors import CqilError
-from pipeline.model.group import fold_terms
-from pipeline.model.kv import make_cache
+from cqil.model.cqil import CqilModel
+from cqil.model.errors import CqilError
+from cqil.model.group import fold_terms
+from cqil.model.kv import make_cache
 
 
 class StreamBackend(Protocol):

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engines.latency import BenchResult, bench_from_dict
-from pipeline.model.errors import CqilError
-from pipeline.model.fsutil import read_json
+from cqil.engines.latency import BenchResult, bench_from_dict
+from cqil.model.errors import CqilError
+from cqil.model.fsutil import read_json
 
 DEFAULT_TOLERANCE = 0.05
 

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from export.genai_config import GENAI_CONFIG_FILE
-from pipeline.model.errors import CqilError
+from cqil.export.genai_config import GENAI_CONFIG_FILE
+from cqil.model.errors import CqilError
 
 
 class GenaiModel:

@@ -35,8 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from pipeline.model.errors import CqilError
+from cqil.model.errors import CqilError
 
 BENCH_FORMAT = "cqil-bench/1"
 PERCENTILES = (50, 90, 99)

@@ -10,10 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-
-from engines.runner import ContractRunner
-from export.contract import find_onnx, read_contract
-from pipeline.model.errors import CqilError
+from cqil.engines.runner import ContractRunner
+from cqil.export.contract import find_onnx, read_contract
+from cqil.model.errors import CqilError
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 OPT_LEVELS = ("disable", "basic", "extended", "all")

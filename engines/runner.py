@@ -14,16 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from export.contract import (
+from cqil.export.contract import (
     ContractSpec,
     empty_past,
     flat_presents,
     named_past,
     output_names,
 )
-from pipeline.model.cqil import positions_from_mask
-from pipeline.model.errors import CqilError
+from cqil.model.cqil import positions_from_mask
+from cqil.model.errors import CqilError
 
 
 class ContractRunner:

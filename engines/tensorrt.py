@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from engines.runner import ContractRunner
-from export.contract import ContractSpec, find_onnx, past_pair, read_contract
-from pipeline.model.errors import CqilError
+from cqil.engines.runner import ContractRunner
+from cqil.export.contract import ContractSpec, find_onnx, past_pair, read_contract
+from cqil.model.errors import CqilError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 PREFILL, DECODE = 0, 1  # optimization profile indices
@@ -188,9 +187,8 @@ def build_engine(settings: EngineSettings) -> Path:
 
     The engine is saved under a `.partial` name and renamed last, so its presence means the build finished.
     """
+    from cqil.model.fsutil import atomic_write_text
     from polygraphy.exception import PolygraphyException
-
-    from pipeline.model.fsutil import atomic_write_text
 
     trt = import_tensorrt()
     if trt is None:
@@ -251,7 +249,7 @@ def check_commands(settings: EngineSettings, base: Path) -> list[list[str]]:
 
     Tolerances are `cqil validate`'s logits and present limits for the precision (engines/validate.py).
     """
-    from engines.tolerances import DEFAULT_THRESHOLDS
+    from cqil.engines.tolerances import DEFAULT_THRESHOLDS
 
     fp32 = settings.options.precision == "fp32" and settings.spec.kv_dtype == "FLOAT"
     limits = DEFAULT_THRESHOLDS["FLOAT" if fp32 else "FLOAT16"]
@@ -369,7 +367,7 @@ def write_engine_files(settings: EngineSettings, folder: Path, base: Path | None
 
     `base` is where they will live when run (default `folder`): their paths are relative to it.
     """
-    from pipeline.model.fsutil import atomic_write_text
+    from cqil.model.fsutil import atomic_write_text
 
     base = Path(base or folder)
     texts = {"build_engine.sh": build_script_text(settings, base), "check_engine.sh": check_script_text(settings, base),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from export.contract import ContractSpec
-from pipeline.model.errors import CqilError
+from cqil.export.contract import ContractSpec
+from cqil.model.errors import CqilError
 
 
 @dataclass(frozen=True)

@@ -27,15 +27,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.contract import (
+from cqil.export.contract import (
     PLAN_KEY,
     ContractSpec,
     find_onnx,
     output_names,
     read_contract,
 )
-from pipeline.model.errors import CqilError
-from pipeline.model.fsutil import atomic_dir, link_or_copy
+from cqil.model.errors import CqilError
+from cqil.model.fsutil import atomic_dir, link_or_copy
 
 ONNX_TO_TRITON = {"INT64": "TYPE_INT64", "INT32": "TYPE_INT32", "FLOAT": "TYPE_FP32",
                   "FLOAT16": "TYPE_FP16", "BFLOAT16": "TYPE_BF16"}

@@ -25,19 +25,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
-
-from engines.tolerances import Thresholds, default_thresholds
-from export.contract import (
+from cqil.engines.tolerances import Thresholds, default_thresholds
+from cqil.export.contract import (
     LAYOUT_KEY,
     ContractSpec,
     find_onnx,
     output_names,
     read_contract,
 )
-from pipeline.model.cqil import CqilModel
-from pipeline.model.divergence import Agreement
-from pipeline.model.errors import CqilError
+from cqil.model.cqil import CqilModel
+from cqil.model.divergence import Agreement
+from cqil.model.errors import CqilError
+from tqdm import tqdm
 
 VALIDATION_FORMAT = "cqil-validation/1"
 PRECISION_NAMES = {"FLOAT": "fp32", "FLOAT16": "fp16"}
@@ -165,7 +164,7 @@ def _check_reference(spec: ContractSpec, reference: CqilModel, onnx_path: Path) 
 
 
 def _structure(spec: ContractSpec, onnx_path: Path) -> dict[str, Any]:
-    from export.check import check_branch_structure
+    from cqil.export.check import check_branch_structure
 
     layout = spec.metadata.get(LAYOUT_KEY)
     if layout != "branches":
@@ -186,8 +185,8 @@ def validate_onnx(onnx_dir: Path, reference: CqilModel, chunks: torch.Tensor, de
     chunks a padded batch; by default every token is real. Every position is compared, padding too:
     both sides compute the same masked rows. Returns the JSON-able result; `result["passed"]` is the verdict.
     """
-    from engines.onnxruntime import OrtRunner
-    from engines.tensorrt import TensorRTRunner, import_tensorrt
+    from cqil.engines.onnxruntime import OrtRunner
+    from cqil.engines.tensorrt import TensorRTRunner, import_tensorrt
 
     onnx_path = find_onnx(Path(onnx_dir))
     spec = read_contract(onnx_path)

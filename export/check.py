@@ -17,8 +17,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from export import contract
-from export.naming import BRANCH, GROUP, LAYER, ROLE
+from cqil.export import contract
+from cqil.export.naming import BRANCH, GROUP, LAYER, ROLE
 
 
 @dataclass

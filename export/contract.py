@@ -18,12 +18,11 @@ from typing import TypeVar
 
 import numpy as np
 import torch
+from cqil.model.cqil import CqilModel
+from cqil.model.errors import CqilError
+from cqil.model.kv import make_cache
+from cqil.model.plan import Plan, plan_from_dict
 from torch import nn
-
-from pipeline.model.cqil import CqilModel
-from pipeline.model.errors import CqilError
-from pipeline.model.kv import make_cache
-from pipeline.model.plan import Plan, plan_from_dict
 
 BATCH, SEQ, PAST, TOTAL = "batch", "seq", "past", "total"
 # torch.export specializes a dimension whose example size is 0 or 1: keep every example size >= 2.

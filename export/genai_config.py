@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from export import contract
-from pipeline.model.errors import CqilError
+from cqil.export import contract
+from cqil.model.errors import CqilError
 
 GENAI_CONFIG_FILE = "genai_config.json"
 # ONNX Runtime GenAI's decoder-only model types (its model_type.h) for the families we export.

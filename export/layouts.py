@@ -13,11 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from cqil.export.naming import group_scope, layer_scope
+from cqil.model.cqil import CqilModel
+from cqil.model.group import fold_terms
 from torch import nn
-
-from export.naming import group_scope, layer_scope
-from pipeline.model.cqil import CqilModel
-from pipeline.model.group import fold_terms
 
 LANE_ROLES = ("attn", "residual", "bypass", "ffn")
 

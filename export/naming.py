@@ -14,7 +14,7 @@ from __future__ import annotations
 import ast
 import re
 
-from pipeline.model.plan import Plan
+from cqil.model.plan import Plan
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 # Stack traces carry absolute source paths, the FX text is a bulky repeat of the node: dropped, so

@@ -15,11 +15,10 @@ import warnings
 from collections.abc import Iterator
 
 import torch
+from cqil.export import contract
+from cqil.export.naming import label_nodes
+from cqil.model.cqil import CqilModel
 from torch import nn
-
-from export import contract
-from export.naming import label_nodes
-from pipeline.model.cqil import CqilModel
 
 OPSET = 18
 # torch.onnx logs "torchvision is not installed. Skipping torchvision::nms" (and three more ops) each

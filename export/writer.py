@@ -20,16 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from cqil.export import contract
+from cqil.export.check import StructureReport, check_branch_structure
+from cqil.export.genai_config import write_genai_config
+from cqil.export.tokenizer_files import write_tokenizer_files
+from cqil.model.cqil import CqilModel
+from cqil.model.errors import CqilError
+from cqil.model.fsutil import atomic_dir, check_output_dir
+from cqil.model.plan import CONFIG_KEY
 from tqdm import tqdm
-
-from export import contract
-from export.check import StructureReport, check_branch_structure
-from export.genai_config import write_genai_config
-from export.tokenizer_files import write_tokenizer_files
-from pipeline.model.cqil import CqilModel
-from pipeline.model.errors import CqilError
-from pipeline.model.fsutil import atomic_dir, check_output_dir
-from pipeline.model.plan import CONFIG_KEY
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 LAYOUTS = ("branches", "fused")
@@ -86,13 +85,13 @@ def _in_dtype(model: CqilModel, dtype: torch.dtype) -> CqilModel:
 
 
 def _layout_module(model: CqilModel, layout: str) -> torch.nn.Module:
-    from export.layouts import layout_model
+    from cqil.export.layouts import layout_model
 
     return contract.ContractModule(layout_model(model, layout))
 
 
 def _metadata(model: CqilModel, layout: str, dtype: str, source: dict) -> dict[str, str]:
-    from pipeline import __version__
+    from cqil.model.version import __version__
 
     kv_shape = {"layers": model.num_layers, "kv_heads": model.num_kv_heads, "head_dim": model.head_dim}
     return {
@@ -135,8 +134,7 @@ def export_model(model: CqilModel, out: Path, layout: str = "branches", dtype: s
     """
     import onnx
     import onnx_ir as ir
-
-    from export.onnx_export import export_layout
+    from cqil.export.onnx_export import export_layout
 
     check_options(layout, dtype)
     out = Path(out)

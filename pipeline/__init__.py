@@ -1,3 +1,1 @@
-"""cqil-pipeline: CQIL models and their deploy artifacts."""
-
-__version__ = "0.1.0"
+"""Orchestration: sources, data, plans, recovery, merge, quality, the build and the `cqil` CLI."""

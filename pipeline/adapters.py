@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.model.errors import CqilError
+from cqil.model.errors import CqilError
 
 if TYPE_CHECKING:  # torch is imported where it is used, so `cqil --help` stays quick
     from torch import nn
@@ -219,7 +219,7 @@ class AdaptersOff:
 
 def adapter_plan(adapter_dir: Path, num_layers: int):
     """The plan an adapter of ours was trained for (from its run record), or None for a foreign adapter."""
-    from pipeline.model.plan import plan_from_dict
+    from cqil.model.plan import plan_from_dict
 
     path = Path(adapter_dir) / RUN_RECORD
     if not path.is_file():

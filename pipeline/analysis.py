@@ -6,9 +6,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from cqil.model.cqil import CqilModel
 from tqdm import tqdm
-
-from pipeline.model.cqil import CqilModel
 
 
 @torch.no_grad()

@@ -32,12 +32,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from cqil.model.cqil import CqilModel
+from cqil.model.divergence import token_kl
+from cqil.model.errors import CqilError
+from cqil.model.plan import Plan, from_parallel_groups, uniform_plan
 from tqdm import tqdm
-
-from pipeline.model.cqil import CqilModel
-from pipeline.model.divergence import token_kl
-from pipeline.model.errors import CqilError
-from pipeline.model.plan import Plan, from_parallel_groups, uniform_plan
 
 SEARCH_FORMAT = "cqil-plan-search/1"
 Groups = tuple[tuple[int, ...], ...]
@@ -179,7 +178,7 @@ def score_candidates(original: CqilModel, chunks: torch.Tensor, max_group_size: 
                      bypass_choices: Sequence[int], proxy_keep: float = 1.0, batch_size: int = 4,
                      progress: bool = True, head_every: int = 1) -> list[Candidate]:
     """Every run of 2..max_group_size layers under each distinct effective bypass, with its KL alone."""
-    from pipeline.analysis import layer_input_similarity
+    from cqil.pipeline.analysis import layer_input_similarity
 
     layers = original.num_layers
     similarity = layer_input_similarity(original, chunks, batch_size, progress)
@@ -331,7 +330,7 @@ class SearchResult:
 def search(original: CqilModel, calibration: torch.Tensor, held_out: torch.Tensor, request: SearchRequest,
            model_record: dict, batch_size: int = 4, progress: bool = True) -> SearchResult:
     """Score candidates on `calibration`, pick a plan by DP, verify (and repair) it on `held_out`."""
-    from pipeline.quality import evaluate
+    from cqil.pipeline.quality import evaluate
 
     layers = original.num_layers
     request.check(layers)

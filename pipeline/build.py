@@ -17,8 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.model.errors import CqilError
-from pipeline.stages import Stage, StageContext
+from cqil.model.errors import CqilError
+from cqil.pipeline.stages import Stage, StageContext
 
 STAGE_ORDER = ("source", "analyze", "plan", "recover", "merge", "export", "engines", "validate", "bench",
                "package")
@@ -31,7 +31,7 @@ def _text(config: dict, key: str) -> str | None:
 
 
 def _split(loaded, config: dict, seq_len: int | None = None):
-    from pipeline.data import load_split
+    from cqil.pipeline.data import load_split
 
     data = config["data"]
     return load_split(loaded.tokenizer, _text(config, "data"), _text(config, "eval_data"),
@@ -41,8 +41,8 @@ def _split(loaded, config: dict, seq_len: int | None = None):
 def _source_model(ctx: StageContext):
     """The source model, known by its canonical location rather than this build's copy of it, so that
     what records it (adapter config, merged config) has the same bytes in any build directory."""
-    from pipeline.sources import load_model
-    from pipeline.stages import read_record
+    from cqil.pipeline.sources import load_model
+    from cqil.pipeline.stages import read_record
 
     loaded = load_model(ctx.upstream("source"))
     loaded.path = Path(read_record(ctx.upstream("source"))["metrics"]["model_dir"])
@@ -51,16 +51,16 @@ def _source_model(ctx: StageContext):
 
 
 def _plan(ctx: StageContext, config):
-    from pipeline.model.plan import load_plan
+    from cqil.model.plan import load_plan
 
     return load_plan(ctx.upstream("plan") / "plan.json", config.num_hidden_layers)
 
 
 def _merged(ctx: StageContext):
     """The merged CQIL checkpoint (the PyTorch reference of every engine) as a CqilModel."""
-    from pipeline.model.cqil import CqilModel
-    from pipeline.model.plan import plan_from_config
-    from pipeline.sources import load_model
+    from cqil.model.cqil import CqilModel
+    from cqil.model.plan import plan_from_config
+    from cqil.pipeline.sources import load_model
 
     loaded = load_model(ctx.upstream("merge") / "model")
     return loaded, CqilModel(loaded.model, plan_from_config(loaded.model.config))
@@ -73,8 +73,8 @@ def _write_json(path: Path, data: Any) -> None:
 # -- the stages ------------------------------------------------------------------------------------------
 
 def run_source(ctx: StageContext) -> dict:
-    from pipeline.model.fsutil import link_or_copy
-    from pipeline.sources import SOURCE_RECORD, model_name, resolve_model_dir
+    from cqil.model.fsutil import link_or_copy
+    from cqil.pipeline.sources import SOURCE_RECORD, model_name, resolve_model_dir
 
     path = Path(ctx.params["resolved"])
     resolve_model_dir(path)  # checks it again: the cache may have been cleaned since the key was made
@@ -88,13 +88,13 @@ def run_source(ctx: StageContext) -> dict:
 
 
 def run_analyze(ctx: StageContext, config: dict) -> dict:
-    from pipeline.analysis import (
+    from cqil.model.cqil import CqilModel
+    from cqil.model.plan import identity_plan
+    from cqil.pipeline.analysis import (
         layer_input_similarity,
         save_heatmap,
         similarity_report,
     )
-    from pipeline.model.cqil import CqilModel
-    from pipeline.model.plan import identity_plan
 
     loaded = _source_model(ctx)
     chunks = _split(loaded, config).train[: ctx.params["max_chunks"]]
@@ -108,11 +108,10 @@ def run_analyze(ctx: StageContext, config: dict) -> dict:
 
 
 def run_plan(ctx: StageContext, config: dict) -> dict:
+    from cqil.model import plan as plans
+    from cqil.pipeline.plan_choice import resolve_plan
+    from cqil.pipeline.sources import model_name
     from transformers import AutoConfig
-
-    from pipeline.model import plan as plans
-    from pipeline.plan_choice import resolve_plan
-    from pipeline.sources import model_name
 
     params = ctx.params
     model_config = AutoConfig.from_pretrained(ctx.upstream("source"))
@@ -135,7 +134,7 @@ def run_plan(ctx: StageContext, config: dict) -> dict:
 
 def plan_choice(params: dict):
     """The [plan] section as the options of `cqil plan`; exactly one of uniform, groups, file, auto."""
-    from pipeline.plan_choice import PlanChoice
+    from cqil.pipeline.plan_choice import PlanChoice
 
     chosen = [key for key in ("uniform", "groups", "file") if params[key]] + (["auto"] if params["auto"] else [])
     if len(chosen) != 1:
@@ -146,9 +145,9 @@ def plan_choice(params: dict):
 
 
 def _auto_plan(ctx: StageContext, config: dict, model_config):
-    from pipeline.autoplan import SearchRequest, parse_bypass_choices, search
-    from pipeline.model.cqil import CqilModel
-    from pipeline.model.plan import identity_plan, model_record
+    from cqil.model.cqil import CqilModel
+    from cqil.model.plan import identity_plan, model_record
+    from cqil.pipeline.autoplan import SearchRequest, parse_bypass_choices, search
 
     params = ctx.params
     request = SearchRequest(params["target_depth"] or None, params["max_kl"] or None, params["max_group_size"],
@@ -166,8 +165,8 @@ def _auto_plan(ctx: StageContext, config: dict, model_config):
 
 
 def run_recover(ctx: StageContext, config: dict) -> dict:
-    from pipeline.recovery import FinetuneSettings, finetune
-    from pipeline.recovery_chart import save_curve
+    from cqil.pipeline.recovery import FinetuneSettings, finetune
+    from cqil.pipeline.recovery_chart import save_curve
 
     params = ctx.params
     if params["steps"] == 0:
@@ -193,7 +192,7 @@ def run_recover(ctx: StageContext, config: dict) -> dict:
 
 
 def run_merge(ctx: StageContext, config: dict) -> dict:
-    from pipeline.merge import merge_adapter
+    from cqil.pipeline.merge import merge_adapter
     loaded = _source_model(ctx)
     plan = _plan(ctx, loaded.model.config)
     adapter = ctx.upstream("recover") / "adapter"
@@ -202,7 +201,7 @@ def run_merge(ctx: StageContext, config: dict) -> dict:
 
 
 def run_export(ctx: StageContext, config: dict) -> dict:
-    from export.writer import export_model
+    from cqil.export.writer import export_model
 
     loaded, model = _merged(ctx)
     result = export_model(model, ctx.out / "onnx", ctx.params["layout"], ctx.params["dtype"],
@@ -211,7 +210,7 @@ def run_export(ctx: StageContext, config: dict) -> dict:
 
 
 def run_engines(ctx: StageContext, config: dict) -> dict:
-    from engines.tensorrt import EngineOptions, build_engine, engine_settings, import_tensorrt, write_engine_files
+    from cqil.engines.tensorrt import EngineOptions, build_engine, engine_settings, import_tensorrt, write_engine_files
 
     params = dict(ctx.params)
     trt_dir, final_dir = ctx.out / "trt", ctx.build_dir / "engines" / "trt"
@@ -230,12 +229,12 @@ def run_engines(ctx: StageContext, config: dict) -> dict:
 
 
 def run_validate(ctx: StageContext, config: dict) -> dict:
-    from engines.validate import validate_onnx
-    from pipeline.autoplan import uniform_of_depth
-    from pipeline.data import chunk_tokens, read_text, spread_chunks
-    from pipeline.model.cqil import CqilModel
-    from pipeline.model.plan import identity_plan
-    from pipeline.quality import evaluate
+    from cqil.engines.validate import validate_onnx
+    from cqil.model.cqil import CqilModel
+    from cqil.model.plan import identity_plan
+    from cqil.pipeline.autoplan import uniform_of_depth
+    from cqil.pipeline.data import chunk_tokens, read_text, spread_chunks
+    from cqil.pipeline.quality import evaluate
 
     params = ctx.params
     loaded, merged = _merged(ctx)
@@ -284,11 +283,11 @@ def run_validate(ctx: StageContext, config: dict) -> dict:
 
 
 def run_bench(ctx: StageContext, config: dict) -> dict:
-    from engines.bench import BenchSettings, run_bench
-    from engines.bench_chart import plot_bench
-    from export.contract import find_onnx, read_contract
-    from pipeline.reference import cached_reference
-    from pipeline.stages import read_record
+    from cqil.engines.bench import BenchSettings, run_bench
+    from cqil.engines.bench_chart import plot_bench
+    from cqil.export.contract import find_onnx, read_contract
+    from cqil.pipeline.reference import cached_reference
+    from cqil.pipeline.stages import read_record
 
     params = ctx.params
     settings = BenchSettings(batch=params["batch"], seq=params["seq"], past=params["past"],
@@ -299,8 +298,8 @@ def run_bench(ctx: StageContext, config: dict) -> dict:
     model_dir = read_record(ctx.upstream("source"))["metrics"]["model_dir"]
     reference = cached_reference(read_contract(onnx), onnx, model=model_dir)
     # The eager PyTorch models, timed in the same rounds, as extra rows.
-    from pipeline.model.cqil import CqilModel
-    from pipeline.model.plan import identity_plan
+    from cqil.model.cqil import CqilModel
+    from cqil.model.plan import identity_plan
 
     source = _source_model(ctx)
     _, merged = _merged(ctx)
@@ -312,7 +311,7 @@ def run_bench(ctx: StageContext, config: dict) -> dict:
 
 
 def run_package(ctx: StageContext, config: dict) -> dict:
-    from engines.triton import write_model_repository
+    from cqil.engines.triton import write_model_repository
 
     engine = ctx.upstream("engines") / "trt" / "model.plan"
     repository = write_model_repository(ctx.upstream("export") / "onnx", ctx.out / "triton", ctx.params["name"],
@@ -333,8 +332,8 @@ def _file_text(path: str) -> str:
 
 def make_stages(config: dict[str, dict[str, Any]]) -> list[Stage]:
     """The ten stages with their parameters (their config section) and what they read."""
-    from pipeline.model.fsutil import sha256_file
-    from pipeline.sources import resolve_model_dir
+    from cqil.model.fsutil import sha256_file
+    from cqil.pipeline.sources import resolve_model_dir
 
     plan_choice(config["plan"]).check()  # before any stage runs
     model_dir = resolve_model_dir(config["source"]["model"] or None)

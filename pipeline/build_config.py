@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
-
-from pipeline.model.errors import CqilError
+from cqil.model.errors import CqilError
 
 # The default build: SmolLM2-135M, an automatic plan of depth 23 (the depth of the paper's S15:30:2 on
 # this model) found by the fast search, then a recovery sized to the budget: 12 min 28 s on 2 idle CPU

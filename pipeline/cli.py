@@ -12,7 +12,7 @@ import sys
 import traceback
 from typing import NoReturn
 
-from pipeline.model.errors import CqilError, ExitCode
+from cqil.model.errors import CqilError, ExitCode
 
 # The exit codes, documented in `cqil --help` and the README.
 OK, CHECK_FAILED, BAD_INPUT, INTERNAL_ERROR, INTERRUPTED = (ExitCode.OK, ExitCode.CHECK_FAILED, ExitCode.BAD_INPUT,
@@ -51,7 +51,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
     def _get_value(self, action: argparse.Action, arg_string: str):
-        from pipeline.commands.options import Check
+        from cqil.pipeline.commands.options import Check
 
         if not isinstance(action.type, Check):
             return super()._get_value(action, arg_string)
@@ -68,7 +68,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    from pipeline import __version__
+    from cqil.model.version import __version__
 
     parser = Parser(prog="cqil", description="CQIL: concurrent quasi-independent layers for LLaMA-family LLMs",
                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="print tracebacks (the exit code stays the same)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
-        importlib.import_module(f"pipeline.commands.{name}").register(sub)
+        importlib.import_module(f"cqil.pipeline.commands.{name}").register(sub)
     return parser
 
 

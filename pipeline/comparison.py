@@ -13,12 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.adapters import AdaptersOff, load_adapter
-from pipeline.model.cqil import CqilModel
-from pipeline.model.errors import CqilError
-from pipeline.merge import base_model_record, find_base_model
-from pipeline.model.plan import Plan, identity_plan
-from pipeline.sources import LoadedModel, load_model
+from cqil.model.cqil import CqilModel
+from cqil.model.errors import CqilError
+from cqil.model.plan import Plan, identity_plan
+from cqil.pipeline.adapters import AdaptersOff, load_adapter
+from cqil.pipeline.merge import base_model_record, find_base_model
+from cqil.pipeline.sources import LoadedModel, load_model
 
 LABELS = {"original": "original", "cqil_no_adapter": "cqil", "cqil": "cqil+adapter"}
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.model.errors import CqilError
+from cqil.model.errors import CqilError
 
 if TYPE_CHECKING:  # torch is imported where chunks are made, so `cqil --help` stays quick
     import torch

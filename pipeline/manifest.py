@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__
-from pipeline.stages import StageResult
+from cqil.model.version import __version__
+from cqil.pipeline.stages import StageResult
 
 LIBRARIES = ("torch", "transformers", "peft", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu",
              "tensorrt", "polygraphy")
@@ -39,7 +39,7 @@ def manifest(results: list[StageResult]) -> dict[str, Any]:
 
 
 def write_manifest(build_dir: Path, results: list[StageResult]) -> Path:
-    from pipeline.model.fsutil import atomic_write_text
+    from cqil.model.fsutil import atomic_write_text
 
     path = Path(build_dir) / "manifest.json"
     atomic_write_text(path, json.dumps(manifest(results), indent=2) + "\n")

@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.adapters import load_adapter
-from pipeline.model.errors import CqilError
-from pipeline.model.fsutil import atomic_dir, cache_dir
-from pipeline.model.plan import CONFIG_KEY, Plan
-from pipeline.sources import (
+from cqil.model.errors import CqilError
+from cqil.model.fsutil import atomic_dir, cache_dir
+from cqil.model.plan import CONFIG_KEY, Plan
+from cqil.pipeline.adapters import load_adapter
+from cqil.pipeline.sources import (
     DEFAULT_MODEL_NAME,
     LoadedModel,
     check_model_dir,

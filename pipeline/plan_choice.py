@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.model import plan as plans
-from pipeline.model.errors import CqilError
+from cqil.model import plan as plans
+from cqil.model.errors import CqilError
 
 SOURCES = ("plan", "uniform", "groups", "official", "auto", "original")
 
@@ -100,7 +100,7 @@ def resolve_plan(choice: PlanChoice, config: Any, search: Callable[[], plans.Pla
 def adapter_fallback(adapter: Path | None, config: Any) -> Callable[[], plans.Plan | None]:
     """The plan an adapter of ours was trained for, as a `resolve_plan` fallback."""
     def plan() -> plans.Plan | None:
-        from pipeline.adapters import adapter_plan
+        from cqil.pipeline.adapters import adapter_plan
 
         if adapter is None:
             return None

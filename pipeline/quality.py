@@ -8,10 +8,9 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
+from cqil.model.cqil import CqilModel
+from cqil.model.divergence import Agreement
 from tqdm import tqdm
-
-from pipeline.model.cqil import CqilModel
-from pipeline.model.divergence import Agreement
 
 
 class _Totals:

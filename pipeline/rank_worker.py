@@ -1,4 +1,4 @@
-"""What each rank runs: `torchrun --nproc-per-node P -m pipeline.rank_worker generate|bench ...`.
+"""What each rank runs: `torchrun --nproc-per-node P -m cqil.pipeline.rank_worker generate|bench ...`.
 
 `cqil generate --ranks P` and `cqil bench --ranks P` start these same commands (pipeline/commands/ranks.py).
 Options are those of the one-process commands; rank 0 prints and writes, every rank ends with one
@@ -17,9 +17,9 @@ PROGRAM = "cqil-ranks"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.commands.options import add_model_options, add_plan_options
+    from cqil.pipeline.commands.options import add_model_options, add_plan_options
 
-    parser = argparse.ArgumentParser(prog="torchrun --nproc-per-node P -m pipeline.rank_worker",
+    parser = argparse.ArgumentParser(prog="torchrun --nproc-per-node P -m cqil.pipeline.rank_worker",
                                      description="CQIL with rank r running the r-th layer of every group")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("generate", "greedy generation with the KV cache (rank 0 prints the text)"),
@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engines.distributed.launch import DEFAULT_TIMEOUT_S, run_ranks
-    from pipeline.cli import quiet_libraries
+    from cqil.engines.distributed.launch import DEFAULT_TIMEOUT_S, run_ranks
+    from cqil.pipeline.cli import quiet_libraries
 
     args = build_parser().parse_args(argv)
     quiet_libraries()
@@ -61,11 +61,10 @@ def main(argv: list[str] | None = None) -> int:
 def _rank_model(args: argparse.Namespace, ctx):
     """This rank's CQIL share, loaded with only its own weights, and the tokenizer."""
     import torch
+    from cqil.engines.distributed.per_rank import Placement, load_rank_model, rank_model
+    from cqil.pipeline.plan_choice import PlanChoice, resolve_plan
+    from cqil.pipeline.sources import check_model_dir, resolve_model_dir
     from transformers import AutoConfig, AutoTokenizer
-
-    from engines.distributed.per_rank import Placement, load_rank_model, rank_model
-    from pipeline.plan_choice import PlanChoice, resolve_plan
-    from pipeline.sources import check_model_dir, resolve_model_dir
 
     path = resolve_model_dir(args.model)
     check_model_dir(path)
@@ -77,11 +76,10 @@ def _rank_model(args: argparse.Namespace, ctx):
 
 def _generate(args: argparse.Namespace, ctx) -> int:
     import torch
-
-    from engines.distributed.launch import together
-    from engines.distributed.per_rank import AgreedTokens
-    from pipeline.commands.generate import encode_prompts, format_generations
-    from pipeline.model.cqil import greedy_generate
+    from cqil.engines.distributed.launch import together
+    from cqil.engines.distributed.per_rank import AgreedTokens
+    from cqil.model.cqil import greedy_generate
+    from cqil.pipeline.commands.generate import encode_prompts, format_generations
 
     if "OMP_NUM_THREADS" not in os.environ and ctx.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world))
@@ -100,8 +98,7 @@ def _report_memory(ctx, model) -> None:
     import resource
 
     import torch.distributed as dist
-
-    from engines.distributed.per_rank import parameter_count
+    from cqil.engines.distributed.per_rank import parameter_count
 
     params = parameter_count(model)
     size = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
@@ -117,16 +114,15 @@ def _report_memory(ctx, model) -> None:
 
 def _bench(args: argparse.Namespace, ctx) -> int:
     import torch
-    from transformers import AutoModelForCausalLM
-
-    from engines.distributed.bench import (
+    from cqil.engines.distributed.bench import (
         RankBenchSettings,
         plot_rank_bench,
         run_rank_bench,
     )
-    from engines.distributed.launch import together
-    from engines.distributed.tensor_parallel import apply_tensor_parallel
-    from pipeline.model.fsutil import atomic_write_text
+    from cqil.engines.distributed.launch import together
+    from cqil.engines.distributed.tensor_parallel import apply_tensor_parallel
+    from cqil.model.fsutil import atomic_write_text
+    from transformers import AutoModelForCausalLM
 
     settings = RankBenchSettings(batch=args.batch, seq=args.seq, past=args.past,
                                  prefill_repeats=args.prefill_repeats, decode_repeats=args.decode_repeats,

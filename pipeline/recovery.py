@@ -25,9 +25,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
-
-from pipeline.adapters import (
+from cqil.model.cqil import CqilModel
+from cqil.model.divergence import token_kl
+from cqil.model.errors import CqilError
+from cqil.model.fsutil import atomic_dir
+from cqil.model.plan import Plan, identity_plan
+from cqil.pipeline.adapters import (
     DEFAULT_RANK,
     DEFAULT_TARGETS,
     RUN_RECORD,
@@ -35,12 +38,8 @@ from pipeline.adapters import (
     check_targets_exist,
     lora_config,
 )
-from pipeline.model.cqil import CqilModel
-from pipeline.model.divergence import token_kl
-from pipeline.model.errors import CqilError
-from pipeline.model.fsutil import atomic_dir
-from pipeline.model.plan import Plan, identity_plan
-from pipeline.quality import evaluate
+from cqil.pipeline.quality import evaluate
+from tqdm import tqdm
 
 RUN_FORMAT = "cqil-finetune/1"
 CHECKPOINT_STATE = "state.pt"

@@ -10,14 +10,14 @@ import hashlib
 import json
 from pathlib import Path
 
-from export.contract import DTYPE_KEY, ContractSpec
-from pipeline.model.errors import CqilError
-from pipeline.model.fsutil import cache_dir, sha256_file
+from cqil.export.contract import DTYPE_KEY, ContractSpec
+from cqil.model.errors import CqilError
+from cqil.model.fsutil import cache_dir, sha256_file
 
 
 def reference_key(source_path: Path, dtype: str) -> str:
     """Hash of the source model's config and weights, the dtype and the tool version."""
-    from pipeline import __version__
+    from cqil.model.version import __version__
 
     files = sorted(p for p in Path(source_path).iterdir()
                    if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
@@ -28,10 +28,10 @@ def reference_key(source_path: Path, dtype: str) -> str:
 def cached_reference(spec: ContractSpec, onnx_path: Path, model: str | Path | None = None,
                      progress: bool = True) -> Path:
     """The original model as ONNX, exported once into the cache (identity plan, same dtype)."""
-    from export.writer import export_model
-    from pipeline.model.cqil import CqilModel
-    from pipeline.model.plan import identity_plan, model_record
-    from pipeline.sources import load_model, resolve_model_dir
+    from cqil.export.writer import export_model
+    from cqil.model.cqil import CqilModel
+    from cqil.model.plan import identity_plan, model_record
+    from cqil.pipeline.sources import load_model, resolve_model_dir
 
     source = spec.source_model()
     if model is None and not source.get("path"):

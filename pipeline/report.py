@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.stages import StageResult
+from cqil.pipeline.stages import StageResult
 
 
 def _load(path: Path) -> Any:
@@ -147,7 +147,7 @@ def _search_line(search: dict, metrics: dict) -> str:
 
 def skipped_notes(build_dir: Path) -> list[str]:
     """What this build could not do, in plain words."""
-    from pipeline.manifest import library_versions
+    from cqil.pipeline.manifest import library_versions
 
     notes = []
     versions = library_versions()

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.model.errors import CqilError
-from pipeline.model.fsutil import atomic_dir, cache_dir, read_json, sha256_file
+from cqil.model.errors import CqilError
+from cqil.model.fsutil import atomic_dir, cache_dir, read_json, sha256_file
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__
-from pipeline.model.errors import CqilError
-from pipeline.model.fsutil import MARKER, atomic_dir, has_marker, sha256_file
+from cqil.model.errors import CqilError
+from cqil.model.fsutil import MARKER, atomic_dir, has_marker, sha256_file
+from cqil.model.version import __version__
 
 RECORD = ".stage.json"
 LOCK = ".build.lock"
@@ -113,7 +113,7 @@ def _is_stage_dir(path: Path) -> bool:
 
 def claim_build_dir(build_dir: Path) -> None:
     """Mark `build_dir` as cqil's before writing into it; refuse a folder that holds anything else."""
-    from pipeline.model.fsutil import MARKER_TEXT, check_output_dir
+    from cqil.model.fsutil import MARKER_TEXT, check_output_dir
 
     check_output_dir(build_dir, "--out", is_ours=is_build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.autoplan import (  # noqa: E402
+from cqil.model.cqil import CqilModel  # noqa: E402
+from cqil.model.plan import Plan, identity_plan, uniform_plan  # noqa: E402
+from cqil.pipeline.autoplan import (  # noqa: E402
     SearchRequest,
     calibration_kl,
     group_costs,
@@ -30,11 +32,9 @@ from pipeline.autoplan import (  # noqa: E402
     score_candidates,
     select,
 )
-from pipeline.model.cqil import CqilModel  # noqa: E402
-from pipeline.data import load_split  # noqa: E402
-from pipeline.model.plan import Plan, identity_plan, uniform_plan  # noqa: E402
-from pipeline.quality import evaluate  # noqa: E402
-from pipeline.sources import load_model  # noqa: E402
+from cqil.pipeline.data import load_split  # noqa: E402
+from cqil.pipeline.quality import evaluate  # noqa: E402
+from cqil.pipeline.sources import load_model  # noqa: E402
 
 
 def uniform_plans(layers: int, depth: int, max_size: int, choices: tuple[int, ...]) -> list[tuple[str, Plan]]:

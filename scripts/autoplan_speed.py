@@ -22,8 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-from pipeline.autoplan import (  # noqa: E402
+from cqil.model.cqil import CqilModel  # noqa: E402
+from cqil.model.divergence import token_kl  # noqa: E402
+from cqil.model.plan import identity_plan  # noqa: E402
+from cqil.pipeline.autoplan import (  # noqa: E402
     SearchRequest,
     _original_pass,
     parse_bypass_choices,
@@ -32,13 +34,10 @@ from pipeline.autoplan import (  # noqa: E402
     select,
     uniform_of_depth,
 )
-from pipeline.build_config import DEFAULTS  # noqa: E402
-from pipeline.data import load_split  # noqa: E402
-from pipeline.model.cqil import CqilModel  # noqa: E402
-from pipeline.model.divergence import token_kl  # noqa: E402
-from pipeline.model.plan import identity_plan  # noqa: E402
-from pipeline.quality import evaluate  # noqa: E402
-from pipeline.sources import load_model  # noqa: E402
+from cqil.pipeline.build_config import DEFAULTS  # noqa: E402
+from cqil.pipeline.data import load_split  # noqa: E402
+from cqil.pipeline.quality import evaluate  # noqa: E402
+from cqil.pipeline.sources import load_model  # noqa: E402
 
 
 def ranks(values: list[float]) -> list[float]:

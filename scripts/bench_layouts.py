@@ -21,12 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engines.bench import ort_calls, torch_calls
-from engines.latency import compare, interleaved_times, stats_ms
-from engines.onnxruntime import OrtRunner
-from pipeline.model.cqil import CqilModel
-from pipeline.model.plan import identity_plan
-from pipeline.sources import load_model
+from cqil.engines.bench import ort_calls, torch_calls
+from cqil.engines.latency import compare, interleaved_times, stats_ms
+from cqil.engines.onnxruntime import OrtRunner
+from cqil.model.cqil import CqilModel
+from cqil.model.plan import identity_plan
+from cqil.pipeline.sources import load_model
 
 
 def main() -> None:

@@ -52,7 +52,7 @@ print(json.dumps({"transformers": transformers.__version__, "tokenizer_class": t
 
 
 def default_venv() -> Path:
-    from pipeline.model.fsutil import cache_dir
+    from cqil.model.fsutil import cache_dir
 
     return cache_dir() / "venvs" / "optimum-onnx-0.1.0"
 
@@ -88,10 +88,9 @@ def theirs(python: Path, folder: Path, messages: list[str], max_new: int) -> dic
 
 def ours(folder: Path, texts: list[str], max_new: int) -> list[dict]:
     import torch
+    from cqil.engines.onnxruntime import OrtRunner
+    from cqil.model.cqil import greedy_generate
     from transformers import AutoTokenizer
-
-    from engines.onnxruntime import OrtRunner
-    from pipeline.model.cqil import greedy_generate
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     runner = OrtRunner(folder)

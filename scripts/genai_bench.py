@@ -36,7 +36,7 @@ CQIL_PLAN = ("--uniform", "15:30:2", "--bypass", "1")
 
 def make_folders(work: Path, model_dir: Path) -> dict[str, Path]:
     """The three exports, made when missing (each ~1-4 min on two shared cores)."""
-    from pipeline.cli import main as cqil
+    from cqil.pipeline.cli import main as cqil
 
     folders = {kind: work / kind for kind in KINDS}
     if not (folders["builder"] / "genai_config.json").is_file():
@@ -56,9 +56,8 @@ def make_folders(work: Path, model_dir: Path) -> dict[str, Path]:
 
 def prompt_tokens(model_dir: Path, count: int) -> list[int]:
     """The first `count` tokens of the default held-out text: the same prompt for every model."""
+    from cqil.pipeline.data import default_text
     from transformers import AutoTokenizer
-
-    from pipeline.data import default_text
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = tokenizer.encode(default_text()[-20_000:], add_special_tokens=False)
@@ -71,9 +70,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engines.genai import GenaiModel
-    from pipeline.model.fsutil import cache_dir
-    from pipeline.sources import default_model_dir
+    from cqil.engines.genai import GenaiModel
+    from cqil.model.fsutil import cache_dir
+    from cqil.pipeline.sources import default_model_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=None, help="folder for the exports and the result")

@@ -28,10 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engines.cuda_streams import DecodeStep, StreamSchedule  # noqa: E402
-from engines.latency import interleaved_times, ratio_ci  # noqa: E402
-from pipeline.model.cqil import CqilModel  # noqa: E402
-from pipeline.model.plan import identity_plan, uniform_plan  # noqa: E402
+from cqil.engines.cuda_streams import DecodeStep, StreamSchedule  # noqa: E402
+from cqil.engines.latency import interleaved_times, ratio_ci  # noqa: E402
+from cqil.model.cqil import CqilModel  # noqa: E402
+from cqil.model.plan import identity_plan, uniform_plan  # noqa: E402
 
 # name: (config, CQIL span [S, E) grouped into groups of p)
 SHAPES = {

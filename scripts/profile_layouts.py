@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engines.onnxruntime import OrtRunner
+from cqil.engines.onnxruntime import OrtRunner
 
 _SCOPE = re.compile(r"^/(g\d+)(/l\d+)?/")
 

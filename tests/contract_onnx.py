@@ -13,9 +13,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-
-from export.contract import PLAN_KEY, input_names, output_names
-from pipeline.model.plan import Plan
+from cqil.export.contract import PLAN_KEY, input_names, output_names
+from cqil.model.plan import Plan
 
 TOY_LAYERS, TOY_KV_HEADS, TOY_HEAD_DIM, TOY_HIDDEN, TOY_VOCAB = 2, 2, 4, 8, 16
 TOY_PLAN = Plan(((0, 1),), bypass=1)

@@ -1,4 +1,4 @@
-"""One rank of the distributed tests, started by tests/test_distributed.py as P separate processes.
+"""One rank of the distributed tests, started by tests/engines/test_distributed.py as P separate processes.
 
 Modes (argv[1]):
   parity SPEC.json  for each case (model, groups, d): this rank's CQIL share on a prefill, three decode
@@ -16,19 +16,18 @@ import sys
 from pathlib import Path
 
 import torch
-
-from engines.distributed.launch import run_ranks, together
-from engines.distributed.per_rank import (
+from cqil.engines.distributed.launch import run_ranks, together
+from cqil.engines.distributed.per_rank import (
     AgreedTokens,
     Placement,
     load_rank_model,
     parameter_count,
     rank_model,
 )
-from engines.distributed.tensor_parallel import apply_tensor_parallel
-from pipeline.model.cqil import greedy_generate
-from pipeline.model.decoder import positions_from_mask
-from pipeline.model.plan import from_parallel_groups
+from cqil.engines.distributed.tensor_parallel import apply_tensor_parallel
+from cqil.model.cqil import greedy_generate
+from cqil.model.decoder import positions_from_mask
+from cqil.model.plan import from_parallel_groups
 
 
 def _plan(path: Path, groups: list[list[int]], bypass: int):

@@ -22,10 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from engines.distributed.launch import RankContext
-from engines.latency import BenchResult, compare, ratio_ci, stats_ms
-from pipeline.model.errors import CqilError
+from cqil.engines.distributed.launch import RankContext
+from cqil.engines.latency import BenchResult, compare, ratio_ci, stats_ms
+from cqil.model.errors import CqilError
 
 ROWS = ("one_process", "tensor_parallel", "cqil")
 LABELS = {"one_process": "one process", "tensor_parallel": "tensor parallel", "cqil": "CQIL per rank"}
@@ -169,8 +168,7 @@ def plot_rank_bench(result: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-
-    from engines.bench_chart import write_png
+    from cqil.engines.bench_chart import write_png
 
     scenarios = list(result["scenarios"].items())
     with matplotlib.rc_context({"font.family": "DejaVu Sans", "font.size": 9}):

@@ -4,7 +4,7 @@ Every rank must end with one line and the same kind of exit status, never hang: 
 gets a collective timeout, a bad input found before the group exists ends every rank alike (each
 rank checks the same input), and a failure while loading is agreed on with one all-reduce of the
 ranks' status codes, so the ranks that loaded fine stop with a line that names the failed rank.
-Exit status (pipeline.model.errors.ExitCode): 2 for bad input (CqilError), 4 for a run that broke (a lost peer,
+Exit status (cqil.model.errors.ExitCode): 2 for bad input (CqilError), 4 for a run that broke (a lost peer,
 a timeout, a crash), so that CI never mistakes a broken run for a check that failed (1).
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from pipeline.model.errors import CqilError, ExitCode
+from cqil.model.errors import CqilError, ExitCode
 
 BACKENDS = ("gloo", "nccl")
 DEFAULT_TIMEOUT_S = 120.0
@@ -83,7 +83,7 @@ def init_process_group(backend: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Ra
     missing = [name for name in TORCHRUN_ENV if name not in os.environ]
     if missing:
         raise CqilError(f"not started by torchrun ({', '.join(missing)} unset): run "
-                        "`torchrun --nproc-per-node P -m pipeline.rank_worker ...` or `cqil generate --ranks P`")
+                        "`torchrun --nproc-per-node P -m cqil.pipeline.rank_worker ...` or `cqil generate --ranks P`")
     ctx = RankContext(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                       int(os.environ.get("LOCAL_RANK", os.environ["RANK"])), backend)
     if backend == "nccl":

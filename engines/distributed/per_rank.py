@@ -5,7 +5,7 @@ group's combine). Layers outside groups (singleton groups), the embeddings, the 
 head are replicated: every rank computes them from the same input, so they cost no communication
 and no rank waits on another for them (docs/distributed.md says why this beats rank 0 + broadcast).
 
-The math is the group step's (pipeline/model/group.py); `RankSchedule` only says where it runs. Per
+The math is the group step's (model/group.py); `RankSchedule` only says where it runs. Per
 parallel group on rank r: a_r = Attn(InNorm(x)); b_r needs a_{r-d}..a_{r-1}, sent point to point by
 ranks r-d..r-1; f_r = MLP(PostNorm(x + a_r + b_r)); the combine out = x + sum_j (a_j + f_j) is one
 all-reduce of (a_r + f_r). Each rank keeps the KV cache of its own layers only (None for the others
@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from cqil.model.cqil import CqilModel
+from cqil.model.errors import CqilError
+from cqil.model.group import fold_terms
+from cqil.model.plan import Plan
 from torch import nn
-
-from pipeline.model.cqil import CqilModel
-from pipeline.model.errors import CqilError
-from pipeline.model.group import fold_terms
-from pipeline.model.plan import Plan
 
 
 @dataclass(frozen=True)
@@ -142,7 +141,7 @@ def parameter_count(module: nn.Module) -> int:
 
 
 class RankSchedule:
-    """The group step (pipeline/model/group.py) with rank r running position r of each parallel group.
+    """The group step (model/group.py) with rank r running position r of each parallel group.
 
     Singleton groups run whole on every rank (replicated). In a parallel group, the bypass reaches
     rank k as point-to-point messages from ranks k-d..k-1 (each sender knows its readers from the

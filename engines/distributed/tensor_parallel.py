@@ -14,9 +14,8 @@ columns are split as evenly as possible.
 from __future__ import annotations
 
 import torch
+from cqil.model.errors import CqilError
 from torch import nn
-
-from pipeline.model.errors import CqilError
 
 
 class AllReduceAfter(nn.Module):

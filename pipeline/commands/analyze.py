@@ -5,16 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.commands.options import OUTPUT_DIR, add_data_options, add_model_options, limit_chunks
+from cqil.pipeline.commands.options import OUTPUT_DIR, add_data_options, add_model_options, limit_chunks
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from pipeline.analysis import layer_input_similarity, save_heatmap, similarity_report
-    from pipeline.data import load_split
-    from pipeline.model.cqil import CqilModel
-    from pipeline.model.fsutil import atomic_dir
-    from pipeline.model.plan import identity_plan
-    from pipeline.sources import load_model
+    from cqil.model.cqil import CqilModel
+    from cqil.model.fsutil import atomic_dir
+    from cqil.model.plan import identity_plan
+    from cqil.pipeline.analysis import layer_input_similarity, save_heatmap, similarity_report
+    from cqil.pipeline.data import load_split
+    from cqil.pipeline.sources import load_model
 
     loaded = load_model(args.model)
     split = load_split(loaded.tokenizer, args.data, args.eval_data, args.seq_len)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.commands.onnx_source import load_source, onnx_and_plan, write_json
-from pipeline.commands.options import (
+from cqil.pipeline.commands.onnx_source import load_source, onnx_and_plan, write_json
+from cqil.pipeline.commands.options import (
     INPUT_PATH,
     JSON_FILE,
     NON_NEGATIVE,
@@ -14,24 +14,24 @@ from pipeline.commands.options import (
     POSITIVE,
     add_model_options,
 )
-from pipeline.commands.ranks import add_rank_options
+from cqil.pipeline.commands.ranks import add_rank_options
 
 
 def cmd_bench(args: argparse.Namespace) -> int | None:
     if args.ranks is not None:  # --ranks P: one process vs TP vs CQIL on P processes (pipeline/commands/ranks.py)
-        from pipeline.commands.ranks import launch_bench
+        from cqil.pipeline.commands.ranks import launch_bench
 
         return launch_bench(args)
     if args.onnx is None:
-        from pipeline.model.errors import CqilError
+        from cqil.model.errors import CqilError
 
         raise CqilError("--onnx is required (or --ranks P for the multi-process bench of the PyTorch model)")
-    from engines.bench import BenchSettings, run_bench
-    from engines.bench_chart import plot_bench
-    from pipeline.model.cqil import CqilModel
-    from pipeline.model.fsutil import check_output_file
-    from pipeline.model.plan import identity_plan
-    from pipeline.reference import cached_reference
+    from cqil.engines.bench import BenchSettings, run_bench
+    from cqil.engines.bench_chart import plot_bench
+    from cqil.model.cqil import CqilModel
+    from cqil.model.fsutil import check_output_file
+    from cqil.model.plan import identity_plan
+    from cqil.pipeline.reference import cached_reference
 
     settings = BenchSettings(batch=args.batch, seq=args.seq, past=args.past, prefill_repeats=args.prefill_repeats,
                              decode_repeats=args.decode_repeats, warmup=args.warmup, threads=args.threads)

@@ -6,22 +6,22 @@ import argparse
 import sys
 import time
 
-from pipeline.commands.options import NON_NEGATIVE, TEXT, input_file, output_dir
+from cqil.pipeline.commands.options import NON_NEGATIVE, TEXT, input_file, output_dir
 
 
 def _build_dir():
-    from pipeline.stages import is_build_dir
+    from cqil.pipeline.stages import is_build_dir
 
     return output_dir(is_ours=is_build_dir)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from pipeline.build import STAGE_ORDER, make_stages
-    from pipeline.build_config import load_config, to_toml
-    from pipeline.manifest import write_manifest
-    from pipeline.model.fsutil import atomic_write_text
-    from pipeline.report import render
-    from pipeline.stages import run_stages
+    from cqil.model.fsutil import atomic_write_text
+    from cqil.pipeline.build import STAGE_ORDER, make_stages
+    from cqil.pipeline.build_config import load_config, to_toml
+    from cqil.pipeline.manifest import write_manifest
+    from cqil.pipeline.report import render
+    from cqil.pipeline.stages import run_stages
 
     overrides = list(args.set or [])
     shortcuts = {"model": "source.model", "uniform": "plan.uniform", "bypass": "plan.bypass",
@@ -51,7 +51,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from pipeline.build import STAGE_ORDER
+    from cqil.pipeline.build import STAGE_ORDER
 
     p = sub.add_parser("build", help="the staged build-once pipeline: source -> ... -> package (report.md)")
     p.add_argument("--config", type=input_file(), help="build.toml: [section] key = value for any stage parameter")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.commands.options import INPUT_PATH, OUTPUT_FILE, POSITIVE, NON_NEGATIVE
+from cqil.pipeline.commands.options import INPUT_PATH, NON_NEGATIVE, OUTPUT_FILE, POSITIVE
 
 
 def cmd_engine(args: argparse.Namespace) -> None:
-    from engines import tensorrt as trt_engine
+    from cqil.engines import tensorrt as trt_engine
 
     options = trt_engine.EngineOptions(
         precision=args.precision, aux_streams=args.aux_streams, opt_batch=args.opt_batch,

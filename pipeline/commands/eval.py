@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.commands.options import (
+from cqil.pipeline.commands.options import (
     INPUT_FOLDER,
     MODEL,
     add_data_options,
@@ -16,11 +16,11 @@ from pipeline.commands.options import (
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from pipeline.comparison import LABELS, comparison_models
-    from pipeline.data import load_split
-    from pipeline.plan_choice import PlanChoice, adapter_fallback, resolve_plan
-    from pipeline.quality import evaluate
-    from pipeline.sources import load_model
+    from cqil.pipeline.comparison import LABELS, comparison_models
+    from cqil.pipeline.data import load_split
+    from cqil.pipeline.plan_choice import PlanChoice, adapter_fallback, resolve_plan
+    from cqil.pipeline.quality import evaluate
+    from cqil.pipeline.sources import load_model
 
     choice = PlanChoice.from_args(args)
     choice.check()

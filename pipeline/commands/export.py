@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.commands.options import OUTPUT_DIR, add_model_options, add_plan_options
+from cqil.pipeline.commands.options import OUTPUT_DIR, add_model_options, add_plan_options
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from export.writer import DTYPES, check_options, export_model
-    from pipeline.model.cqil import CqilModel
-    from pipeline.plan_choice import PlanChoice, resolve_plan
-    from pipeline.sources import load_model
+    from cqil.export.writer import DTYPES, check_options, export_model
+    from cqil.model.cqil import CqilModel
+    from cqil.pipeline.plan_choice import PlanChoice, resolve_plan
+    from cqil.pipeline.sources import load_model
 
     check_options(args.layout, args.dtype)
     choice = PlanChoice.from_args(args)

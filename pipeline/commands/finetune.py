@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.commands.options import (
+from cqil.pipeline.commands.options import (
     NON_NEGATIVE,
     NON_NEGATIVE_NUMBER,
     OUTPUT_DIR,
@@ -20,11 +20,11 @@ from pipeline.commands.options import (
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from pipeline.data import load_split
-    from pipeline.model.fsutil import check_output_dir
-    from pipeline.plan_choice import PlanChoice, resolve_plan
-    from pipeline.recovery import FinetuneSettings, default_checkpoint_dir, finetune, summary_line
-    from pipeline.sources import load_model
+    from cqil.model.fsutil import check_output_dir
+    from cqil.pipeline.data import load_split
+    from cqil.pipeline.plan_choice import PlanChoice, resolve_plan
+    from cqil.pipeline.recovery import FinetuneSettings, default_checkpoint_dir, finetune, summary_line
+    from cqil.pipeline.sources import load_model
 
     choice = PlanChoice.from_args(args)
     choice.check()
@@ -49,7 +49,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from pipeline.adapters import DEFAULT_RANK, DEFAULT_TARGETS
+    from cqil.pipeline.adapters import DEFAULT_RANK, DEFAULT_TARGETS
 
     p = sub.add_parser("finetune", help="recover quality: LoRA self-distillation of the CQIL model towards the original")
     add_model_options(p)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.commands.options import INPUT_FILE, NON_NEGATIVE_NUMBER, OUTPUT_FILE, POSITIVE_NUMBER
+from cqil.pipeline.commands.options import INPUT_FILE, NON_NEGATIVE_NUMBER, OUTPUT_FILE, POSITIVE_NUMBER
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from engines import gate
-    from pipeline.model.errors import CqilError
-    from pipeline.model.fsutil import atomic_write_text
+    from cqil.engines import gate
+    from cqil.model.errors import CqilError
+    from cqil.model.fsutil import atomic_write_text
 
     if args.tolerance is not None and args.baseline is None:
         raise CqilError("--tolerance applies only with --baseline")

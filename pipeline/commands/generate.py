@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.commands.options import (
+from cqil.pipeline.commands.options import (
     POSITIVE,
     TEXT,
     add_model_options,
     add_plan_options,
 )
-from pipeline.commands.ranks import add_rank_options
+from cqil.pipeline.commands.ranks import add_rank_options
 
 
 def cmd_generate(args: argparse.Namespace) -> int | None:
     if args.ranks is not None:  # --ranks P: the same generation on P processes (pipeline/commands/ranks.py)
-        from pipeline.commands.ranks import launch_generate
+        from cqil.pipeline.commands.ranks import launch_generate
 
         return launch_generate(args)
-    from pipeline.model.cqil import CqilModel, greedy_generate
-    from pipeline.model.plan import identity_plan
-    from pipeline.plan_choice import PlanChoice, resolve_plan
-    from pipeline.sources import load_model
+    from cqil.model.cqil import CqilModel, greedy_generate
+    from cqil.model.plan import identity_plan
+    from cqil.pipeline.plan_choice import PlanChoice, resolve_plan
+    from cqil.pipeline.sources import load_model
 
     choice = PlanChoice.from_args(args)
     choice.check()

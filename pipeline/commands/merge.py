@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.commands.options import INPUT_FOLDER, OUTPUT_DIR, add_model_options, add_plan_options
+from cqil.pipeline.commands.options import INPUT_FOLDER, OUTPUT_DIR, add_model_options, add_plan_options
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from pipeline.merge import merge_adapter
-    from pipeline.plan_choice import PlanChoice, adapter_fallback, resolve_plan
-    from pipeline.sources import load_model
+    from cqil.pipeline.merge import merge_adapter
+    from cqil.pipeline.plan_choice import PlanChoice, adapter_fallback, resolve_plan
+    from cqil.pipeline.sources import load_model
 
     choice = PlanChoice.from_args(args)
     choice.check()

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.model.errors import CqilError
+from cqil.model.errors import CqilError
 
 
 class Check:
@@ -89,7 +89,7 @@ INPUT_PATH = Check(_existing("path"), "a file or folder", named=True)
 
 
 def _json_file(text: str, option: str) -> Path:
-    from pipeline.model.fsutil import read_json
+    from cqil.model.fsutil import read_json
 
     path = _existing("file")(text, option)
     if not isinstance(read_json(path, f"{option} file", ""), dict):
@@ -102,7 +102,7 @@ JSON_FILE = Check(_json_file, "a JSON file", named=True)
 
 def _text_source(text: str, option: str) -> str:
     """A --data/--eval-data value: readable UTF-8 text of a supported kind (pipeline/data.py)."""
-    from pipeline.data import read_text
+    from cqil.pipeline.data import read_text
 
     _path(text, option)
     try:
@@ -117,7 +117,7 @@ TEXT_SOURCE = Check(_text_source, "a text source", named=True)
 
 def _model(text: str, option: str) -> str:
     """--model: a directory with a supported config and weights, or a .gguf file (converted later)."""
-    from pipeline.sources import check_model_spec
+    from cqil.pipeline.sources import check_model_spec
 
     _path(text, option)
     if text != "default":
@@ -131,7 +131,7 @@ MODEL = Check(_model, "a model", named=True)
 def output_dir(is_ours: Callable[[Path], bool] | None = None) -> Check:
     """A folder the command writes as a whole (fsutil.check_output_dir)."""
     def convert(text: str, option: str) -> Path:
-        from pipeline.model.fsutil import check_output_dir
+        from cqil.model.fsutil import check_output_dir
 
         path = _path(text, option)
         check_output_dir(path, option, is_ours)
@@ -140,7 +140,7 @@ def output_dir(is_ours: Callable[[Path], bool] | None = None) -> Check:
 
 
 def _output_file(text: str, option: str) -> Path:
-    from pipeline.model.fsutil import check_output_file
+    from cqil.model.fsutil import check_output_file
 
     path = _path(text, option)
     check_output_file(path, option)
@@ -167,7 +167,7 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_data_options(parser: argparse.ArgumentParser, batch_size: int = 4) -> None:
-    from pipeline.data import DEFAULT_SEQ_LEN
+    from cqil.pipeline.data import DEFAULT_SEQ_LEN
 
     parser.add_argument("--data", type=TEXT_SOURCE, help=".txt, directory of .txt, or .jsonl (default: pydoc_data.topics)")
     parser.add_argument("--eval-data", type=TEXT_SOURCE, help="held-out text used whole (default: last 10%% of --data)")

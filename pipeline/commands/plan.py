@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.commands.options import (
+from cqil.model.errors import CqilError
+from cqil.pipeline.commands.options import (
     JSON_FILE,
     OUTPUT_FILE,
     POSITIVE,
@@ -17,14 +18,12 @@ from pipeline.commands.options import (
     limit_chunks,
     number,
 )
-from pipeline.model.errors import CqilError
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
+    from cqil.pipeline.plan_choice import PlanChoice, resolve_plan
+    from cqil.pipeline.sources import resolve_model_dir
     from transformers import AutoConfig
-
-    from pipeline.plan_choice import PlanChoice, resolve_plan
-    from pipeline.sources import resolve_model_dir
 
     if not args.auto and (args.target_depth is not None or args.max_kl is not None):
         raise CqilError("--target-depth and --max-kl choose an automatic plan: add --auto")
@@ -38,13 +37,13 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def _auto_plan(args: argparse.Namespace, choice) -> None:
-    from pipeline.autoplan import SearchRequest, parse_bypass_choices, search
-    from pipeline.data import load_split
-    from pipeline.model.cqil import CqilModel
-    from pipeline.model.fsutil import atomic_write_text, check_output_file
-    from pipeline.model.plan import identity_plan, model_record
-    from pipeline.plan_choice import resolve_plan
-    from pipeline.sources import load_model
+    from cqil.model.cqil import CqilModel
+    from cqil.model.fsutil import atomic_write_text, check_output_file
+    from cqil.model.plan import identity_plan, model_record
+    from cqil.pipeline.autoplan import SearchRequest, parse_bypass_choices, search
+    from cqil.pipeline.data import load_split
+    from cqil.pipeline.plan_choice import resolve_plan
+    from cqil.pipeline.sources import load_model
 
     table = args.out.with_suffix(".search.json")
     check_output_file(table, "--out")
@@ -77,7 +76,7 @@ def _auto_plan(args: argparse.Namespace, choice) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from pipeline.build_config import DEFAULTS  # the fast search's measured defaults, shared with `cqil build`
+    from cqil.pipeline.build_config import DEFAULTS  # the fast search's measured defaults, shared with `cqil build`
 
     fast = DEFAULTS["plan"]
     p = sub.add_parser("plan", help="write plan.json from explicit groups, a uniform S:E:P spec, an official "

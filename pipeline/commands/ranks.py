@@ -1,6 +1,6 @@
 """`--ranks P` for `cqil generate` and `cqil bench`: start P processes with torch's launcher.
 
-The processes run `python -m pipeline.rank_worker generate|bench ...` (the same entry torchrun users
+The processes run `python -m cqil.pipeline.rank_worker generate|bench ...` (the same entry torchrun users
 call), started by torch.distributed's elastic launch API on this host. The model is resolved and
 the plan checked against P here first, so a bad input ends with one line before any process starts.
 The prompt encoding and the printed text are shared with the one-process generate, so both print
@@ -14,14 +14,14 @@ import sys
 import uuid
 from pathlib import Path
 
-from pipeline.model.errors import ExitCode
+from cqil.model.errors import ExitCode
 
-WORKER_MODULE = "pipeline.rank_worker"
+WORKER_MODULE = "cqil.pipeline.rank_worker"
 
 
 def add_rank_options(parser: argparse.ArgumentParser, plan_options: bool = False) -> None:
     """--ranks/--backend/--timeout; `plan_options` adds --uniform/--groups/--bypass where a command lacks them."""
-    from pipeline.commands.options import NON_NEGATIVE, POSITIVE, POSITIVE_NUMBER, TEXT
+    from cqil.pipeline.commands.options import NON_NEGATIVE, POSITIVE, POSITIVE_NUMBER, TEXT
 
     group = parser.add_argument_group("several processes (torch.distributed)")
     group.add_argument("--ranks", type=POSITIVE, default=None, metavar="P",
@@ -39,12 +39,11 @@ def add_rank_options(parser: argparse.ArgumentParser, plan_options: bool = False
 
 def checked_model_and_plan(args: argparse.Namespace):
     """Resolve --model once (a default-model fetch must not run P times) and check the plan fits P ranks."""
+    from cqil.engines.distributed.launch import check_backend
+    from cqil.engines.distributed.per_rank import check_world_fits
+    from cqil.pipeline.plan_choice import PlanChoice, resolve_plan
+    from cqil.pipeline.sources import check_model_dir, resolve_model_dir
     from transformers import AutoConfig
-
-    from engines.distributed.launch import check_backend
-    from engines.distributed.per_rank import check_world_fits
-    from pipeline.plan_choice import PlanChoice, resolve_plan
-    from pipeline.sources import check_model_dir, resolve_model_dir
 
     choice = PlanChoice.from_args(args)
     choice.check()
@@ -101,7 +100,7 @@ def launch_bench(args: argparse.Namespace) -> int:
 
 
 def launch(ranks: int, worker_argv: list[str]) -> int:
-    """Run `python -m pipeline.rank_worker ARGV` on `ranks` local processes; the worst exit status."""
+    """Run `python -m cqil.pipeline.rank_worker ARGV` on `ranks` local processes; the worst exit status."""
     import logging
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

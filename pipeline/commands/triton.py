@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.commands.options import INPUT_PATH, TEXT, input_file, output_dir
+from cqil.pipeline.commands.options import INPUT_PATH, TEXT, input_file, output_dir
 
 
 def cmd_triton(args: argparse.Namespace) -> None:
-    from engines import triton
+    from cqil.engines import triton
 
     repo = triton.write_model_repository(args.onnx, args.out, model_name=args.name, engine_plan=args.engine)
     io = repo.io

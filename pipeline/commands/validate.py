@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.commands.onnx_source import load_source, onnx_and_plan, write_json
-from pipeline.commands.options import (
+from cqil.pipeline.commands.onnx_source import load_source, onnx_and_plan, write_json
+from cqil.pipeline.commands.options import (
+    INPUT_PATH,
     JSON_FILE,
     NON_NEGATIVE,
     OUTPUT_FILE,
     POSITIVE,
     TEXT_SOURCE,
-    INPUT_PATH,
     add_model_options,
     at_least,
     input_file,
@@ -20,9 +20,9 @@ from pipeline.commands.options import (
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from engines.validate import summary_lines, validate_onnx
-    from pipeline.data import load_split
-    from pipeline.model.cqil import CqilModel
+    from cqil.engines.validate import summary_lines, validate_onnx
+    from cqil.model.cqil import CqilModel
+    from cqil.pipeline.data import load_split
 
     onnx_path, spec, plan = onnx_and_plan(args)
     loaded = load_source(args, spec, onnx_path, plan)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.commands.options import INPUT_FOLDER
+from cqil.pipeline.commands.options import INPUT_FOLDER
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from pipeline.model.errors import CqilError
-    from pipeline.stages import verify_build
+    from cqil.model.errors import CqilError
+    from cqil.pipeline.stages import verify_build
 
     if not (args.dir / "manifest.json").is_file():
         raise CqilError(f"'{args.dir}' is not a cqil build (no manifest.json): pass the --out of `cqil build`")

@@ -1,0 +1,252 @@
+"""CQIL plans: an ordered partition of the decoder layers into groups, plus the bypass distance.
+
+A plan is made from explicit groups (`15-16,17-18`), a uniform S:E:P spec as in the paper, or the
+official CQIL config form (`cqil_layers` + `d`). Layers that no group names run alone. The plan
+records the model it was made for and refuses a model it does not fit.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cqil.model.errors import CqilError
+
+PLAN_FORMAT = "cqil-plan/1"
+CONFIG_KEY = "cqil_plan"  # where a merged checkpoint's config.json carries its plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    groups: tuple[tuple[int, ...], ...]
+    bypass: int = 0
+    model: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        validate_groups(self.groups, len(self.layers))
+        largest = max(len(g) for g in self.groups)
+        if not 0 <= self.bypass <= max(largest - 1, 0):
+            raise CqilError(
+                f"bypass distance {self.bypass} does not fit this plan: with groups of at most "
+                f"{largest} layers use --bypass 0..{max(largest - 1, 0)}"
+            )
+
+    @property
+    def layers(self) -> list[int]:
+        return [layer for group in self.groups for layer in group]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def depth(self) -> int:
+        """Layers on the critical path: one per group."""
+        return len(self.groups)
+
+    @property
+    def max_group_size(self) -> int:
+        return max(len(g) for g in self.groups)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.max_group_size == 1
+
+    def describe(self) -> str:
+        parallel = [g for g in self.groups if len(g) > 1]
+        spans = ",".join(f"{g[0]}-{g[-1]}" for g in parallel) or "none"
+        return f"depth {self.depth}/{self.num_layers}, bypass d={self.bypass}, parallel groups {spans}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "groups": [list(g) for g in self.groups],
+            "bypass": self.bypass,
+            "num_layers": self.num_layers,
+            "depth": self.depth,
+            "model": dict(self.model),
+        }
+
+    def save(self, path: Path) -> None:
+        from cqil.model.fsutil import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def check_fits(self, config: Any) -> None:
+        """Refuse a model whose layer count or family differs from the one the plan was made for."""
+        layers = config.num_hidden_layers
+        if layers != self.num_layers:
+            raise CqilError(
+                f"the plan covers {self.num_layers} layers but the model has {layers}: "
+                "make a plan for this model with `cqil plan --model ...`"
+            )
+        made_for = self.model.get("model_type")
+        if made_for and made_for != config.model_type:
+            raise CqilError(
+                f"the plan was made for a '{made_for}' model, not '{config.model_type}': "
+                "make a plan for this model with `cqil plan --model ...`"
+            )
+        hidden = self.model.get("hidden_size")
+        if hidden and hidden != config.hidden_size:
+            raise CqilError(
+                f"the plan was made for a model of hidden size {hidden}, this one has "
+                f"{config.hidden_size}: make a plan for this model with `cqil plan --model ...`"
+            )
+
+
+def validate_groups(groups: Any, num_layers: int) -> None:
+    """Groups must be non-empty runs of consecutive layers covering 0..L-1 once, in order."""
+    if not groups:
+        raise CqilError("a plan needs at least one group")
+    expected = 0
+    for group in groups:
+        if not group:
+            raise CqilError("a plan group is empty")
+        for layer in group:
+            if not isinstance(layer, int) or isinstance(layer, bool):
+                raise CqilError(f"layer index {layer!r} is not an integer")
+            if layer != expected:
+                raise CqilError(
+                    f"plan groups must be consecutive layers covering 0..{num_layers - 1} exactly "
+                    f"once, in order: expected layer {expected}, found {layer} in group {list(group)}"
+                )
+            expected += 1
+
+
+def model_record(config: Any) -> dict[str, Any]:
+    """What a plan remembers of its model, to refuse another one later."""
+    return {
+        "model_type": config.model_type,
+        "architecture": (getattr(config, "architectures", None) or ["?"])[0],
+        "num_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "name": getattr(config, "name_or_path", "") or "",
+    }
+
+
+def from_parallel_groups(parallel: list[list[int]], num_layers: int, bypass: int = 0,
+                         model: dict | None = None) -> Plan:
+    """Complete a list of parallel groups with single layers everywhere else."""
+    claimed: dict[int, list[int]] = {}
+    for group in parallel:
+        group = list(group)
+        if not group:
+            raise CqilError("a plan group is empty")
+        if group != list(range(group[0], group[0] + len(group))):
+            raise CqilError(f"group {group} is not a run of consecutive layers (e.g. 15-16)")
+        for layer in group:
+            if not 0 <= layer < num_layers:
+                raise CqilError(
+                    f"group {group} names layer {layer}, outside 0..{num_layers - 1} of this model"
+                )
+            if layer in claimed:
+                raise CqilError(f"layer {layer} is in two groups: {claimed[layer]} and {group}")
+            claimed[layer] = group
+    starts = {group[0]: tuple(group) for group in map(list, parallel)}
+    groups: list[tuple[int, ...]] = []
+    layer = 0
+    while layer < num_layers:
+        group = starts.get(layer, (layer,))
+        groups.append(group)
+        layer += len(group)
+    return Plan(tuple(groups), bypass, model or {})
+
+
+def parse_groups_spec(spec: str, num_layers: int, bypass: int = 0, model: dict | None = None) -> Plan:
+    """`--groups 15-16,17-18` (single numbers allowed) -> plan; other layers stay single."""
+    parallel = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+            else:
+                lo = hi = int(part)
+        except ValueError:
+            raise CqilError(f"--groups part '{part}' is not 'A-B' or 'A' with integer layers") from None
+        if hi < lo:
+            raise CqilError(f"--groups part '{part}' runs backwards: write it as {hi}-{lo}")
+        parallel.append(list(range(lo, hi + 1)))
+    if not parallel:
+        raise CqilError("--groups is empty: write e.g. --groups 15-16,17-18")
+    return from_parallel_groups(parallel, num_layers, bypass, model)
+
+
+def uniform_plan(start: int, end: int, size: int, num_layers: int, bypass: int = 0,
+                 model: dict | None = None) -> Plan:
+    """The paper's plans: groups of `size` consecutive layers inside [start, end), last may be smaller."""
+    if not 0 <= start < end <= num_layers:
+        raise CqilError(
+            f"uniform plan {start}:{end}:{size} needs 0 <= S < E <= {num_layers} (this model's layers)"
+        )
+    if size < 1:
+        raise CqilError(f"uniform plan group size {size} must be at least 1")
+    if size > end - start:
+        raise CqilError(f"uniform plan group size {size} is larger than the span {start}..{end - 1}")
+    parallel = [list(range(s, min(s + size, end))) for s in range(start, end, size)]
+    return from_parallel_groups(parallel, num_layers, bypass, model)
+
+
+def parse_uniform_spec(spec: str, num_layers: int, bypass: int = 0, model: dict | None = None) -> Plan:
+    """`--uniform S:E:P`."""
+    try:
+        start, end, size = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise CqilError(f"--uniform '{spec}' is not S:E:P with integers, e.g. 15:30:2") from None
+    return uniform_plan(start, end, size, num_layers, bypass, model)
+
+
+def identity_plan(num_layers: int, model: dict | None = None) -> Plan:
+    """Every layer alone: the original model."""
+    return Plan(tuple((i,) for i in range(num_layers)), 0, model or {})
+
+
+def plan_from_dict(data: dict[str, Any], num_layers: int | None = None) -> Plan:
+    """Our plan.json, or the official CQIL form (`cqil_layers` + `d`)."""
+    model = data.get("model") or {}
+    if "groups" in data:
+        groups = data["groups"]
+        if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
+            raise CqilError("plan 'groups' must be a list of lists of layer indices")
+        owner: dict[Any, list] = {}
+        for group in groups:
+            for layer in group:
+                if isinstance(layer, int) and layer in owner:
+                    raise CqilError(f"layer {layer} is in two groups of the plan, {owner[layer]} and {group}: "
+                                    "groups must not overlap")
+                owner[layer] = group
+        count = sum(len(g) for g in groups)
+        if num_layers is not None and count != num_layers:
+            raise CqilError(
+                f"the plan covers {count} layers but the model has {num_layers}: "
+                "make a plan for this model with `cqil plan --model ...`"
+            )
+        return Plan(tuple(tuple(g) for g in groups), _bypass(data.get("bypass", 0)), model)
+    if "cqil_layers" in data:
+        layers = num_layers or data.get("num_hidden_layers") or model.get("num_layers")
+        if not layers:
+            raise CqilError("an official CQIL config ('cqil_layers') needs the model's layer count: pass --model")
+        return from_parallel_groups(data["cqil_layers"], int(layers), _bypass(data.get("d", 0)), model)
+    raise CqilError("not a plan: expected 'groups' (cqil plan.json) or 'cqil_layers' (official CQIL config)")
+
+
+def _bypass(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise CqilError(f"bypass distance {value!r} must be a non-negative integer")
+    return value
+
+
+def load_plan(path: Path, num_layers: int | None = None) -> Plan:
+    from cqil.model.fsutil import read_json
+
+    data = read_json(path, "plan file", "make one with `cqil plan`")
+    if not isinstance(data, dict):
+        raise CqilError(f"plan file '{path}' must hold a JSON object")
+    return plan_from_dict(data, num_layers)
+
+
+def plan_from_config(config: Any) -> Plan | None:
+    """The plan a merged CQIL checkpoint carries in its config, if any."""
+    data = getattr(config, CONFIG_KEY, None)
+    return plan_from_dict(data, config.num_hidden_layers) if data else None

@@ -1,0 +1,332 @@
+"""ONNX export (DESIGN.md section 4) on tiny random models of each family, run with ONNX Runtime (CPU).
+
+The reference is always the PyTorch CqilModel of the same checkpoint and plan, computed independently
+of the exported graph. Exports take ~10 s each, so each configuration is exported once per module.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from cqil.export import contract
+from cqil.export.check import check_branch_structure
+from cqil.model.cqil import CqilModel, greedy_generate
+from cqil.model.plan import Plan
+from cqil.pipeline.cli import main
+
+from tests.helpers import tiny_model
+from tests.ort_runner import greedy, run, session
+
+TOL = 1e-4
+# family -> (layers, plan options, plan); mistral gets a short sliding window that decoding crosses.
+CASES = {
+    "llama": (4, ["--groups", "1-3", "--bypass", "2"], Plan(((0,), (1, 2, 3)), 2)),
+    "mistral": (3, ["--groups", "1-2", "--bypass", "1"], Plan(((0,), (1, 2)), 1)),
+    "qwen2": (3, ["--uniform", "0:3:2"], Plan(((0, 1), (2,)), 0)),
+}
+OVERRIDES = {"mistral": {"sliding_window": 5}}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    """Factory: a saved tiny checkpoint per family, with non-trivial norm scales and varied outputs."""
+    made: dict[str, Path] = {}
+
+    def make(family: str) -> Path:
+        if family not in made:
+            model = tiny_model(family, CASES[family][0], **OVERRIDES.get(family, {}))
+            generator = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if "norm" in name:
+                        param.copy_(0.8 + 0.4 * torch.rand(param.shape, generator=generator))
+                    else:
+                        param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+            path = tmp_path_factory.mktemp(f"export-{family}")
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            made[family] = path
+        return made[family]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, model_dir):
+    """Factory: `cqil export` of a family's checkpoint with extra options, once per module."""
+    made: dict[tuple, Path] = {}
+
+    def make(family: str, *options: str, name: str = "") -> Path:
+        key = (family, options, name)
+        if key not in made:
+            out = tmp_path_factory.mktemp("onnx") / "onnx"
+            argv = ["export", "--model", str(model_dir(family)), *CASES[family][1], "--out", str(out), *options]
+            assert main(argv) == 0
+            made[key] = out
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """Factory: the PyTorch CqilModel of a family's checkpoint, under its plan."""
+    from transformers import AutoModelForCausalLM
+
+    def make(family: str, dtype=torch.float32) -> CqilModel:
+        hf = AutoModelForCausalLM.from_pretrained(model_dir(family), dtype=dtype).eval()
+        return CqilModel(hf, CASES[family][2])
+
+    return make
+
+
+def batch(seq: int = 6, pad: tuple[int, ...] = (0, 0), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts; row r left-padded with pad[r] pad tokens (id 2)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 300, (len(pad), seq), generator=generator)
+    mask = torch.ones(len(pad), seq, dtype=torch.long)
+    for row, count in enumerate(pad):
+        ids[row, :count] = 2
+        mask[row, :count] = 0
+    return ids, mask
+
+
+def max_diff(ort_out, torch_out) -> float:
+    return float(np.abs(np.asarray(ort_out, np.float32) - torch_out.float().numpy()).max())
+
+
+def assert_close(ort_logits, ort_presents, torch_logits, torch_presents, tol=TOL):
+    assert max_diff(ort_logits, torch_logits) <= tol
+    assert len(ort_presents) == len(torch_presents)
+    assert max(max_diff(o, t) for o, t in zip(ort_presents, torch_presents)) <= tol
+
+
+# -- parity with PyTorch -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", CASES)
+def test_contract_names_and_dynamic_dims(family, exported, reference):
+    sess = session(exported(family) / "model.onnx")
+    model = reference(family)
+    layers = model.num_layers
+    assert [i.name for i in sess.get_inputs()] == contract.input_names(layers)
+    assert [o.name for o in sess.get_outputs()] == contract.output_names(layers)
+    shapes = {i.name: i.shape for i in [*sess.get_inputs(), *sess.get_outputs()]}
+    kv, dim = model.num_kv_heads, model.head_dim
+    assert shapes["input_ids"] == ["batch", "seq"]
+    assert shapes["attention_mask"] == ["batch", "total"]
+    assert shapes["position_ids"] == ["batch", "seq"]
+    assert shapes["past_key_values.0.key"] == ["batch", kv, "past", dim]
+    assert shapes["logits"] == ["batch", "seq", model.hf.config.vocab_size]
+    assert shapes[f"present.{layers - 1}.value"] == ["batch", kv, "total", dim]
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_prefill_matches_pytorch(family, exported, reference):
+    ids, mask = batch(seq=7, pad=(0, 0, 0))
+    logits, presents = run(session(exported(family) / "model.onnx"), ids, mask)
+    with torch.no_grad():
+        expected, expected_presents = reference(family)(ids, mask)
+    assert_close(logits, presents, expected, expected_presents)
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_decode_with_past_matches_pytorch(family, exported, reference):
+    model = reference(family)
+    ids, mask = batch(seq=5)
+    with torch.no_grad():
+        _, past = model(ids, mask)
+        step = torch.tensor([[17], [230]])
+        mask = torch.cat((mask, torch.ones(2, 1, dtype=torch.long)), 1)
+        expected, expected_presents = model(step, mask, past_key_values=past)
+    logits, presents = run(session(exported(family) / "model.onnx"), step, mask, [p.numpy() for p in past])
+    assert logits.shape == (2, 1, model.hf.config.vocab_size)
+    assert_close(logits, presents, expected, expected_presents)
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_left_padded_batch(family, exported, reference):
+    """ORT equals PyTorch on a left-padded batch, and each padded row equals that prompt run alone."""
+    sess = session(exported(family) / "model.onnx")
+    ids, mask = batch(seq=8, pad=(3, 0, 1))
+    logits, presents = run(sess, ids, mask)
+    with torch.no_grad():
+        expected, expected_presents = reference(family)(ids, mask)
+    assert_close(logits, presents, expected, expected_presents)
+    for row, pad in enumerate((3, 0, 1)):
+        alone, _ = run(sess, ids[row:row + 1, pad:], mask[row:row + 1, pad:])
+        assert np.abs(logits[row, pad:] - alone[0]).max() <= TOL
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_prefill_then_decode_steps_with_ort_presents(family, exported, reference):
+    """A chained prefill and 5 decode steps, ORT fed with its own presents, PyTorch with its own."""
+    sess = session(exported(family) / "model.onnx")
+    model = reference(family)
+    ids, mask = batch(seq=6, pad=(2, 0))
+    logits, past = run(sess, ids, mask)
+    with torch.no_grad():
+        expected, expected_past = model(ids, mask)
+        for step in range(5):
+            token = torch.tensor([[40 + step], [90 + 7 * step]])
+            mask = torch.cat((mask, torch.ones(2, 1, dtype=torch.long)), 1)
+            logits, past = run(sess, token, mask, past)
+            expected, expected_past = model(token, mask, past_key_values=expected_past)
+            assert_close(logits, past, expected, expected_past)
+    assert past[0].shape[2] == 11  # the window of mistral (5) is crossed
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_greedy_generation_same_tokens(family, exported, reference):
+    ids, mask = batch(seq=6, pad=(2, 0), seed=3)
+    tokens = greedy(session(exported(family) / "model.onnx"), ids, mask, 12)
+    expected = greedy_generate(reference(family), ids, mask, 12)
+    assert tokens.tolist() == expected.tolist()
+    assert len(set(tokens.flatten().tolist())) > 4  # a real sequence, not one repeated token
+
+
+# -- names, metadata, folder -------------------------------------------------------------------------
+
+def test_node_names_and_metadata_identify_group_branch_layer_role(exported):
+    model = onnx.load(exported("llama") / "model.onnx")
+    names = {node.name for node in model.graph.node}
+    for layer in (1, 2, 3):
+        for part in ("attn_norm/Pow", "attn/q_proj/MatMul", "attn/Softmax", "residual/Add",
+                     "ffn_norm/Pow", "ffn/gate_proj/MatMul", "ffn/down_proj/MatMul"):
+            assert f"/g1/l{layer}/{part}" in names
+    assert "/g1/l2/bypass/Add" in names and "/g1/l3/bypass/Add" in names
+    assert not any(name.startswith("/g1/l1/bypass") for name in names)  # the first layer has no bypass
+    assert "/g1/combine/Add" in names and "/g0/l0/attn/o_proj/MatMul" in names
+    q_proj = next(node for node in model.graph.node if node.name == "/g1/l3/attn/q_proj/MatMul")
+    meta = {p.key: p.value for p in q_proj.metadata_props}
+    assert (meta["cqil.group"], meta["cqil.branch"], meta["cqil.layer"], meta["cqil.role"]) == ("1", "2", "3", "attn")
+    assert not any("stack_trace" in p.key for node in model.graph.node for p in node.metadata_props)
+
+
+def test_folder_is_self_describing(exported, model_dir, tokenizer):
+    from cqil.model.version import __version__
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = exported("llama")
+    meta = {p.key: p.value for p in onnx.load(folder / "model.onnx").metadata_props}
+    plan = json.loads(meta[contract.PLAN_KEY])
+    assert plan["groups"] == [[0], [1, 2, 3]] and plan["bypass"] == 2
+    assert meta[contract.LAYOUT_KEY] == "branches" and meta[contract.DTYPE_KEY] == "fp32"
+    assert json.loads(meta[contract.SOURCE_KEY])["path"] == str(model_dir("llama"))
+    assert meta[contract.VERSION_KEY] == f"cqil-pipeline {__version__}"
+    assert json.loads(meta[contract.KV_SHAPE_KEY]) == {"layers": 4, "kv_heads": 2, "head_dim": 16}
+    config = AutoConfig.from_pretrained(folder)
+    assert config.cqil_plan["groups"] == [[0], [1, 2, 3]]
+    assert (folder / "generation_config.json").is_file()
+    text = "def f(x): return x"
+    assert AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["onnx"]  # no temporary leftovers
+
+
+# -- branch structure --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", CASES)
+def test_branch_check_passes_on_branch_layout(family, exported):
+    report = check_branch_structure(exported(family) / "model.onnx")
+    assert report.ok, report.problems
+    assert report.branches == CASES[family][0]
+
+
+def test_branch_check_fails_once_branches_are_merged(exported, reference):
+    """Common-subexpression elimination merges the RMSNorm statistics of a group's branches."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import CommonSubexpressionEliminationPass
+
+    model = ir.load(exported("llama") / "model.onnx")
+    CommonSubexpressionEliminationPass()(model)
+    merged = ir.serde.serialize_model(model)
+    report = check_branch_structure(merged)
+    assert not report.ok
+    assert any("branches merged" in problem and "attn_norm" in problem for problem in report.problems)
+    # The math is unchanged: the merged graph still computes the CQIL model, only not as branches.
+    ids, mask = batch()
+    logits, _ = run(session(merged.SerializeToString()), ids, mask)
+    with torch.no_grad():
+        assert max_diff(logits, reference("llama")(ids, mask)[0]) <= TOL
+
+
+def test_branch_check_rejects_fused_layout(exported):
+    report = check_branch_structure(exported("llama", "--layout", "fused") / "model.onnx")
+    assert not report.ok and "fused" in report.problems[0]
+
+
+# -- fused layout, fp16, bytes ------------------------------------------------------------------------
+
+def test_fused_layout_equals_branch_layout(exported):
+    branches = exported("llama")
+    fused = exported("llama", "--layout", "fused")
+    ids, mask = batch(seq=7, pad=(2, 0))
+    wide, narrow = session(fused / "model.onnx"), session(branches / "model.onnx")
+    logits_f, past_f = run(wide, ids, mask)
+    logits_b, past_b = run(narrow, ids, mask)
+    assert_close(logits_f, past_f, torch.from_numpy(logits_b), [torch.from_numpy(p) for p in past_b])
+    mask = torch.cat((mask, torch.ones(2, 1, dtype=torch.long)), 1)
+    step = torch.tensor([[5], [6]])
+    logits_f, past_f = run(wide, step, mask, past_f)
+    logits_b, past_b = run(narrow, step, mask, past_b)
+    assert_close(logits_f, past_f, torch.from_numpy(logits_b), [torch.from_numpy(p) for p in past_b])
+
+    def group_matmuls(folder):
+        graph = onnx.load(folder / "model.onnx").graph
+        return sum(node.op_type == "MatMul" and node.name.startswith("/g1/") for node in graph.node)
+
+    # branches: 3 layers x (q, k, v, o, gate, up, down and the 2 attention products);
+    # fused (packed pieces): one each of q/k/v and the 2 attention products for the 3 layers, then per layer
+    # o, gate, up and down (the FFN runs per layer on ONNX Runtime CPU: docs/export.md says why).
+    assert group_matmuls(branches) == 27
+    assert group_matmuls(fused) == 15
+
+
+def test_fp16_export_runs_with_external_data(exported, reference):
+    folder = exported("llama", "--dtype", "fp16", "--external-data")
+    # the graph file holds no weights, the data file all of them
+    assert (folder / "model.onnx").stat().st_size < (folder / "model.onnx.data").stat().st_size
+    sess = session(folder / "model.onnx")
+    assert sess.get_inputs()[3].type == "tensor(float16)"
+    ids, mask = batch(seq=7, pad=(2, 0))
+    logits, presents = run(sess, ids, mask)
+    assert logits.dtype == np.float16 and presents[0].dtype == np.float16
+    with torch.no_grad():
+        expected = reference("llama", torch.float16)(ids, mask)[0].float().numpy()
+    real = mask.bool().numpy()
+    logits = logits.astype(np.float32)
+    assert np.abs(logits - expected)[real].max() <= 1e-2 * np.abs(expected).max()
+    assert (logits.argmax(-1) == expected.argmax(-1))[real].all()
+    assert check_branch_structure(folder / "model.onnx").ok
+
+
+def test_same_inputs_same_bytes(exported):
+    first = exported("llama")
+    second = exported("llama", name="again")
+    files = sorted(p.name for p in first.iterdir())
+    assert files == sorted(p.name for p in second.iterdir())
+    for name in files:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_original_model_export_equals_transformers(tiny_model_dir, tmp_path):
+    """`--original` (the reference for cqil bench) computes what HF's own forward computes."""
+    from transformers import AutoModelForCausalLM
+
+    source = tiny_model_dir("qwen2", 2)
+    out = tmp_path / "onnx"
+    assert main(["export", "--model", str(source), "--original", "--out", str(out)]) == 0
+    ids, mask = batch(seq=7, pad=(2, 0))
+    logits, _ = run(session(out / "model.onnx"), ids, mask)
+    hf = AutoModelForCausalLM.from_pretrained(source).eval()
+    with torch.no_grad():
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        expected = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    real = mask.bool().numpy()
+    assert np.abs(logits - expected.numpy())[real].max() <= TOL
+    report = check_branch_structure(out / "model.onnx")
+    assert report.ok and report.groups == report.branches == 2

@@ -1,0 +1,67 @@
+"""`cqil export` refuses bad inputs with one clear line, before any slow work, and writes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cqil.export.writer import export_model
+from cqil.model.cqil import CqilModel
+from cqil.model.errors import CqilError
+from cqil.model.plan import identity_plan
+from cqil.pipeline.cli import main
+
+from tests.helpers import tiny_model
+
+
+def export_error(capsys, *argv: str) -> str:
+    capsys.readouterr()  # drop what making the checkpoint printed
+    assert main(["export", *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cqil export: error: ")
+    return lines[0]
+
+
+def test_model_without_plan_needs_one(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "onnx"
+    message = export_error(capsys, "--model", str(tiny_model_dir("llama", 2)), "--out", str(out))
+    assert "no plan" in message and "--original" in message and "--uniform" in message
+    assert not out.exists()
+
+
+def test_original_excludes_a_plan(tiny_model_dir, tmp_path, capsys):
+    message = export_error(capsys, "--model", str(tiny_model_dir("llama", 2)), "--original",
+                           "--groups", "0-1", "--out", str(tmp_path / "onnx"))
+    assert "--original" in message and "--groups" in message
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8", "float32"])
+def test_unsupported_dtype(dtype, tiny_model_dir, tmp_path, capsys):
+    message = export_error(capsys, "--model", str(tiny_model_dir("llama", 2)), "--original",
+                           "--dtype", dtype, "--out", str(tmp_path / "onnx"))
+    assert f"unsupported dtype '{dtype}'" in message and "fp32 or fp16" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_layout(tiny_model_dir, tmp_path, capsys):
+    message = export_error(capsys, "--model", str(tiny_model_dir("llama", 2)), "--original",
+                           "--layout", "wide", "--out", str(tmp_path / "onnx"))
+    assert "unknown layout 'wide'" in message and "branches or fused" in message
+
+
+def test_unwritable_output(tiny_model_dir, tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a directory")
+    message = export_error(capsys, "--model", str(tiny_model_dir("llama", 2)), "--original",
+                           "--out", str(blocker / "onnx"))
+    assert "cannot write to" in message and "choose another --out" in message
+    message = export_error(capsys, "--model", str(tiny_model_dir("llama", 2)), "--original", "--out", str(blocker))
+    assert "is a file" in message
+    assert blocker.read_text() == "not a directory"
+
+
+def test_api_refuses_bad_dtype_before_exporting(tmp_path):
+    model = CqilModel(tiny_model("llama", 2), identity_plan(2))
+    with pytest.raises(CqilError, match="unsupported dtype 'float64'"):
+        export_model(model, tmp_path / "onnx", dtype="float64")
+    assert not (tmp_path / "onnx").exists()
+    assert model.hf.model.embed_tokens.weight.dtype == torch.float32
