@@ -284,7 +284,7 @@ def run_validate(ctx: StageContext, config: dict) -> dict:
 
 def run_bench(ctx: StageContext, config: dict) -> dict:
     from cqil.engines.bench import BenchSettings, run_bench
-    from cqil.engines.bench_chart import plot_bench
+    from cqil.engines.bench_report import plot_bench
     from cqil.export.contract import find_onnx, read_contract
     from cqil.pipeline.reference import cached_reference
     from cqil.pipeline.stages import read_record

@@ -101,7 +101,8 @@ def full_model(model_dir: Path):
 
 def reference(model_dir: Path, groups, bypass, data):
     """The one-process CqilModel on the same inputs: prefill, three cached decode steps, greedy tokens."""
-    from cqil.model.cqil import CqilModel, greedy_generate
+    from cqil.model.cqil import CqilModel
+    from cqil.model.steps import greedy_generate
     from cqil.model.plan import from_parallel_groups
 
     hf = full_model(model_dir)

@@ -10,7 +10,8 @@ import onnx
 import pytest
 import torch
 from cqil.engines.onnxruntime import OrtRunner, create_session
-from cqil.model.cqil import CqilModel, greedy_generate
+from cqil.model.cqil import CqilModel
+from cqil.model.steps import greedy_generate
 from cqil.model.errors import CqilError
 from cqil.model.plan import Plan
 

@@ -173,7 +173,7 @@ def test_bench_json_gate_chart_and_cached_reference(tiny_cqil_onnx, bench_cache,
 
 
 def test_run_bench_function_and_chart_bytes(tiny_cqil_onnx, bench_cache, tmp_path):
-    from cqil.engines.bench_chart import plot_bench
+    from cqil.engines.bench_report import plot_bench
 
     reference = next((bench_cache / "reference").iterdir(), None)
     if reference is None:  # run alone: make the cached reference first

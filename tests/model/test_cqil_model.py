@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cqil.model.cqil import CqilModel, greedy_generate
+from cqil.model.cqil import CqilModel
+from cqil.model.steps import greedy_generate
 from cqil.model.plan import Plan, from_parallel_groups, identity_plan
 
 from tests.helpers import FAMILIES, tiny_model
