@@ -34,6 +34,7 @@ from cqil.export.contract import (
     output_names,
     read_contract,
 )
+from cqil.export.standalone import inline_contract
 from cqil.model.errors import CqilError
 from cqil.model.fsutil import atomic_dir, link_or_copy
 
@@ -239,7 +240,7 @@ def write_model_repository(onnx: Path, repo_dir: Path, model_name: str = "cqil",
             for side in TEXT_SIDE_FILES:
                 if (io.onnx.parent / side).is_file():
                     shutil.copyfile(io.onnx.parent / side, text_version / side)
-            shutil.copyfile(TEXT_MODEL_SOURCE, text_version / "model.py")
+            (text_version / "model.py").write_text(inline_contract(TEXT_MODEL_SOURCE.read_text()))  # runs without cqil
             models[names["text"]] = "Python backend, text in / text out (generate extension)"
 
         if engine_plan is not None:

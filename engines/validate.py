@@ -25,7 +25,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from cqil.engines.onnxruntime import OrtRunner
+from cqil.engines.tensorrt.build import import_tensorrt
+from cqil.engines.tensorrt.runner import TensorRTRunner
 from cqil.engines.tolerances import Thresholds, default_thresholds
+from cqil.export.check import check_branch_structure
 from cqil.export.contract import (
     LAYOUT_KEY,
     ContractSpec,
@@ -160,8 +164,6 @@ def _check_reference(spec: ContractSpec, reference: CqilModel, onnx_path: Path) 
 
 
 def _structure(spec: ContractSpec, onnx_path: Path) -> dict[str, Any]:
-    from cqil.export.check import check_branch_structure
-
     layout = spec.metadata.get(LAYOUT_KEY)
     if layout != "branches":
         return {"checked": False, "layout": layout, "passed": True,
@@ -181,9 +183,6 @@ def validate_onnx(onnx_dir: Path, reference: CqilModel, chunks: torch.Tensor, de
     chunks a padded batch; by default every token is real. Every position is compared, padding too:
     both sides compute the same masked rows. Returns the JSON-able result; `result["passed"]` is the verdict.
     """
-    from cqil.engines.onnxruntime import OrtRunner
-    from cqil.engines.tensorrt import TensorRTRunner, import_tensorrt
-
     onnx_path = find_onnx(Path(onnx_dir))
     spec = read_contract(onnx_path)
     _check_reference(spec, reference, onnx_path)
