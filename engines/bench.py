@@ -32,7 +32,6 @@ from cqil.model.errors import CqilError
 from cqil.model.plan import Plan, identity_plan
 from cqil.model.steps import timing_calls
 
-
 SCHEDULES = ("sequential", "streams", "packed")
 
 

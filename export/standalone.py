@@ -16,7 +16,7 @@ from types import CodeType
 from cqil.export import contract
 from cqil.model.errors import CqilError
 
-IMPORT = re.compile(r"^from cqil\.export\.contract import ([\w, ]+)$", re.M)
+IMPORT = re.compile(r"^from cqil\.export\.contract import ([\w, ]+)$", re.MULTILINE)
 
 
 def contract_source(names: Sequence[str]) -> str:

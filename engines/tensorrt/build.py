@@ -13,6 +13,7 @@ from cqil.engines.tensorrt.settings import EngineSettings
 from cqil.model.errors import CqilError
 from cqil.model.fsutil import atomic_write_text
 
+
 def import_tensorrt():
     """The `tensorrt` module, or None where it is not installed."""
     try:

@@ -13,6 +13,7 @@ from cqil.engines.tensorrt.settings import DECODE, PREFILL
 from cqil.export.contract import ContractSpec, past_pair
 from cqil.model.errors import CqilError
 
+
 class TensorRTRunner(ContractRunner):
     """Runs a built engine through Polygraphy's TrtRunner; called like `CqilModel`, checked by ContractRunner.
 

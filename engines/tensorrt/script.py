@@ -17,6 +17,7 @@ from cqil.export.standalone import contract_source
 from cqil.model.errors import CqilError
 from cqil.model.fsutil import atomic_write_text
 
+
 def _relative(target: Path, base: Path) -> str:
     return os.path.relpath(Path(target).absolute(), Path(base).absolute())
 

@@ -19,8 +19,8 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
 
         return launch_generate(args)
     from cqil.model.cqil import CqilModel
-    from cqil.model.steps import greedy_generate
     from cqil.model.plan import identity_plan
+    from cqil.model.steps import greedy_generate
     from cqil.pipeline.plan_choice import PlanChoice, resolve_plan
     from cqil.pipeline.sources import load_model
 

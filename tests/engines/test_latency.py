@@ -43,7 +43,7 @@ def test_interleaved_times_calls_hooks_around_each_call_inside_the_clock(monkeyp
                                       repeats=2, warmup=1, synchronize=lambda: events.append("sync"),
                                       before=lambda name: events.append(f"before {name}"),
                                       after=lambda name: events.append(f"after {name}"))
-    call = lambda name: ["before " + name, "clock", name, "sync", "after " + name, "clock"]  # noqa: E731
+    call = lambda name: ["before " + name, "clock", name, "sync", "after " + name, "clock"]
     warm = ["before a", "a", "after a", "before b", "b", "after b", "sync"]
     assert events == warm + (call("a") + call("b")) * 2  # interleaved a b a b, hooks inside every timed call
     assert all(list(t) == [1.0, 1.0] for t in times.values())  # start and stop read one tick apart per call

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from cqil.model.cqil import CqilModel
-from cqil.model.steps import greedy_generate
 from cqil.model.plan import Plan, from_parallel_groups, identity_plan
+from cqil.model.steps import greedy_generate
 
 from tests.helpers import FAMILIES, tiny_model
 

@@ -10,6 +10,7 @@ import torch
 from cqil.model.cqil import CqilModel
 from cqil.model.plan import Plan, identity_plan
 from cqil.model.steps import HFStep, forced, greedy_generate, prefill_then_decode, timing_calls
+
 from tests.helpers import tiny_model
 
 TOL = 1e-5
