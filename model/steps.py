@@ -17,6 +17,7 @@ import torch
 from cqil.model.decoder import positions_from_mask
 from cqil.model.kv import flatten, layer_pairs, past_length
 from torch import nn
+from transformers import DynamicCache
 
 Output = tuple[torch.Tensor, tuple[Any, ...]]
 Step = Callable[..., Output]
@@ -107,8 +108,6 @@ class HFStep:
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  position_ids: torch.Tensor | None = None,
                  past_key_values: Sequence[torch.Tensor] | None = None) -> Output:
-        from transformers import DynamicCache
-
         num_layers = self.model.config.num_hidden_layers
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape[0], past_length(past_key_values) + input_ids.shape[1],
