@@ -81,9 +81,9 @@ def bind(step: Step, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return torch.no_grad()(lambda: step(input_ids, attention_mask, past_key_values=past_key_values))
 
 
-def timing_calls(step: Step, ids: torch.Tensor, past_len: int) -> tuple[Callable[[], Output], Callable[[], Output]]:
-    """The prefill and decode calls a benchmark repeats: ids[:, past_len:] on an empty cache, and one token
-    (ids[:, :1]) over the presents of a prefill of ids[:, :past_len]; the cache never grows between repeats."""
+def timing_inputs(step: Step, ids: torch.Tensor, past_len: int) -> dict[str, tuple[Any, ...]]:
+    """(input_ids, attention_mask, past) of the prefill and decode calls a benchmark repeats: ids[:, past_len:]
+    on an empty cache, and one token (ids[:, :1]) over the presents of a prefill of ids[:, :past_len]."""
     batch = ids.shape[0]
 
     def ones(length: int) -> torch.Tensor:
@@ -91,8 +91,14 @@ def timing_calls(step: Step, ids: torch.Tensor, past_len: int) -> tuple[Callable
 
     with torch.no_grad():
         _, presents = step(ids[:, :past_len], ones(past_len))
-    return bind(step, ids[:, past_len:], ones(ids.shape[1] - past_len)), bind(step, ids[:, :1], ones(past_len + 1),
-                                                                             presents)
+    return {"prefill": (ids[:, past_len:], ones(ids.shape[1] - past_len), None),
+            "decode": (ids[:, :1], ones(past_len + 1), presents)}
+
+
+def timing_calls(step: Step, ids: torch.Tensor, past_len: int) -> tuple[Callable[[], Output], Callable[[], Output]]:
+    """The prefill and decode calls of `timing_inputs`, bound; the cache never grows between repeats."""
+    inputs = timing_inputs(step, ids, past_len)
+    return bind(step, *inputs["prefill"]), bind(step, *inputs["decode"])
 
 
 class HFStep:
