@@ -1,7 +1,9 @@
 """Triton Python-backend model: text in, text out, the convention of Triton's generate extension.
 
-`cqil triton` copies this file as `<name>_text/1/model.py`, beside the exported `model.onnx`, its
-tokenizer files and generation_config.json. Like the vLLM and TensorRT-LLM backends it takes
+`cqil triton` writes this file as `<name>_text/1/model.py`, beside the exported `model.onnx`, its
+tokenizer files and generation_config.json, with its `from cqil.export.contract import` line replaced
+by the contract's own definitions (export/standalone.py), so it runs without cqil. Like the vLLM and
+TensorRT-LLM backends it takes
 `text_input` (and optionally `max_tokens`, `stream`, `temperature`, `top_k`, `top_p`, `random_seed`,
 as input tensors or as request parameters) and answers `text_output`, so that
 

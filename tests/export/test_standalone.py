@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -41,7 +43,7 @@ def test_inline_contract_replaces_the_import_line_of_the_triton_text_model():
     assert "from cqil.export.contract import" in source and '"past_key_values.' not in source
     written = inline_contract(source)
     compile(written, "model.py", "exec")
-    assert "cqil.export" not in written.replace("cqil's export/contract.py", "")  # runs where cqil is not installed
+    assert not re.search(r"^\s*(from|import) cqil", written, re.MULTILINE)  # runs where cqil is not installed
     assert 'return f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"' in written
     with pytest.raises(CqilError, match="found 0"):
         inline_contract("import numpy as np\n")
