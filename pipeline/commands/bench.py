@@ -18,13 +18,16 @@ from cqil.pipeline.commands.ranks import add_rank_options
 
 
 def cmd_bench(args: argparse.Namespace) -> int | None:
+    from cqil.model.errors import CqilError
+
     if args.ranks is not None:  # --ranks P: one process vs TP vs CQIL on P processes (pipeline/commands/ranks.py)
         from cqil.pipeline.commands.ranks import launch_bench
 
+        if args.schedule != "sequential":
+            raise CqilError(f"--schedule {args.schedule} is for the one-process PyTorch rows; --ranks runs CQIL's "
+                            "per-rank schedule: drop one of them")
         return launch_bench(args)
     if args.onnx is None:
-        from cqil.model.errors import CqilError
-
         raise CqilError("--onnx is required (or --ranks P for the multi-process bench of the PyTorch model)")
     from cqil.engines.bench import BenchSettings, run_bench, schedule_models
     from cqil.engines.bench_report import plot_bench, report_lines

@@ -230,6 +230,8 @@ def test_bench_schedule_packed_times_the_packed_pytorch_model(tiny_cqil_onnx, be
     ids = torch.randint(3, 384, (1, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (packed["candidate"](ids)[0] - sequential["candidate"](ids)[0]).abs().max() < 1e-4
+    status, _, err = run_cli(["bench", "--ranks", "2", "--model", str(tiny_cqil_onnx[0]), "--schedule", "packed"], capsys)
+    assert status == 2 and "--schedule packed is for the one-process PyTorch rows" in err  # refused before launch
     if not torch.cuda.is_available():
         status, _, err = run_cli(["bench", "--onnx", str(tiny_cqil_onnx[1]), "--schedule", "streams"], capsys)
         assert status == 2 and "--schedule streams" in err and "needs a CUDA GPU" in err and err.count("\n") == 1
