@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 from cqil.model.cqil import CqilModel
-from cqil.model.plan import Plan, identity_plan
+from cqil.model.plan import Plan, from_parallel_groups, identity_plan
 from cqil.model.steps import HFStep, forced, greedy_generate, prefill_then_decode, timing_calls
 
 from tests.helpers import tiny_model
@@ -82,3 +82,33 @@ def test_timing_calls_repeat_one_step_over_a_cache_that_does_not_grow():
     prefill, decode = timing_calls(model, ids, past_len=6)
     assert torch.equal(prefill()[0], model(ids[:, 6:])[0])
     assert torch.equal(decode()[0], model(ids[:, :1], past_key_values=past)[0])
+
+
+def _cqil() -> CqilModel:
+    """The model these two tests used in tests/model/test_cqil_model.py: 6 layers, groups 0-1 and 2-4, d = 1."""
+    return CqilModel(tiny_model("llama", 6), from_parallel_groups([[0, 1], [2, 3, 4]], 6, 1))
+
+
+def test_greedy_generate_matches_manual_argmax_loop():
+    model = _cqil()
+    ids = torch.randint(3, model.hf.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        new = greedy_generate(model, ids, torch.ones_like(ids), max_new_tokens=5)
+        seq = ids
+        for _ in range(5):
+            token = model(seq)[0][:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, token], 1)
+    assert new.tolist() == seq[:, 6:].tolist()
+
+
+def test_greedy_generate_left_padded_batch_matches_single_rows():
+    model = _cqil()
+    vocab = model.hf.config.vocab_size
+    short = torch.randint(3, vocab, (1, 4), generator=torch.Generator().manual_seed(5))
+    long = torch.randint(3, vocab, (1, 7), generator=torch.Generator().manual_seed(6))
+    batch = torch.cat([torch.cat([torch.full((1, 3), 2), short], 1), long])
+    mask = torch.ones_like(batch)
+    mask[0, :3] = 0
+    new = greedy_generate(model, batch, mask, max_new_tokens=4)
+    assert new[0].tolist() == greedy_generate(model, short, torch.ones_like(short), 4)[0].tolist()
+    assert new[1].tolist() == greedy_generate(model, long, torch.ones_like(long), 4)[0].tolist()
