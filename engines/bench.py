@@ -7,23 +7,32 @@ in one process after a warm-up (engines.latency), so load from other jobs hits b
 - decode: one new token per row over a cache of `past` tokens (the cache the model itself produced
   for a prefill of that length; it does not grow between rounds, so every round times the same step).
 
-Optionally the eager PyTorch reference and CQIL models run in the same rounds, as extra rows. The
+Optionally the eager PyTorch reference and CQIL models run in the same rounds, as extra rows, under
+one schedule (`schedule_models`: sequential, CUDA streams or packed). Every row is timed through the
+one step harness (model/steps.py `timing_calls`) and the one interleaved timer. The
 result is the `cqil-bench/1` JSON (engines/latency.py) that `cqil gate` reads, plus a PNG chart.
 Where the reference ONNX comes from when none is given is orchestration: pipeline/reference.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from cqil.engines.cuda_streams import StreamSchedule
 from cqil.engines.latency import BenchResult, compare, interleaved_times, ratio_ci, stats_ms
+from cqil.engines.onnxruntime import OrtRunner
 from cqil.export.contract import LAYOUT_KEY, find_onnx
+from cqil.model.cqil import CqilModel
 from cqil.model.errors import CqilError
+from cqil.model.plan import Plan, identity_plan
+from cqil.model.steps import timing_calls
+
+SCHEDULES = ("sequential", "streams", "packed")
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,7 @@ class BenchSettings:
     threads: int | None = None  # ORT intra-op threads and torch threads; None: the libraries' default
     providers: tuple[str, ...] | None = None
     seed: int = 0
+    schedule: str = "sequential"  # where the PyTorch rows run their pieces: one of SCHEDULES
 
     def __post_init__(self) -> None:
         for name in ("batch", "seq", "past", "prefill_repeats", "decode_repeats"):
@@ -44,6 +54,11 @@ class BenchSettings:
                 raise CqilError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
         if self.warmup < 0 or (self.threads is not None and self.threads < 1):
             raise CqilError(f"--warmup {self.warmup} must be >= 0 and --threads {self.threads} >= 1")
+        if self.schedule not in SCHEDULES:
+            raise CqilError(f"--schedule {self.schedule} is not one of {', '.join(SCHEDULES)}")
+        if self.schedule == "streams" and not torch.cuda.is_available():
+            raise CqilError("--schedule streams runs each branch on its own CUDA stream and needs a CUDA GPU, "
+                            "and none is visible here: use --schedule sequential or packed")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -66,45 +81,27 @@ def _check_pair(candidate, reference) -> None:
         raise CqilError(f"reference cache is {ref.kv_dtype}, candidate {cand.kv_dtype}: export both in one dtype")
 
 
+def schedule_models(hf_model: torch.nn.Module, plan: Plan, schedule: str) -> dict[str, CqilModel]:
+    """The eager PyTorch rows on one set of weights: the original model (reference) and CQIL (candidate),
+    both under `schedule` — one piece after another, a CUDA stream per branch (on the GPU), or packed."""
+    reference_plan = identity_plan(plan.num_layers)
+    if schedule == "streams":
+        hf_model = hf_model.to("cuda")
+        return {"reference": CqilModel(hf_model, reference_plan, StreamSchedule()),
+                "candidate": CqilModel(hf_model, plan, StreamSchedule())}
+    return {"reference": CqilModel(hf_model, reference_plan, packed=schedule == "packed"),
+            "candidate": CqilModel(hf_model, plan, packed=schedule == "packed")}
+
+
 def _vocab(runner) -> int:
     size = runner.session.get_outputs()[0].shape[-1]
     return size if isinstance(size, int) and size > 0 else 2
-
-
-def ort_calls(runner, ids: torch.Tensor, past_len: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
-    """Prefill and decode-step callables that only run the session (inputs are prepared once)."""
-    batch = ids.shape[0]
-    prefill = runner.feeds(ids[:, past_len:], torch.ones(batch, ids.shape[1] - past_len, dtype=torch.long))
-    _, presents = runner(ids[:, :past_len], torch.ones(batch, past_len, dtype=torch.long))
-    decode = runner.feeds(ids[:, :1], torch.ones(batch, past_len + 1, dtype=torch.long), past_key_values=presents)
-    session, outputs = runner.session, runner.outputs
-    return (lambda: session.run(outputs, prefill)), (lambda: session.run(outputs, decode))
-
-
-def torch_calls(model, ids: torch.Tensor, past_len: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
-    batch = ids.shape[0]
-    prefill_ids, prefill_mask = ids[:, past_len:], torch.ones(batch, ids.shape[1] - past_len, dtype=torch.long)
-    with torch.no_grad():
-        _, presents = model(ids[:, :past_len], torch.ones(batch, past_len, dtype=torch.long))
-    decode_mask = torch.ones(batch, past_len + 1, dtype=torch.long)
-
-    @torch.no_grad()
-    def prefill():
-        return model(prefill_ids, prefill_mask)
-
-    @torch.no_grad()
-    def decode():
-        return model(ids[:, :1], decode_mask, past_key_values=presents)
-
-    return prefill, decode
 
 
 def run_bench(candidate_onnx: Path, reference_onnx: Path, settings: BenchSettings,
               torch_models: Mapping[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
     """Time reference and candidate ONNX interleaved; `torch_models` {"reference": m, "candidate": m}
     (eager CqilModels) adds PyTorch rows timed in the same rounds. Returns the cqil-bench/1 dict."""
-    from cqil.engines.onnxruntime import OrtRunner
-
     candidate = OrtRunner(find_onnx(Path(candidate_onnx)), settings.providers, settings.threads, spin=False)
     reference = OrtRunner(find_onnx(Path(reference_onnx)), settings.providers, settings.threads, spin=False)
     _check_pair(candidate, reference)
@@ -112,21 +109,23 @@ def run_bench(candidate_onnx: Path, reference_onnx: Path, settings: BenchSetting
         raise CqilError("torch_models needs exactly the keys 'reference' and 'candidate'")
     generator = torch.Generator().manual_seed(settings.seed)
     ids = torch.randint(0, _vocab(candidate), (settings.batch, settings.past + settings.seq), generator=generator)
+    on_gpu = any(model.hf.device.type == "cuda" for model in (torch_models or {}).values())
+    synchronize = torch.cuda.synchronize if on_gpu else None  # GPU work counts in the call that launched it
     threads = torch.get_num_threads()
     if settings.threads:
         torch.set_num_threads(settings.threads)
     try:
-        calls = {"reference": ort_calls(reference, ids, settings.past),
-                 "candidate": ort_calls(candidate, ids, settings.past)}
+        calls = {"reference": timing_calls(reference, ids, settings.past),
+                 "candidate": timing_calls(candidate, ids, settings.past)}
         for name, model in (torch_models or {}).items():
-            calls[f"pytorch_{name}"] = torch_calls(model, ids, settings.past)
+            calls[f"pytorch_{name}"] = timing_calls(model, ids.to(model.hf.device), settings.past)
         shapes = {"prefill": {"batch": settings.batch, "seq": settings.seq, "past": 0},
                   "decode": {"batch": settings.batch, "seq": 1, "past": settings.past}}
         repeats = {"prefill": settings.prefill_repeats, "decode": settings.decode_repeats}
         scenarios, rows = {}, {}
         for index, scenario in enumerate(("prefill", "decode")):
             times = interleaved_times({name: pair[index] for name, pair in calls.items()}, repeats[scenario],
-                                      settings.warmup, progress=f"bench {scenario}" if progress else None)
+                                      settings.warmup, synchronize, progress=f"bench {scenario}" if progress else None)
             scenarios[scenario] = compare(times["reference"], times["candidate"], shapes[scenario], settings.seed)
             rows[scenario] = _torch_rows(times, settings.seed)
     finally:

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 from cqil.model.errors import CqilError
+from tqdm import tqdm
 
 BENCH_FORMAT = "cqil-bench/1"
 PERCENTILES = (50, 90, 99)
@@ -79,30 +80,41 @@ class BenchResult:
 # -- measuring --------------------------------------------------------------------------------------
 
 def interleaved_times(callables: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 3,
-                      synchronize: Callable[[], None] | None = None,
-                      progress: str | None = None) -> dict[str, np.ndarray]:
+                      synchronize: Callable[[], None] | None = None, progress: str | None = None,
+                      before: Callable[[str], None] | None = None,
+                      after: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
     """Seconds per call of each callable, run round-robin `repeats` times after `warmup` rounds.
 
     `synchronize` (e.g. torch.cuda.synchronize) runs before each clock read, so asynchronous work
-    is counted in the call that launched it. `progress` names a tqdm bar over the rounds.
+    is counted in the call that launched it. `before(name)` runs before a call's clock starts and
+    `after(name)` after `synchronize`, before it stops, warm-up rounds included: where ranks time one
+    call together, `before` switches threads and waits at a barrier and `after` waits at the next one,
+    so a call's time is the slowest rank's. `progress` names a tqdm bar over the rounds.
     """
-    from tqdm import tqdm
-
     if repeats < 1:
         raise CqilError(f"repeats {repeats} must be at least 1")
-    sync = synchronize or (lambda: None)
+    sync = synchronize or _nothing
+    before, after = before or _nothing, after or _nothing
     for _ in range(warmup):
-        for fn in callables.values():
+        for name, fn in callables.items():
+            before(name)
             fn()
+            after(name)
     sync()
     times = {name: np.empty(repeats) for name in callables}
     for i in tqdm(range(repeats), desc=progress, unit="round", disable=progress is None, leave=False):
         for name, fn in callables.items():
+            before(name)
             start = time.perf_counter()
             fn()
             sync()
+            after(name)
             times[name][i] = time.perf_counter() - start
     return times
+
+
+def _nothing(*_args: Any) -> None:
+    """The hook where none is given."""
 
 
 def stats_ms(seconds: np.ndarray) -> Stats:

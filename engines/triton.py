@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx as onnx_lib
 from cqil.export.contract import (
     PLAN_KEY,
     ContractSpec,
@@ -34,8 +35,10 @@ from cqil.export.contract import (
     output_names,
     read_contract,
 )
+from cqil.export.standalone import inline_contract
 from cqil.model.errors import CqilError
 from cqil.model.fsutil import atomic_dir, link_or_copy
+from onnx.external_data_helper import uses_external_data
 
 ONNX_TO_TRITON = {"INT64": "TYPE_INT64", "INT32": "TYPE_INT32", "FLOAT": "TYPE_FP32",
                   "FLOAT16": "TYPE_FP16", "BFLOAT16": "TYPE_BF16"}
@@ -91,8 +94,6 @@ def has_tokenizer(onnx_folder: Path) -> bool:
 
 def read_graph_io(onnx: Path) -> GraphIO:
     """Check the file against the contract and read its tensors (declarations only, not the weights)."""
-    import onnx as onnx_lib
-
     path = find_onnx(onnx)
     spec = read_contract(path)
     model = onnx_lib.load(str(path), load_external_data=False)
@@ -108,8 +109,6 @@ def read_graph_io(onnx: Path) -> GraphIO:
 
 
 def _tensor(value, path: Path) -> TensorSpec:
-    import onnx as onnx_lib
-
     tensor_type = value.type.tensor_type
     elem = onnx_lib.TensorProto.DataType.Name(tensor_type.elem_type)
     if elem not in ONNX_TO_TRITON:
@@ -122,8 +121,6 @@ def _tensor(value, path: Path) -> TensorSpec:
 
 
 def _external_data(model, path: Path) -> tuple[str, ...]:
-    from onnx.external_data_helper import uses_external_data
-
     locations = set()
     for tensor in _all_tensors(model.graph):
         if uses_external_data(tensor):
@@ -239,7 +236,7 @@ def write_model_repository(onnx: Path, repo_dir: Path, model_name: str = "cqil",
             for side in TEXT_SIDE_FILES:
                 if (io.onnx.parent / side).is_file():
                     shutil.copyfile(io.onnx.parent / side, text_version / side)
-            shutil.copyfile(TEXT_MODEL_SOURCE, text_version / "model.py")
+            (text_version / "model.py").write_text(inline_contract(TEXT_MODEL_SOURCE.read_text()))  # runs without cqil
             models[names["text"]] = "Python backend, text in / text out (generate extension)"
 
         if engine_plan is not None:

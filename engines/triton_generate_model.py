@@ -1,7 +1,9 @@
 """Triton Python-backend model: text in, text out, the convention of Triton's generate extension.
 
-`cqil triton` copies this file as `<name>_text/1/model.py`, beside the exported `model.onnx`, its
-tokenizer files and generation_config.json. Like the vLLM and TensorRT-LLM backends it takes
+`cqil triton` writes this file as `<name>_text/1/model.py`, beside the exported `model.onnx`, its
+tokenizer files and generation_config.json, with its `from cqil.export.contract import` line replaced
+by the contract's own definitions (export/standalone.py), so it runs without cqil. Like the vLLM and
+TensorRT-LLM backends it takes
 `text_input` (and optionally `max_tokens`, `stream`, `temperature`, `top_k`, `top_p`, `random_seed`,
 as input tensors or as request parameters) and answers `text_output`, so that
 
@@ -33,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import onnxruntime
 import triton_python_backend_utils as pb_utils
+from cqil.export.contract import TOKEN_INPUTS, mask_positions, output_names, past_names
 
 DEFAULT_MAX_TOKENS = 16  # vLLM's default; TensorRT-LLM requires max_tokens
 DEFAULT_MAX_IN_FLIGHT = 4
@@ -72,8 +75,10 @@ class TextGenerator:
         self.session = onnxruntime.InferenceSession(os.path.join(folder, "model.onnx"), sess_options=options,
                                                     providers=["CPUExecutionProvider"])
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.output_names = [value.name for value in self.session.get_outputs()]
-        self.past = [value for value in self.session.get_inputs() if value.name.startswith("past_key_values.")]
+        layers = (len(self.session.get_outputs()) - 1) // 2
+        self.output_names, self.past_names = output_names(layers), past_names(layers)
+        inputs = {value.name: value for value in self.session.get_inputs()}
+        self.past = [inputs[name] for name in self.past_names]
         self.cache_dtype = _CACHE_DTYPES[self.past[0].type]
         self.kv_heads, self.head_dim = self.past[0].shape[1], self.past[0].shape[3]
         settings = _read_json(os.path.join(folder, "config.json"))
@@ -91,21 +96,20 @@ class TextGenerator:
         rng = np.random.default_rng(seed)
         ids = np.array([prompt_ids], dtype=np.int64)
         empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.cache_dtype)
-        past = {value.name: empty for value in self.past}
+        past = dict.fromkeys(self.past_names, empty)
         length = 0
         for _ in range(max_tokens):
             if cancelled():
                 return
             total = length + ids.shape[1]
-            feed = {"input_ids": ids, "attention_mask": np.ones((1, total), dtype=np.int64),
-                    "position_ids": np.arange(length, total, dtype=np.int64)[None], **past}
+            mask = np.ones((1, total), dtype=np.int64)
+            feed = {**dict(zip(TOKEN_INPUTS, (ids, mask, mask_positions(mask, ids.shape[1])))), **past}
             logits, *presents = self.session.run(self.output_names, feed)
             token = pick_token(logits[0, -1], rng=rng, **sampling)
             if token in self.eos:
                 return
             yield token
-            past = {name.replace("present.", "past_key_values.", 1): value
-                    for name, value in zip(self.output_names[1:], presents)}
+            past = dict(zip(self.past_names, presents))
             ids, length = np.array([[token]], dtype=np.int64), total
 
     def pieces(self, text, max_tokens, sampling=None, cancelled=lambda: False):

@@ -19,13 +19,17 @@ rule above is a few lines of torch. See docs/validate-bench.md.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from cqil.engines.onnxruntime import OrtRunner
+from cqil.engines.tensorrt.build import import_tensorrt
+from cqil.engines.tensorrt.runner import TensorRTRunner
 from cqil.engines.tolerances import Thresholds, default_thresholds
+from cqil.export.check import check_branch_structure
 from cqil.export.contract import (
     LAYOUT_KEY,
     ContractSpec,
@@ -36,11 +40,11 @@ from cqil.export.contract import (
 from cqil.model.cqil import CqilModel
 from cqil.model.divergence import Agreement
 from cqil.model.errors import CqilError
+from cqil.model.steps import Step, forced, prefill_then_decode
 from tqdm import tqdm
 
 VALIDATION_FORMAT = "cqil-validation/1"
 PRECISION_NAMES = {"FLOAT": "fp32", "FLOAT16": "fp16"}
-Runner = Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, ...]]]
 
 
 # -- comparing tensors ------------------------------------------------------------------------------
@@ -125,27 +129,23 @@ def _round(value: float) -> float:
 
 # -- running ----------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def compare_runner(runner: Runner, reference: CqilModel, chunks: torch.Tensor, decode_steps: int,
+def compare_runner(runner: Step, reference: CqilModel, chunks: torch.Tensor, decode_steps: int,
                    thresholds: Thresholds, names: Sequence[str], progress: bool = True,
                    attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
     """Prefill chunks[:, :-decode_steps] then decode the rest token by token, both sides on their own cache.
 
-    `attention_mask` [n, seq] (default all ones) lets the chunks be a left-padded batch of prompts.
+    `attention_mask` [n, seq] (default all ones) lets the chunks be a left-padded batch of prompts; the
+    decoded tokens are real (mask 1).
     """
     prefill_len = chunks.shape[1] - decode_steps
+    prompt, decoded = chunks[:, :prefill_len], chunks[:, prefill_len:]
+    mask = (torch.ones_like(chunks) if attention_mask is None else attention_mask)[:, :prefill_len]
     phases = {"prefill": _Phase(names, thresholds), "decode": _Phase(names, thresholds)}
-    full_mask = torch.ones_like(chunks) if attention_mask is None else attention_mask
-    mask = full_mask[:, :prefill_len]
-    ids = chunks[:, :prefill_len]
-    ref_out, out = reference(ids, mask), runner(ids, mask)
-    phases["prefill"].add(ref_out, out)
-    for step in tqdm(range(decode_steps), desc="decode", unit="tok", disable=not progress, leave=False):
-        ids = chunks[:, prefill_len + step: prefill_len + step + 1]
-        mask = full_mask[:, :prefill_len + step + 1]
-        ref_out = reference(ids, mask, past_key_values=ref_out[1])
-        out = runner(ids, mask, past_key_values=out[1])
-        phases["decode"].add(ref_out, out)
+    pairs = zip(prefill_then_decode(reference, prompt, mask, forced(decoded)),
+                prefill_then_decode(runner, prompt, mask, forced(decoded)))
+    bar = tqdm(pairs, desc="decode", unit="tok", total=decode_steps + 1, disable=not progress, leave=False)
+    for index, (ref_out, out) in enumerate(bar):
+        phases["prefill" if index == 0 else "decode"].add(ref_out, out)
     result = {name: phase.to_dict() for name, phase in phases.items()}
     result["passed"] = all(phase["passed"] for phase in result.values())
     return result
@@ -164,8 +164,6 @@ def _check_reference(spec: ContractSpec, reference: CqilModel, onnx_path: Path) 
 
 
 def _structure(spec: ContractSpec, onnx_path: Path) -> dict[str, Any]:
-    from cqil.export.check import check_branch_structure
-
     layout = spec.metadata.get(LAYOUT_KEY)
     if layout != "branches":
         return {"checked": False, "layout": layout, "passed": True,
@@ -185,9 +183,6 @@ def validate_onnx(onnx_dir: Path, reference: CqilModel, chunks: torch.Tensor, de
     chunks a padded batch; by default every token is real. Every position is compared, padding too:
     both sides compute the same masked rows. Returns the JSON-able result; `result["passed"]` is the verdict.
     """
-    from cqil.engines.onnxruntime import OrtRunner
-    from cqil.engines.tensorrt import TensorRTRunner, import_tensorrt
-
     onnx_path = find_onnx(Path(onnx_dir))
     spec = read_contract(onnx_path)
     _check_reference(spec, reference, onnx_path)
@@ -204,7 +199,7 @@ def validate_onnx(onnx_dir: Path, reference: CqilModel, chunks: torch.Tensor, de
     names = output_names(spec.num_layers)
     ort_runner = OrtRunner(onnx_path, providers=providers, threads=threads)
     engines: dict[str, Any] = {}
-    runners: dict[str, Runner] = {"onnxruntime": ort_runner}
+    runners: dict[str, Step] = {"onnxruntime": ort_runner}
     notes = []
     if engine is not None:
         if import_tensorrt() is None:

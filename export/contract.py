@@ -30,6 +30,7 @@ EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 4
 
 
 TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids")
+LOGITS = "logits"
 
 
 def past_pair(layer: int) -> tuple[str, str]:
@@ -53,7 +54,13 @@ def input_names(num_layers: int) -> list[str]:
 
 
 def output_names(num_layers: int) -> list[str]:
-    return ["logits", *present_names(num_layers)]
+    return [LOGITS, *present_names(num_layers)]
+
+
+def mask_positions(attention_mask: np.ndarray, seq: int) -> np.ndarray:
+    """position_ids of the last `seq` tokens: the real tokens before each (left padding safe), from the
+    mask over past + seq; `positions_from_mask`'s rule in numpy, for feeds made where torch is not."""
+    return np.maximum(attention_mask.cumsum(-1) - 1, 0)[:, attention_mask.shape[1] - seq:]
 
 
 T = TypeVar("T")

@@ -7,7 +7,7 @@ forward is written for torch.export: a flat KV cache, no data-dependent Python c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from cqil.model.decoder import (
@@ -130,25 +130,3 @@ class CqilModel(nn.Module):
                 presents[layer] = kv
         return self.head(x), flatten([kv or (None, None) for kv in presents])
 
-
-@torch.no_grad()
-def greedy_generate(model: Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, ...]]], input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
-    """Greedy decoding with the KV cache; returns only the new tokens [batch, <= max_new_tokens].
-
-    `model` is anything called like `CqilModel` (an ONNX Runtime or TensorRT runner, too).
-    """
-    logits, past = model(input_ids, attention_mask)
-    generated = []
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-    for _ in range(max_new_tokens):
-        token = logits[:, -1].argmax(-1)
-        if eos_token_id is not None:
-            token = token.masked_fill(finished, eos_token_id)
-            finished |= token == eos_token_id
-        generated.append(token)
-        if bool(finished.all()):
-            break
-        attention_mask = torch.cat((attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)), 1)
-        logits, past = model(token[:, None], attention_mask, past_key_values=past)
-    return torch.stack(generated, 1)

@@ -210,7 +210,9 @@ def run_export(ctx: StageContext, config: dict) -> dict:
 
 
 def run_engines(ctx: StageContext, config: dict) -> dict:
-    from cqil.engines.tensorrt import EngineOptions, build_engine, engine_settings, import_tensorrt, write_engine_files
+    from cqil.engines.tensorrt.build import build_engine, import_tensorrt
+    from cqil.engines.tensorrt.script import write_engine_files
+    from cqil.engines.tensorrt.settings import EngineOptions, engine_settings
 
     params = dict(ctx.params)
     trt_dir, final_dir = ctx.out / "trt", ctx.build_dir / "engines" / "trt"
@@ -284,7 +286,7 @@ def run_validate(ctx: StageContext, config: dict) -> dict:
 
 def run_bench(ctx: StageContext, config: dict) -> dict:
     from cqil.engines.bench import BenchSettings, run_bench
-    from cqil.engines.bench_chart import plot_bench
+    from cqil.engines.bench_report import plot_bench
     from cqil.export.contract import find_onnx, read_contract
     from cqil.pipeline.reference import cached_reference
     from cqil.pipeline.stages import read_record

@@ -78,7 +78,7 @@ def _generate(args: argparse.Namespace, ctx) -> int:
     import torch
     from cqil.engines.distributed.launch import together
     from cqil.engines.distributed.per_rank import AgreedTokens
-    from cqil.model.cqil import greedy_generate
+    from cqil.model.steps import greedy_generate
     from cqil.pipeline.commands.generate import encode_prompts, format_generations
 
     if "OMP_NUM_THREADS" not in os.environ and ctx.device.type == "cpu":
@@ -114,11 +114,8 @@ def _report_memory(ctx, model) -> None:
 
 def _bench(args: argparse.Namespace, ctx) -> int:
     import torch
-    from cqil.engines.distributed.bench import (
-        RankBenchSettings,
-        plot_rank_bench,
-        run_rank_bench,
-    )
+    from cqil.engines.bench_report import plot_bench, report_lines
+    from cqil.engines.distributed.bench import RankBenchSettings, run_rank_bench
     from cqil.engines.distributed.launch import together
     from cqil.engines.distributed.tensor_parallel import apply_tensor_parallel
     from cqil.model.fsutil import atomic_write_text
@@ -142,24 +139,14 @@ def _bench(args: argparse.Namespace, ctx) -> int:
         return 0
     chart = args.chart or (args.out.with_suffix(".png") if args.out else None)
     if chart is not None:
-        result["chart"] = str(plot_rank_bench(result, chart))
+        result["chart"] = str(plot_bench(result, chart))
     if args.out is not None:
         atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{result['plan']} on {ctx.world} ranks ({ctx.backend}); threads: one process "
-          f"{result['threads']['one_process']}, each rank {settings.rank_threads}")
-    for name, scenario in result["scenarios"].items():
-        print(f"{name} {scenario['shape']}:")
-        for row, stats in scenario["rows"].items():
-            vs = (f"  x{stats['ratio_to_one_process']:.3f} of one process" if "ratio_to_one_process" in stats else "")
-            print(f"  {row:<16} p50 {stats['p50_ms']:9.3f} ms  p90 {stats['p90_ms']:9.3f}{vs}")
-        low, high = scenario["ratio_ci"]
-        print(f"  CQIL / tensor parallel {scenario['ratio']:.3f} [{low:.3f}, {high:.3f}], "
-              f"ideal depth ratio {result['ideal_depth_ratio']:.3f}")
-    if chart is not None:
-        print(f"chart: {chart}")
+    print("\n".join(report_lines(result, f"{result['plan']} on {ctx.world} ranks ({ctx.backend}); threads: one "
+                                          f"process {result['threads']['one_process']}, each rank {settings.rank_threads}")))
     return 0
 
 

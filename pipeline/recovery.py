@@ -13,6 +13,7 @@ reproduces the loss curve of an uninterrupted one. Ctrl-C finishes the current s
 from __future__ import annotations
 
 import json
+import pickle
 import resource
 import shutil
 import signal
@@ -39,7 +40,9 @@ from cqil.pipeline.adapters import (
     lora_config,
 )
 from cqil.pipeline.quality import evaluate
+from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
 RUN_FORMAT = "cqil-finetune/1"
 CHECKPOINT_STATE = "state.pt"
@@ -173,13 +176,6 @@ def finetune(hf_model: torch.nn.Module, plan: Plan, train: torch.Tensor, held_ou
 
     Returns the run record that is also written as `out/training_run.json`.
     """
-    from peft import (
-        get_peft_model,
-        get_peft_model_state_dict,
-        set_peft_model_state_dict,
-    )
-    from transformers import get_cosine_schedule_with_warmup
-
     settings.check(len(train))
     plan.check_fits(hf_model.config)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out)
@@ -189,124 +185,157 @@ def finetune(hf_model: torch.nn.Module, plan: Plan, train: torch.Tensor, held_ou
     if not resume and state_file.is_file():
         raise CqilError(f"a checkpoint of an earlier run is at '{checkpoint_dir}': pass --resume to continue it, "
                         "or delete it to start over")
-    identity = {
-        "settings": asdict(settings) | {"targets": list(settings.targets)},
-        "plan": plan.to_dict(),
-        "seq_len": int(train.shape[1]),
-        "train_chunks": len(train),
-        "held_out_chunks": min(len(held_out), settings.eval_chunks),
-        "model": dict(source or {}),
-    }
-
-    check_targets_exist(hf_model, settings.targets)
-    torch.manual_seed(settings.seed)
-    peft_model = get_peft_model(hf_model, lora_config(settings.rank, settings.alpha, settings.dropout,
-                                                      settings.targets))
-    student = CqilModel(hf_model, plan)
-    teacher = AdaptersOff(student.with_plan(identity_plan(plan.num_layers)), peft_model)
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
-    order = DataOrder(train, settings.seed, settings.batch_size)
-    eval_chunks = held_out[: settings.eval_chunks]
-    run = RunState()
-
-    def save_checkpoint() -> None:
-        with atomic_dir(checkpoint_dir) as tmp:
-            torch.save({"identity": identity, "run": asdict(run),
-                        "lora": get_peft_model_state_dict(peft_model),
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": torch.get_rng_state()}, tmp / CHECKPOINT_STATE)
-
-    def held_out_point() -> dict[str, float]:
-        peft_model.eval()
-        metrics = evaluate(teacher, {"cqil": student}, eval_chunks, settings.batch_size, progress=progress)
-        peft_model.train()
-        row = metrics["cqil"]
-        return {"step": run.step, "kl": row["kl"], "ppl": row["ppl"], "top1": row["top1"],
-                "original_ppl": metrics["original"]["ppl"]}
-
+    trainer = DistillTrainer(hf_model, plan, train, held_out, settings, source, progress)
     if resume:
-        saved = load_checkpoint(state_file)
-        _check_same_run(saved["identity"], identity, checkpoint_dir)
-        set_peft_model_state_dict(peft_model, saved["lora"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"])
-        run = RunState(**saved["run"])
-    peft_model.train()
-    if not run.held_out:
-        run.held_out.append(held_out_point())
-
-    tokens_per_step = settings.batch_size * settings.grad_accum * train.shape[1]
-    with StopOnInterrupt() as stop, tqdm(total=settings.steps, initial=run.step, desc="finetune", unit="step",
-                                         disable=not progress) as bar:
-        for step in range(run.step, settings.steps):
-            started = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for micro in range(settings.grad_accum):
-                batch = order.batch(step * settings.grad_accum + micro)
-                with torch.no_grad():
-                    teacher_logits = teacher(batch)[0]
-                loss = distill_loss(teacher_logits, student(batch)[0]) / settings.grad_accum
-                loss.backward()
-                loss_sum += loss.detach().item()
-            if settings.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            run.step = step + 1
-            run.losses.append(loss_sum)
-            run.step_seconds.append(time.perf_counter() - started)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if run.step == settings.steps or (settings.eval_every and run.step % settings.eval_every == 0):
-                point = held_out_point()
-                run.held_out.append(point)
-                tqdm.write(f"step {run.step}: held-out KL {point['kl']:.4f}, PPL {point['ppl']:.3f} "
-                           f"(original {point['original_ppl']:.3f})")
-                run.stopped_early = run.step < settings.steps and stalled([p["kl"] for p in run.held_out],
-                                                                         settings.patience)
-                if run.stopped_early:
-                    tqdm.write(f"stopping at step {run.step}: no held-out improvement in the last "
-                               f"{settings.patience} points")
-                    break
-            if stop.requested:
-                save_checkpoint()
-                tqdm.write(f"saved a checkpoint at step {run.step} in {checkpoint_dir}; continue with --resume")
-                raise KeyboardInterrupt
-            if settings.save_every and run.step % settings.save_every == 0 and run.step < settings.steps:
-                save_checkpoint()
-
-    peft_model.eval()
-    record = {
-        "format": RUN_FORMAT,
-        **identity,
-        "steps": run.step,
-        "stopped_early": run.stopped_early,
-        "tokens_seen": run.step * tokens_per_step,
-        "tokens_per_step": tokens_per_step,
-        "losses": run.losses,
-        "held_out": run.held_out,
-        "seconds_per_step": round(statistics.median(run.step_seconds), 3),
-        "seconds_training": round(sum(run.step_seconds), 1),
-        "peak_memory_mb": peak_memory_mb(),
-        "trainable_parameters": sum(p.numel() for p in trainable),
-    }
-    with atomic_dir(out) as tmp:
-        peft_model.save_pretrained(str(tmp))
-        sort_target_modules(tmp / "adapter_config.json")
-        (tmp / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        trainer.resume(checkpoint_dir)
+    trainer.fit(checkpoint_dir)
+    record = trainer.record()
+    trainer.save_adapters(out, record)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the run is complete: its checkpoint is spent
     return record
+
+
+class DistillTrainer:
+    """One run of LoRA self-distillation: set up, resume from a checkpoint, step, evaluate, save.
+
+    Construction does what an uninterrupted run does before its first step (the LoRA init draws from the
+    seeded RNG), so a resumed trainer only overwrites that state with the checkpoint's.
+    """
+
+    def __init__(self, hf_model: torch.nn.Module, plan: Plan, train: torch.Tensor, held_out: torch.Tensor,
+                 settings: FinetuneSettings, source: dict[str, Any] | None = None, progress: bool = True):
+        self.settings, self.progress = settings, progress
+        self.identity = {
+            "settings": asdict(settings) | {"targets": list(settings.targets)},
+            "plan": plan.to_dict(),
+            "seq_len": int(train.shape[1]),
+            "train_chunks": len(train),
+            "held_out_chunks": min(len(held_out), settings.eval_chunks),
+            "model": dict(source or {}),
+        }
+        check_targets_exist(hf_model, settings.targets)
+        torch.manual_seed(settings.seed)
+        self.peft_model = get_peft_model(hf_model, lora_config(settings.rank, settings.alpha, settings.dropout,
+                                                               settings.targets))
+        self.student = CqilModel(hf_model, plan)
+        self.teacher = AdaptersOff(self.student.with_plan(identity_plan(plan.num_layers)), self.peft_model)
+        self.trainable = [p for p in self.peft_model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, settings.warmup_steps, settings.steps)
+        self.order = DataOrder(train, settings.seed, settings.batch_size)
+        self.eval_chunks = held_out[: settings.eval_chunks]
+        self.tokens_per_step = settings.batch_size * settings.grad_accum * train.shape[1]
+        self.run = RunState()
+
+    def resume(self, checkpoint_dir: Path) -> None:
+        """Continue the run saved in `checkpoint_dir`; refused when it was another run."""
+        saved = load_checkpoint(checkpoint_dir / CHECKPOINT_STATE)
+        _check_same_run(saved["identity"], self.identity, checkpoint_dir)
+        set_peft_model_state_dict(self.peft_model, saved["lora"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        self.run = RunState(**saved["run"])
+
+    def step(self) -> float:
+        """One optimizer step over `grad_accum` micro-batches; returns its loss."""
+        settings, started = self.settings, time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for micro in range(settings.grad_accum):
+            batch = self.order.batch(self.run.step * settings.grad_accum + micro)
+            with torch.no_grad():
+                teacher_logits = self.teacher(batch)[0]
+            loss = distill_loss(teacher_logits, self.student(batch)[0]) / settings.grad_accum
+            loss.backward()
+            loss_sum += loss.detach().item()
+        if settings.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, settings.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.run.step += 1
+        self.run.losses.append(loss_sum)
+        self.run.step_seconds.append(time.perf_counter() - started)
+        return loss_sum
+
+    def evaluate(self) -> dict[str, float]:
+        """A held-out point: the student against the teacher, and the original's perplexity."""
+        self.peft_model.eval()
+        metrics = evaluate(self.teacher, {"cqil": self.student}, self.eval_chunks, self.settings.batch_size,
+                           progress=self.progress)
+        self.peft_model.train()
+        row = metrics["cqil"]
+        return {"step": self.run.step, "kl": row["kl"], "ppl": row["ppl"], "top1": row["top1"],
+                "original_ppl": metrics["original"]["ppl"]}
+
+    def save(self, checkpoint_dir: Path) -> None:
+        """A checkpoint from which `resume` reproduces the rest of the run."""
+        with atomic_dir(checkpoint_dir) as tmp:
+            torch.save({"identity": self.identity, "run": asdict(self.run),
+                        "lora": get_peft_model_state_dict(self.peft_model),
+                        "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "rng": torch.get_rng_state()}, tmp / CHECKPOINT_STATE)
+
+    def fit(self, checkpoint_dir: Path) -> None:
+        """Step to `settings.steps`, with held-out points, early stopping, checkpoints and Ctrl-C handling."""
+        settings, run = self.settings, self.run
+        self.peft_model.train()
+        if not run.held_out:
+            run.held_out.append(self.evaluate())
+        with StopOnInterrupt() as stop, tqdm(total=settings.steps, initial=run.step, desc="finetune", unit="step",
+                                             disable=not self.progress) as bar:
+            while run.step < settings.steps:
+                loss = self.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                if run.step == settings.steps or (settings.eval_every and run.step % settings.eval_every == 0):
+                    point = self.evaluate()
+                    run.held_out.append(point)
+                    tqdm.write(f"step {run.step}: held-out KL {point['kl']:.4f}, PPL {point['ppl']:.3f} "
+                               f"(original {point['original_ppl']:.3f})")
+                    run.stopped_early = run.step < settings.steps and stalled([p["kl"] for p in run.held_out],
+                                                                             settings.patience)
+                    if run.stopped_early:
+                        tqdm.write(f"stopping at step {run.step}: no held-out improvement in the last "
+                                   f"{settings.patience} points")
+                        break
+                if stop.requested:
+                    self.save(checkpoint_dir)
+                    tqdm.write(f"saved a checkpoint at step {run.step} in {checkpoint_dir}; continue with --resume")
+                    raise KeyboardInterrupt
+                if settings.save_every and run.step % settings.save_every == 0 and run.step < settings.steps:
+                    self.save(checkpoint_dir)
+        self.peft_model.eval()
+
+    def record(self) -> dict[str, Any]:
+        """The run record (training_run.json)."""
+        run = self.run
+        return {
+            "format": RUN_FORMAT,
+            **self.identity,
+            "steps": run.step,
+            "stopped_early": run.stopped_early,
+            "tokens_seen": run.step * self.tokens_per_step,
+            "tokens_per_step": self.tokens_per_step,
+            "losses": run.losses,
+            "held_out": run.held_out,
+            "seconds_per_step": round(statistics.median(run.step_seconds), 3),
+            "seconds_training": round(sum(run.step_seconds), 1),
+            "peak_memory_mb": peak_memory_mb(),
+            "trainable_parameters": sum(p.numel() for p in self.trainable),
+        }
+
+    def save_adapters(self, out: Path, record: dict[str, Any]) -> None:
+        """The trained adapters and the run record, as one folder that appears whole."""
+        with atomic_dir(out) as tmp:
+            self.peft_model.save_pretrained(str(tmp))
+            sort_target_modules(tmp / "adapter_config.json")
+            (tmp / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def load_checkpoint(state_file: Path) -> dict[str, Any]:
     """A checkpoint's state, read without pickle (torch's weights_only loader: tensors, numbers, strings,
     lists and dicts): a checkpoint that came from elsewhere cannot run code."""
-    import pickle
-
     try:
         saved = torch.load(state_file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -21,11 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cqil.engines.bench import ort_calls, torch_calls
 from cqil.engines.latency import compare, interleaved_times, stats_ms
 from cqil.engines.onnxruntime import OrtRunner
 from cqil.model.cqil import CqilModel
 from cqil.model.plan import identity_plan
+from cqil.model.steps import timing_calls
 from cqil.pipeline.sources import load_model
 
 
@@ -52,8 +52,8 @@ def main() -> None:
              "pytorch CQIL": CqilModel(loaded.model, plan)}
     vocab = loaded.model.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.past + args.seq), generator=torch.Generator().manual_seed(0))
-    calls = {f"ORT {name}": ort_calls(runner, ids, args.past) for name, runner in runners.items()}
-    calls.update({name: torch_calls(model, ids, args.past) for name, model in eager.items()})
+    calls = {f"ORT {name}": timing_calls(runner, ids, args.past) for name, runner in runners.items()}
+    calls.update({name: timing_calls(model, ids, args.past) for name, model in eager.items()})
     repeats = {"prefill": args.prefill_repeats, "decode": args.decode_repeats}
     results = {"load_average_before": os.getloadavg(), "plan": plan.describe(),
                "ideal_depth_ratio": plan.depth / plan.num_layers, "scenarios": {},

@@ -89,7 +89,7 @@ def theirs(python: Path, folder: Path, messages: list[str], max_new: int) -> dic
 def ours(folder: Path, texts: list[str], max_new: int) -> list[dict]:
     import torch
     from cqil.engines.onnxruntime import OrtRunner
-    from cqil.model.cqil import greedy_generate
+    from cqil.model.steps import greedy_generate
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cqil.engines.onnxruntime import OrtRunner
+from cqil.model.steps import timing_inputs
 
 _SCOPE = re.compile(r"^/(g\d+)(/l\d+)?/")
 
@@ -59,9 +60,8 @@ def profile(folder: Path, threads: int, seq: int, past: int, repeats: int, optim
 
     runner = OrtRunner(folder, threads=threads, spin=False, optimized_model=optimized)
     ids = torch.randint(0, 1000, (1, past + seq), generator=torch.Generator().manual_seed(0))
-    feeds = {"prefill": runner.feeds(ids[:, past:], torch.ones(1, seq, dtype=torch.long))}
-    _, presents = runner(ids[:, :past], torch.ones(1, past, dtype=torch.long))
-    feeds["decode"] = runner.feeds(ids[:, :1], torch.ones(1, past + 1, dtype=torch.long), past_key_values=presents)
+    feeds = {scenario: runner.feeds(tokens, mask, past_key_values=cache)
+             for scenario, (tokens, mask, cache) in timing_inputs(runner, ids, past).items()}
     result = {}
     with tempfile.TemporaryDirectory() as scratch:
         for scenario, feed in feeds.items():

@@ -25,9 +25,9 @@ from cqil.engines.distributed.per_rank import (
     rank_model,
 )
 from cqil.engines.distributed.tensor_parallel import apply_tensor_parallel
-from cqil.model.cqil import greedy_generate
 from cqil.model.decoder import positions_from_mask
 from cqil.model.plan import from_parallel_groups
+from cqil.model.steps import greedy_generate
 
 
 def _plan(path: Path, groups: list[list[int]], bypass: int):

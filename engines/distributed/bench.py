@@ -14,21 +14,17 @@ ratios against it are kept under each scenario's "rows".
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from cqil.engines.distributed.launch import RankContext
-from cqil.engines.latency import BenchResult, compare, ratio_ci, stats_ms
+from cqil.engines.latency import BenchResult, compare, interleaved_times, ratio_ci, stats_ms
 from cqil.model.errors import CqilError
-
-ROWS = ("one_process", "tensor_parallel", "cqil")
-LABELS = {"one_process": "one process", "tensor_parallel": "tensor parallel", "cqil": "CQIL per rank"}
-COLORS = {"one_process": "#8da0cb", "tensor_parallel": "#4c72b0", "cqil": "#dd8452"}
+from cqil.model.steps import HFStep, timing_calls
 
 
 @dataclass(frozen=True)
@@ -51,68 +47,19 @@ class RankBenchSettings:
             raise CqilError("--warmup must be >= 0 and --one-process-threads >= 1")
 
 
-def hf_calls(model, ids: torch.Tensor, past_len: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
-    """Prefill and decode-step callables over an HF model's own forward (one process and TP rows)."""
-    batch = ids.shape[0]
-    prefill_ids = ids[:, past_len:]
-    with torch.no_grad():
-        cache = model(ids[:, :past_len], use_cache=True).past_key_values
-    step_mask = torch.ones(batch, past_len + 1, dtype=torch.long, device=ids.device)
-    step_position = torch.full((batch, 1), past_len, dtype=torch.long, device=ids.device)
+def _rank_hooks(ctx: RankContext, threads: dict[str, int]) -> tuple[Callable[[str], None], Callable[[str], None]]:
+    """Timer hooks: switch threads and wait for every rank before a call, wait again after it."""
 
-    @torch.no_grad()
-    def prefill():
-        return model(prefill_ids, use_cache=True).logits
+    def before(name: str) -> None:
+        if torch.get_num_threads() != threads[name]:
+            torch.set_num_threads(threads[name])
+        dist.barrier()
 
-    @torch.no_grad()
-    def decode():
-        logits = model(ids[:, :1], attention_mask=step_mask, position_ids=step_position,
-                       past_key_values=cache, use_cache=True).logits
-        cache.crop(-1)  # the next round times the same step
-        return logits
-
-    return prefill, decode
+    return before, lambda _name: dist.barrier()
 
 
-def cqil_calls(model, ids: torch.Tensor, past_len: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
-    """Prefill and decode-step callables over a CqilModel (flat cache; the past is not grown)."""
-    batch = ids.shape[0]
-    prefill_mask = torch.ones(batch, ids.shape[1] - past_len, dtype=torch.long, device=ids.device)
-    with torch.no_grad():
-        _, presents = model(ids[:, :past_len], torch.ones(batch, past_len, dtype=torch.long, device=ids.device))
-    step_mask = torch.ones(batch, past_len + 1, dtype=torch.long, device=ids.device)
-
-    @torch.no_grad()
-    def prefill():
-        return model(ids[:, past_len:], prefill_mask)
-
-    @torch.no_grad()
-    def decode():
-        return model(ids[:, :1], step_mask, past_key_values=presents)
-
-    return prefill, decode
-
-
-def timed_rounds(ctx: RankContext, calls: dict[str, Callable[[], Any]], threads: dict[str, int],
-                 repeats: int, warmup: int) -> dict[str, np.ndarray]:
-    """Seconds per call, round-robin; a None call means this rank only waits at the barriers."""
-    import torch.distributed as dist
-
-    synchronize = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
-    times = {name: np.empty(repeats) for name in calls}
-    for i in range(-warmup, repeats):
-        for name, fn in calls.items():
-            if torch.get_num_threads() != threads[name]:
-                torch.set_num_threads(threads[name])
-            dist.barrier()
-            start = time.perf_counter()
-            if fn is not None:
-                fn()
-            synchronize()  # GPU work counts in the call that launched it
-            dist.barrier()
-            if i >= 0:
-                times[name][i] = time.perf_counter() - start
-    return times
+def _idle() -> None:
+    """A rank's share of a row that only rank 0 runs: wait at the barriers."""
 
 
 def run_rank_bench(ctx: RankContext, models: dict[str, Any], settings: RankBenchSettings) -> dict[str, Any] | None:
@@ -124,18 +71,21 @@ def run_rank_bench(ctx: RankContext, models: dict[str, Any], settings: RankBench
     generator = torch.Generator().manual_seed(settings.seed)
     vocab = models["tensor_parallel"].config.vocab_size
     ids = torch.randint(0, vocab, (settings.batch, settings.past + settings.seq), generator=generator).to(ctx.device)
-    pairs = {"one_process": hf_calls(models["one_process"], ids, settings.past) if ctx.rank == 0 else (None, None),
-             "tensor_parallel": hf_calls(models["tensor_parallel"], ids, settings.past),
-             "cqil": cqil_calls(models["cqil"], ids, settings.past)}
+    pairs = {"one_process": (timing_calls(HFStep(models["one_process"]), ids, settings.past) if ctx.rank == 0
+                             else (_idle, _idle)),
+             "tensor_parallel": timing_calls(HFStep(models["tensor_parallel"]), ids, settings.past),
+             "cqil": timing_calls(models["cqil"], ids, settings.past)}
     threads = {"one_process": settings.one_process_threads or ctx.world, "tensor_parallel": settings.rank_threads,
                "cqil": settings.rank_threads}
     shapes = {"prefill": {"batch": settings.batch, "seq": settings.seq, "past": 0},
               "decode": {"batch": settings.batch, "seq": 1, "past": settings.past}}
     repeats = {"prefill": settings.prefill_repeats, "decode": settings.decode_repeats}
+    before, after = _rank_hooks(ctx, threads)
+    synchronize = torch.cuda.synchronize if ctx.device.type == "cuda" else None  # GPU work counts where launched
     scenarios, rows = {}, {}
     for index, scenario in enumerate(("prefill", "decode")):
-        times = timed_rounds(ctx, {name: pair[index] for name, pair in pairs.items()}, threads,
-                             repeats[scenario], settings.warmup)
+        times = interleaved_times({name: pair[index] for name, pair in pairs.items()}, repeats[scenario],
+                                  settings.warmup, synchronize, before=before, after=after)
         scenarios[scenario] = compare(times["tensor_parallel"], times["cqil"], shapes[scenario], settings.seed)
         rows[scenario] = _rows(times, settings.seed)
     if ctx.rank != 0:
@@ -160,29 +110,3 @@ def _rows(times: dict[str, np.ndarray], seed: int) -> dict[str, Any]:
                       "ratio_to_one_process": round(float(np.median(times[name]) / np.median(single)), 6),
                       "ratio_to_one_process_ci": list(ratio_ci(single, times[name], seed=seed))}
     return rows
-
-
-def plot_rank_bench(result: dict[str, Any], path: Path) -> Path:
-    """PNG: p50 bar and p90 whisker per row and scenario; same result, same bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-    from cqil.engines.bench_chart import write_png
-
-    scenarios = list(result["scenarios"].items())
-    with matplotlib.rc_context({"font.family": "DejaVu Sans", "font.size": 9}):
-        fig, axes = plt.subplots(1, len(scenarios), figsize=(5 * len(scenarios), 2.8), squeeze=False)
-        for ax, (name, scenario) in zip(axes[0], scenarios):
-            rows = scenario["rows"]
-            p50 = [rows[row]["p50_ms"] for row in ROWS]
-            p90 = [rows[row]["p90_ms"] - rows[row]["p50_ms"] for row in ROWS]
-            ax.barh(range(len(ROWS)), p50, xerr=[[0] * len(ROWS), p90], color=[COLORS[r] for r in ROWS], capsize=3)
-            ax.set_yticks(range(len(ROWS)), [LABELS[r] for r in ROWS])
-            ax.invert_yaxis()
-            ax.set_xlabel("ms (bar p50, whisker p90)")
-            low, high = scenario["ratio_ci"]
-            shape = ", ".join(f"{k} {v}" for k, v in scenario["shape"].items())
-            ax.set_title(f"{name} ({shape}), {result['ranks']} ranks {result['backend']}\n"
-                         f"CQIL/TP {scenario['ratio']:.3f} [{low:.3f}, {high:.3f}]", fontsize=9)
-        return write_png(fig, path)

@@ -18,23 +18,25 @@ from cqil.pipeline.commands.ranks import add_rank_options
 
 
 def cmd_bench(args: argparse.Namespace) -> int | None:
+    from cqil.model.errors import CqilError
+
     if args.ranks is not None:  # --ranks P: one process vs TP vs CQIL on P processes (pipeline/commands/ranks.py)
         from cqil.pipeline.commands.ranks import launch_bench
 
+        if args.schedule != "sequential":
+            raise CqilError(f"--schedule {args.schedule} is for the one-process PyTorch rows; --ranks runs CQIL's "
+                            "per-rank schedule: drop one of them")
         return launch_bench(args)
     if args.onnx is None:
-        from cqil.model.errors import CqilError
-
         raise CqilError("--onnx is required (or --ranks P for the multi-process bench of the PyTorch model)")
-    from cqil.engines.bench import BenchSettings, run_bench
-    from cqil.engines.bench_chart import plot_bench
-    from cqil.model.cqil import CqilModel
+    from cqil.engines.bench import BenchSettings, run_bench, schedule_models
+    from cqil.engines.bench_report import plot_bench, report_lines
     from cqil.model.fsutil import check_output_file
-    from cqil.model.plan import identity_plan
     from cqil.pipeline.reference import cached_reference
 
     settings = BenchSettings(batch=args.batch, seq=args.seq, past=args.past, prefill_repeats=args.prefill_repeats,
-                             decode_repeats=args.decode_repeats, warmup=args.warmup, threads=args.threads)
+                             decode_repeats=args.decode_repeats, warmup=args.warmup, threads=args.threads,
+                             schedule=args.schedule)
     chart = args.chart or (args.out.with_suffix(".png") if args.out else None)
     if chart is not None:
         check_output_file(chart, "--chart")
@@ -43,8 +45,7 @@ def cmd_bench(args: argparse.Namespace) -> int | None:
     torch_models = None
     if not args.no_torch:
         loaded = load_source(args, spec, onnx_path, plan)
-        torch_models = {"reference": CqilModel(loaded.model, identity_plan(plan.num_layers)),
-                        "candidate": CqilModel(loaded.model, plan)}
+        torch_models = schedule_models(loaded.model, plan, settings.schedule)
     result = run_bench(onnx_path, reference, settings, torch_models)
     if chart is not None:
         plot_bench(result, chart)
@@ -53,19 +54,9 @@ def cmd_bench(args: argparse.Namespace) -> int | None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{onnx_path} ({result['candidate']['plan']}) vs {result['reference']['onnx']}, "
-          f"{', '.join(result['providers'])}, threads {settings.threads or 'default'}")
-    for name, scenario in result["scenarios"].items():
-        rows = {"ORT reference": scenario["reference"], "ORT candidate": scenario["candidate"],
-                **{key.replace("pytorch_", "PyTorch "): value for key, value in scenario.get("rows", {}).items()}}
-        print(f"{name} {scenario['shape']}:")
-        for label, stats in rows.items():
-            print(f"  {label:<18} p50 {stats['p50_ms']:9.3f} ms  p90 {stats['p90_ms']:9.3f}  p99 {stats['p99_ms']:9.3f}")
-        low, high = scenario["ratio_ci"]
-        print(f"  ratio candidate/reference {scenario['ratio']:.3f} [{low:.3f}, {high:.3f}], "
-              f"ideal depth ratio {result['ideal_depth_ratio']:.3f}")
-    if chart is not None:
-        print(f"chart: {chart}")
+    print("\n".join(report_lines(result, f"{onnx_path} ({result['candidate']['plan']}) vs {result['reference']['onnx']}, "
+                                          f"{', '.join(result['providers'])}, threads {settings.threads or 'default'}, "
+                                          f"PyTorch schedule {settings.schedule}")))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -83,6 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--warmup", type=NON_NEGATIVE, default=3, help="untimed rounds first (default %(default)s)")
     b.add_argument("--threads", type=POSITIVE, default=None, help="ONNX Runtime and torch threads")
     b.add_argument("--no-torch", action="store_true", help="skip the eager PyTorch rows")
+    b.add_argument("--schedule", choices=("sequential", "streams", "packed"), default="sequential",
+                   help="how the PyTorch rows run a group: sequential, streams (CUDA) or packed (default %(default)s)")
     b.add_argument("--out", type=OUTPUT_FILE, help="write the cqil-bench/1 JSON here (e.g. latency.json; chart beside it)")
     b.add_argument("--chart", type=OUTPUT_FILE, help="PNG chart path (default: --out with .png)")
     b.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -8,14 +8,16 @@ from cqil.pipeline.commands.options import INPUT_PATH, NON_NEGATIVE, OUTPUT_FILE
 
 
 def cmd_engine(args: argparse.Namespace) -> None:
-    from cqil.engines import tensorrt as trt_engine
+    from cqil.engines.tensorrt.build import build_engine, import_tensorrt
+    from cqil.engines.tensorrt.script import write_engine_files
+    from cqil.engines.tensorrt.settings import EngineOptions, engine_settings
 
-    options = trt_engine.EngineOptions(
+    options = EngineOptions(
         precision=args.precision, aux_streams=args.aux_streams, opt_batch=args.opt_batch,
         max_batch=args.max_batch, opt_seq=args.opt_seq, max_seq=args.max_seq, opt_past=args.opt_past,
         max_context=args.max_context, workspace_mib=args.workspace_mib, timing_cache=args.timing_cache)
-    settings = trt_engine.engine_settings(args.onnx, args.out, options)
-    written = trt_engine.write_engine_files(settings, settings.onnx.parent)
+    settings = engine_settings(args.onnx, args.out, options)
+    written = write_engine_files(settings, settings.onnx.parent)
     spec = settings.spec
     groups = f"plan {spec.plan.describe()}" if spec.plan else "no plan metadata"
     print(f"{settings.onnx}: {spec.num_layers} layers, cache {spec.kv_dtype}, {groups}")
@@ -23,11 +25,11 @@ def cmd_engine(args: argparse.Namespace) -> None:
     print(f"max_aux_streams {settings.aux_streams}, precision {options.precision}")
     print(f"wrote {written['build_engine.sh']} (polygraphy convert), {written['check_engine.sh']} "
           f"(polygraphy run --onnxrt --trt) and {written['data_loader.py']} for a GPU host")
-    if trt_engine.import_tensorrt() is None:
+    if import_tensorrt() is None:
         print(f"TensorRT is not installed here: the engine was NOT built and {args.out} was not written. "
               f"Run {written['build_engine.sh']} on a GPU host with TensorRT 10.")
         return
-    trt_engine.build_engine(settings)
+    build_engine(settings)
     print(f"built {settings.engine}; layer information {settings.layer_info}; timing cache {settings.timing_cache}")
 
 

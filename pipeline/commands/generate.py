@@ -18,8 +18,9 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
         from cqil.pipeline.commands.ranks import launch_generate
 
         return launch_generate(args)
-    from cqil.model.cqil import CqilModel, greedy_generate
+    from cqil.model.cqil import CqilModel
     from cqil.model.plan import identity_plan
+    from cqil.model.steps import greedy_generate
     from cqil.pipeline.plan_choice import PlanChoice, resolve_plan
     from cqil.pipeline.sources import load_model
 

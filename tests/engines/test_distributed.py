@@ -101,8 +101,9 @@ def full_model(model_dir: Path):
 
 def reference(model_dir: Path, groups, bypass, data):
     """The one-process CqilModel on the same inputs: prefill, three cached decode steps, greedy tokens."""
-    from cqil.model.cqil import CqilModel, greedy_generate
+    from cqil.model.cqil import CqilModel
     from cqil.model.plan import from_parallel_groups
+    from cqil.model.steps import greedy_generate
 
     hf = full_model(model_dir)
     model = CqilModel(hf, from_parallel_groups(groups, hf.config.num_hidden_layers, bypass))

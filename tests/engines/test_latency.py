@@ -28,6 +28,27 @@ def test_interleaved_times_runs_round_robin_after_warmup():
         latency.interleaved_times({"a": lambda: None}, repeats=0)
 
 
+def test_interleaved_times_calls_hooks_around_each_call_inside_the_clock(monkeypatch):
+    """before(name), the call, synchronize, after(name) — the clock reads after before and after after."""
+    events = []
+    clock = iter(range(1000))
+
+    def perf_counter():
+        tick = next(clock)
+        events.append("clock")
+        return tick
+
+    monkeypatch.setattr(latency.time, "perf_counter", perf_counter)
+    times = latency.interleaved_times({"a": lambda: events.append("a"), "b": lambda: events.append("b")},
+                                      repeats=2, warmup=1, synchronize=lambda: events.append("sync"),
+                                      before=lambda name: events.append(f"before {name}"),
+                                      after=lambda name: events.append(f"after {name}"))
+    call = lambda name: ["before " + name, "clock", name, "sync", "after " + name, "clock"]
+    warm = ["before a", "a", "after a", "before b", "b", "after b", "sync"]
+    assert events == warm + (call("a") + call("b")) * 2  # interleaved a b a b, hooks inside every timed call
+    assert all(list(t) == [1.0, 1.0] for t in times.values())  # start and stop read one tick apart per call
+
+
 def test_stats_are_numpy_percentiles_in_ms():
     seconds = np.random.default_rng(3).gamma(2.0, 0.01, size=257)
     stats = latency.stats_ms(seconds)

@@ -13,12 +13,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from cqil.engines import tensorrt as trt_engine
+from cqil.engines.tensorrt import script as trt_script
+from cqil.engines.tensorrt import settings as trt_settings
 from cqil.export.contract import output_names, past_names
 from cqil.model.cqil import CqilModel
 from cqil.model.plan import Plan
 
-OPTIONS = trt_engine.EngineOptions(opt_batch=2, max_batch=2, opt_seq=7, max_seq=16, opt_past=5, max_context=32)
+OPTIONS = trt_settings.EngineOptions(opt_batch=2, max_batch=2, opt_seq=7, max_seq=16, opt_past=5, max_context=32)
 TOL = 1e-4
 
 
@@ -28,8 +29,8 @@ def check_dir(tiny_cqil_onnx, tmp_path_factory):
     folder = tmp_path_factory.mktemp("check")
     for path in tiny_cqil_onnx[1].iterdir():
         (folder / path.name).write_bytes(path.read_bytes())
-    settings = trt_engine.engine_settings(folder, folder / "model.plan", OPTIONS)
-    trt_engine.write_engine_files(settings, folder)
+    settings = trt_settings.engine_settings(folder, folder / "model.plan", OPTIONS)
+    trt_script.write_engine_files(settings, folder)
     return folder
 
 

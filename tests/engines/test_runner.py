@@ -18,7 +18,7 @@ import pytest
 import torch
 from cqil.engines.onnxruntime import OrtRunner
 from cqil.engines.runner import ContractRunner
-from cqil.engines.tensorrt import TensorRTRunner
+from cqil.engines.tensorrt.runner import TensorRTRunner
 from cqil.export.contract import read_contract
 from cqil.model.errors import CqilError
 from polygraphy.exception import PolygraphyException

@@ -16,8 +16,10 @@ import types
 from pathlib import Path
 
 import pytest
-from cqil.engines import tensorrt as trt_engine
-from cqil.engines.tensorrt import EngineOptions, ShapeRange
+from cqil.engines.tensorrt import build as trt_build
+from cqil.engines.tensorrt import script as trt_script
+from cqil.engines.tensorrt import settings as trt_settings
+from cqil.engines.tensorrt.settings import EngineOptions, ShapeRange
 from cqil.export.contract import PLAN_KEY
 from cqil.model.errors import CqilError
 from cqil.model.plan import Plan
@@ -85,7 +87,7 @@ FP16 = EngineOptions(precision="fp16", workspace_mib=2048, opt_batch=2, max_batc
 
 
 def test_profiles_follow_the_contract(onnx_dir, tmp_path):
-    settings = trt_engine.engine_settings(onnx_dir, tmp_path / "trt" / "model.plan", OPTIONS)
+    settings = trt_settings.engine_settings(onnx_dir, tmp_path / "trt" / "model.plan", OPTIONS)
     assert settings.aux_streams == 2  # largest group (3 layers) - 1
     prefill, decode = settings.profiles
     expected_inputs = ["input_ids", "attention_mask", "position_ids"] + [
@@ -102,15 +104,15 @@ def test_profiles_follow_the_contract(onnx_dir, tmp_path):
 def test_position_ids_optional_and_aux_override(tmp_path):
     path = write_contract_onnx(tmp_path / "m.onnx", plan=None, position_ids=False)
     with pytest.raises(CqilError, match="--aux-streams"):
-        trt_engine.engine_settings(path, tmp_path / "e.plan", OPTIONS)
-    settings = trt_engine.engine_settings(path, tmp_path / "e.plan", EngineOptions(aux_streams=0))
+        trt_settings.engine_settings(path, tmp_path / "e.plan", OPTIONS)
+    settings = trt_settings.engine_settings(path, tmp_path / "e.plan", EngineOptions(aux_streams=0))
     assert settings.aux_streams == 0 and "position_ids" not in settings.profiles[0]
 
 
 def test_loader_chain_and_its_arguments(onnx_dir, tmp_path, fake_trt):
     """SaveEngine(EngineFromNetwork(NetworkFromOnnxPath(onnx), CreateConfig(...))) — built, not called."""
-    settings = trt_engine.engine_settings(onnx_dir, tmp_path / "trt" / "model.plan", FP16)
-    loader = trt_engine.engine_loader(settings, tmp_path / "out.plan")
+    settings = trt_settings.engine_settings(onnx_dir, tmp_path / "trt" / "model.plan", FP16)
+    loader = trt_build.engine_loader(settings, tmp_path / "out.plan")
     assert isinstance(loader, SaveEngine) and loader.path == str(tmp_path / "out.plan")
     build = loader._engine
     assert isinstance(build, EngineFromNetwork)
@@ -129,7 +131,7 @@ def test_loader_chain_and_its_arguments(onnx_dir, tmp_path, fake_trt):
             assert tuple(getattr(prefill[name], which)) == getattr(settings.profiles[0][name], which)
             assert tuple(getattr(decode[name], which)) == getattr(settings.profiles[1][name], which)
     assert tuple(decode["attention_mask"].max) == (4, 256)
-    bf16 = trt_engine.create_config(trt_engine.engine_settings(onnx_dir, tmp_path / "e.plan",
+    bf16 = trt_build.create_config(trt_settings.engine_settings(onnx_dir, tmp_path / "e.plan",
                                                                EngineOptions(precision="bf16", aux_streams=5)))
     assert bf16.bf16 and not bf16.fp16 and bf16.max_aux_streams == 5 and bf16.memory_pool_limits is None
 
@@ -153,7 +155,7 @@ def assert_config_matches(tool, settings, base: Path) -> None:
     """Polygraphy's parsed TensorRT config equals the CreateConfig that `cqil engine` builds."""
     from polygraphy.tools.args import TrtConfigArgs, TrtLoadEngineBytesArgs
 
-    parsed, ours = tool.arg_groups[TrtConfigArgs], trt_engine.create_config(settings)
+    parsed, ours = tool.arg_groups[TrtConfigArgs], trt_build.create_config(settings)
     assert len(parsed.profile_dicts) == len(ours.profiles) == 2
     for parsed_profile, profile in zip(parsed.profile_dicts, ours.profiles):
         assert list(parsed_profile) == list(profile)
@@ -173,8 +175,8 @@ def assert_config_matches(tool, settings, base: Path) -> None:
 def test_convert_command_parses_to_the_same_config(onnx_dir, tmp_path, fake_trt, options):
     from polygraphy.tools.args import ModelArgs, OnnxLoadArgs
 
-    settings = trt_engine.engine_settings(onnx_dir, tmp_path / "trt" / "model.plan", options)
-    command = trt_engine.convert_command(settings, onnx_dir)
+    settings = trt_settings.engine_settings(onnx_dir, tmp_path / "trt" / "model.plan", options)
+    command = trt_script.convert_command(settings, onnx_dir)
     assert command[:7] == ["polygraphy", "convert", "model.onnx", "--convert-to", "trt", "-o", "../trt/model.plan"]
     tool = parse_polygraphy("convert", command[2:], onnx_dir)
     assert tool.arg_groups[ModelArgs].model_type == "onnx"
@@ -187,8 +189,8 @@ def test_convert_command_parses_to_the_same_config(onnx_dir, tmp_path, fake_trt,
 def test_check_commands_parse_with_polygraphy_run(onnx_dir, tmp_path, fake_trt):
     from polygraphy.tools.args import CompareFuncSimpleArgs, DataLoaderArgs, RunnerSelectArgs, TrtRunnerArgs
 
-    settings = trt_engine.engine_settings(onnx_dir, tmp_path / "trt" / "model.plan", FP16)
-    commands = trt_engine.check_commands(settings, onnx_dir)
+    settings = trt_settings.engine_settings(onnx_dir, tmp_path / "trt" / "model.plan", FP16)
+    commands = trt_script.check_commands(settings, onnx_dir)
     for profile, loader, command in zip((0, 1), ("load_prefill", "load_decode"), commands):
         assert command[:3] == ["polygraphy", "run", "model.onnx"]
         tool = parse_polygraphy("run", command[2:], onnx_dir)
@@ -199,15 +201,15 @@ def test_check_commands_parse_with_polygraphy_run(onnx_dir, tmp_path, fake_trt):
         tolerances = tool.arg_groups[CompareFuncSimpleArgs]
         assert tolerances.atol == {"": 0.05, "logits": 0.25} and tolerances.rtol == {"": 0.02, "logits": 0.02}
         assert_config_matches(tool, settings, onnx_dir)
-    fp32 = trt_engine.engine_settings(onnx_dir, tmp_path / "trt" / "model.plan", OPTIONS)
-    tool = parse_polygraphy("run", trt_engine.check_commands(fp32, onnx_dir)[0][2:], onnx_dir)
+    fp32 = trt_settings.engine_settings(onnx_dir, tmp_path / "trt" / "model.plan", OPTIONS)
+    tool = parse_polygraphy("run", trt_script.check_commands(fp32, onnx_dir)[0][2:], onnx_dir)
     assert tool.arg_groups[CompareFuncSimpleArgs].atol == {"": 1e-3, "logits": 1e-3}
 
 
 def test_scripts_run_the_same_commands(onnx_dir, tmp_path):
     """Run build_engine.sh and check_engine.sh with a stand-in polygraphy that records its arguments."""
-    settings = trt_engine.engine_settings(onnx_dir, tmp_path / "trt" / "model.plan", OPTIONS)
-    written = trt_engine.write_engine_files(settings, onnx_dir)
+    settings = trt_settings.engine_settings(onnx_dir, tmp_path / "trt" / "model.plan", OPTIONS)
+    written = trt_script.write_engine_files(settings, onnx_dir)
     assert set(written) == {"build_engine.sh", "check_engine.sh", "data_loader.py"}
     for name in ("build_engine.sh", "check_engine.sh"):
         assert written[name] == onnx_dir / name and os.access(written[name], os.X_OK)
@@ -222,8 +224,8 @@ def test_scripts_run_the_same_commands(onnx_dir, tmp_path):
     subprocess.run(["bash", str(written["check_engine.sh"])], check=True, cwd=tmp_path, env=env)
     calls = [call.splitlines() for call in record.read_text().split("--\n")[:-1]]
     assert all(Path(call[0]) == onnx_dir.resolve() for call in calls)
-    expected = [trt_engine.convert_command(settings, onnx_dir), trt_engine.inspect_command(settings, onnx_dir),
-                *trt_engine.check_commands(settings, onnx_dir)]
+    expected = [trt_script.convert_command(settings, onnx_dir), trt_script.inspect_command(settings, onnx_dir),
+                *trt_script.check_commands(settings, onnx_dir)]
     assert [call[1:] for call in calls] == [command[1:] for command in expected]
     assert (tmp_path / "trt").is_dir()  # the script makes the engine's folder
     assert (tmp_path / "trt" / "model.layers.txt").read_text() == "LAYERS\n"
@@ -245,18 +247,18 @@ def fake_build(trt, calls: list, fail: bool = False):
 
 
 def test_build_engine_saves_last_and_cleans_up(onnx_dir, tmp_path, fake_trt, monkeypatch):
-    settings = trt_engine.engine_settings(onnx_dir, tmp_path / "trt" / "model.plan", OPTIONS)
+    settings = trt_settings.engine_settings(onnx_dir, tmp_path / "trt" / "model.plan", OPTIONS)
     calls: list = []
-    monkeypatch.setattr(trt_engine, "engine_loader", fake_build(fake_trt, calls))
-    assert trt_engine.build_engine(settings) == tmp_path / "trt" / "model.plan"
+    monkeypatch.setattr(trt_build, "engine_loader", fake_build(fake_trt, calls))
+    assert trt_build.build_engine(settings) == tmp_path / "trt" / "model.plan"
     assert calls[0][1] == tmp_path / "trt" / "model.plan.partial"  # saved under a partial name, renamed last
     assert (tmp_path / "trt" / "model.plan").read_bytes() == b"PLAN"
     assert json.loads((tmp_path / "trt" / "model.layers.json").read_text()) == {"format": "JSON"}
     assert not (tmp_path / "trt" / "model.plan.partial").exists()
-    failed = trt_engine.engine_settings(onnx_dir, tmp_path / "bad" / "model.plan", OPTIONS)
-    monkeypatch.setattr(trt_engine, "engine_loader", fake_build(fake_trt, calls, fail=True))
+    failed = trt_settings.engine_settings(onnx_dir, tmp_path / "bad" / "model.plan", OPTIONS)
+    monkeypatch.setattr(trt_build, "engine_loader", fake_build(fake_trt, calls, fail=True))
     with pytest.raises(CqilError, match="could not build an engine") as info:
-        trt_engine.build_engine(failed)
+        trt_build.build_engine(failed)
     assert "\n" not in str(info.value) and "Invalid Engine" in str(info.value)
     assert list((tmp_path / "bad").iterdir()) == []  # nothing half-written
 
@@ -275,7 +277,7 @@ def test_cli_engine_without_tensorrt_writes_the_scripts_only(onnx_dir, tmp_path,
 
 def test_cli_engine_with_tensorrt_builds(onnx_dir, tmp_path, capsys, monkeypatch, fake_trt):
     calls: list = []
-    monkeypatch.setattr(trt_engine, "engine_loader", fake_build(fake_trt, calls))
+    monkeypatch.setattr(trt_build, "engine_loader", fake_build(fake_trt, calls))
     out = tmp_path / "trt" / "model.plan"
     assert main(["engine", "--onnx", str(onnx_dir), "--out", str(out), "--aux-streams", "1"]) == 0
     assert out.read_bytes() == b"PLAN" and calls[0][0].aux_streams == 1

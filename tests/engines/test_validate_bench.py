@@ -173,7 +173,7 @@ def test_bench_json_gate_chart_and_cached_reference(tiny_cqil_onnx, bench_cache,
 
 
 def test_run_bench_function_and_chart_bytes(tiny_cqil_onnx, bench_cache, tmp_path):
-    from cqil.engines.bench_chart import plot_bench
+    from cqil.engines.bench_report import plot_bench
 
     reference = next((bench_cache / "reference").iterdir(), None)
     if reference is None:  # run alone: make the cached reference first
@@ -210,3 +210,37 @@ def test_interleaved_rows_keep_numpy_medians():
     rows = _torch_rows({"pytorch_reference": ref, "pytorch_candidate": cand}, seed=0)
     assert rows["pytorch_candidate"]["ratio"] == pytest.approx(4.0 / 2.5)
     assert rows["pytorch_reference"]["p50_ms"] == pytest.approx(2500.0)
+
+
+def test_bench_schedule_packed_times_the_packed_pytorch_model(tiny_cqil_onnx, bench_cache, tmp_path, capsys):
+    """--schedule reaches every PyTorch schedule: packed stacks the CQIL groups; streams needs CUDA."""
+    from cqil.engines.bench import schedule_models
+    from transformers import AutoModelForCausalLM
+
+    status, stdout, _ = run_cli(["bench", "--onnx", str(tiny_cqil_onnx[1]), *FAST_BENCH, "--schedule", "packed",
+                                 "--json"], capsys)
+    assert status == 0
+    result = json.loads(stdout)
+    assert result["settings"]["schedule"] == "packed"
+    assert set(result["scenarios"]["decode"]["rows"]) == {"pytorch_reference", "pytorch_candidate"}
+    hf = AutoModelForCausalLM.from_pretrained(tiny_cqil_onnx[0]).eval()
+    packed, sequential = schedule_models(hf, PLAN, "packed"), schedule_models(hf, PLAN, "sequential")
+    assert list(packed["candidate"].packed) == ["1"] and not sequential["candidate"].packed  # group 1-3 packed
+    assert not packed["reference"].packed  # the original model has no group to pack
+    ids = torch.randint(3, 384, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (packed["candidate"](ids)[0] - sequential["candidate"](ids)[0]).abs().max() < 1e-4
+    status, _, err = run_cli(["bench", "--ranks", "2", "--model", str(tiny_cqil_onnx[0]), "--schedule", "packed"], capsys)
+    assert status == 2 and "--schedule packed is for the one-process PyTorch rows" in err  # refused before launch
+    if not torch.cuda.is_available():
+        status, _, err = run_cli(["bench", "--onnx", str(tiny_cqil_onnx[1]), "--schedule", "streams"], capsys)
+        assert status == 2 and "--schedule streams" in err and "needs a CUDA GPU" in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the streams schedule needs a CUDA GPU")
+def test_bench_schedule_streams_times_pytorch_on_cuda_streams(tiny_cqil_onnx, bench_cache, capsys):
+    status, stdout, _ = run_cli(["bench", "--onnx", str(tiny_cqil_onnx[1]), *FAST_BENCH, "--schedule", "streams",
+                                 "--json"], capsys)
+    assert status == 0
+    result = json.loads(stdout)
+    assert result["settings"]["schedule"] == "streams" and "pytorch_candidate" in result["scenarios"]["decode"]["rows"]

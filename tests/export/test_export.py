@@ -15,8 +15,9 @@ import pytest
 import torch
 from cqil.export import contract
 from cqil.export.check import check_branch_structure
-from cqil.model.cqil import CqilModel, greedy_generate
+from cqil.model.cqil import CqilModel
 from cqil.model.plan import Plan
+from cqil.model.steps import greedy_generate
 from cqil.pipeline.cli import main
 
 from tests.helpers import tiny_model

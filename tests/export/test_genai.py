@@ -17,9 +17,10 @@ import torch
 from cqil.engines.genai import GenaiModel
 from cqil.export.genai_config import GENAI_CONFIG_FILE, genai_config
 from cqil.export.tokenizer_files import portable_tokenizer_config
-from cqil.model.cqil import CqilModel, greedy_generate
+from cqil.model.cqil import CqilModel
 from cqil.model.errors import CqilError
 from cqil.model.plan import Plan, identity_plan, uniform_plan
+from cqil.model.steps import greedy_generate
 from cqil.pipeline.cli import main
 from cqil.pipeline.sources import load_model
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cqil.model.cqil import CqilModel, greedy_generate
+from cqil.model.cqil import CqilModel
 from cqil.model.plan import Plan, from_parallel_groups, identity_plan
 
 from tests.helpers import FAMILIES, tiny_model
@@ -164,28 +164,3 @@ def test_padded_batch_equals_unpadded_rows(side):
             cols = mask[row].bool()
             alone, _ = model(ids[row:row + 1, cols])
             assert (batched[row, cols] - alone[0]).abs().max() <= 1e-5
-
-
-def test_greedy_generate_matches_manual_argmax_loop():
-    model = _cqil()
-    ids = torch.randint(3, model.hf.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        new = greedy_generate(model, ids, torch.ones_like(ids), max_new_tokens=5)
-        seq = ids
-        for _ in range(5):
-            token = model(seq)[0][:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, token], 1)
-    assert new.tolist() == seq[:, 6:].tolist()
-
-
-def test_greedy_generate_left_padded_batch_matches_single_rows():
-    model = _cqil()
-    vocab = model.hf.config.vocab_size
-    short = torch.randint(3, vocab, (1, 4), generator=torch.Generator().manual_seed(5))
-    long = torch.randint(3, vocab, (1, 7), generator=torch.Generator().manual_seed(6))
-    batch = torch.cat([torch.cat([torch.full((1, 3), 2), short], 1), long])
-    mask = torch.ones_like(batch)
-    mask[0, :3] = 0
-    new = greedy_generate(model, batch, mask, max_new_tokens=4)
-    assert new[0].tolist() == greedy_generate(model, short, torch.ones_like(short), 4)[0].tolist()
-    assert new[1].tolist() == greedy_generate(model, long, torch.ones_like(long), 4)[0].tolist()

@@ -1,0 +1,109 @@
+"""What an engine is built with: the user's options, and the profiles and aux-stream count read from the ONNX.
+
+Pure: nothing here imports TensorRT, so settings are made and checked on any machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cqil.export.contract import TOKEN_INPUTS, ContractSpec, find_onnx, past_pair, read_contract
+from cqil.model.errors import CqilError
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+PREFILL, DECODE = 0, 1  # optimization profile indices
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    min: Shape
+    opt: Shape
+    max: Shape
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What a user asks of an engine: precision, shape ranges, builder limits (`cqil engine` options)."""
+
+    precision: str = "fp32"
+    aux_streams: int | None = None  # None: the largest group size of the ONNX's plan, minus one
+    opt_batch: int = 1
+    max_batch: int = 1
+    opt_seq: int = 128  # prefill tokens
+    max_seq: int = 512
+    opt_past: int = 256  # decode cache length
+    max_context: int = 1024  # past + seq, the attention window the engine accepts
+    workspace_mib: int | None = None
+    timing_cache: Path | None = None  # None: timing.cache beside the engine
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise CqilError(f"--precision {self.precision} is not one of {', '.join(PRECISIONS)}")
+        if self.aux_streams is not None and self.aux_streams < 0:
+            raise CqilError(f"--aux-streams {self.aux_streams} must be 0 or more")
+        for low, high, what in ((self.opt_batch, self.max_batch, "batch"), (self.opt_seq, self.max_seq, "seq"),
+                                (self.opt_past, self.max_context - 1, "past")):
+            if not 1 <= low <= high:
+                raise CqilError(f"{what} range: need 1 <= opt {low} <= max {high} "
+                                "(check --opt-/--max- options; max past is --max-context minus 1)")
+        if self.max_seq > self.max_context:
+            raise CqilError(f"--max-seq {self.max_seq} exceeds --max-context {self.max_context}")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """One engine's build settings, resolved against its ONNX before TensorRT is touched."""
+
+    onnx: Path
+    engine: Path
+    options: EngineOptions
+    aux_streams: int
+    profiles: tuple[dict[str, ShapeRange], ...]
+    spec: ContractSpec = field(compare=False)
+
+    @property
+    def layer_info(self) -> Path:
+        return self.engine.with_suffix(".layers.json")
+
+    @property
+    def timing_cache(self) -> Path:
+        return self.options.timing_cache or self.engine.with_name("timing.cache")
+
+
+def default_aux_streams(spec: ContractSpec, onnx_path: Path) -> int:
+    if spec.plan is None:
+        raise CqilError(f"'{onnx_path}' carries no cqil.plan metadata, so the group size is unknown: "
+                        "pass --aux-streams N (N = largest group size - 1; 0 for the original model)")
+    return spec.plan.max_group_size - 1
+
+
+def derive_profiles(spec: ContractSpec, options: EngineOptions) -> tuple[dict[str, ShapeRange], ...]:
+    """Prefill (batch x seq, past 0) and decode (batch x past, seq 1) ranges for every contract input."""
+    o = options
+    batch = (1, o.opt_batch, o.max_batch)
+    prefill = _profile(spec, batch, seq=(1, o.opt_seq, o.max_seq), past=(0, 0, 0))
+    decode = _profile(spec, batch, seq=(1, 1, 1), past=(1, o.opt_past, o.max_context - 1))
+    return prefill, decode
+
+
+def _profile(spec: ContractSpec, batch: Shape, seq: Shape, past: Shape) -> dict[str, ShapeRange]:
+    def ranges(make) -> ShapeRange:
+        return ShapeRange(*(make(i) for i in range(3)))
+
+    tokens = ranges(lambda i: (batch[i], seq[i]))
+    shapes = dict(zip(TOKEN_INPUTS, (tokens, ranges(lambda i: (batch[i], past[i] + seq[i])), tokens)))
+    cache = ranges(lambda i: (batch[i], spec.kv_heads, past[i], spec.head_dim))
+    for layer in range(spec.num_layers):
+        for name in past_pair(layer):
+            shapes[name] = cache
+    return {name: shapes[name] for name in spec.inputs}
+
+
+def engine_settings(onnx: Path, engine: Path, options: EngineOptions) -> EngineSettings:
+    """Read the ONNX contract and derive the profiles and the aux-stream count."""
+    onnx_path = find_onnx(onnx)
+    spec = read_contract(onnx_path)
+    aux = options.aux_streams if options.aux_streams is not None else default_aux_streams(spec, onnx_path)
+    return EngineSettings(onnx_path, Path(engine), options, aux, derive_profiles(spec, options), spec)
