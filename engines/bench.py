@@ -24,26 +24,27 @@ import torch
 from cqil.engines.latency import BenchResult, compare, interleaved_times, ratio_ci, stats_ms
 from cqil.export.contract import LAYOUT_KEY, find_onnx
 from cqil.model.errors import CqilError
+from cqil.model.settings import NON_NEGATIVE, POSITIVE, check_fields, setting
 
 
 @dataclass(frozen=True)
 class BenchSettings:
-    batch: int = 1
-    seq: int = 128  # prefill tokens per row
-    past: int = 128  # decode context
-    prefill_repeats: int = 20
-    decode_repeats: int = 100
-    warmup: int = 3
-    threads: int | None = None  # ORT intra-op threads and torch threads; None: the libraries' default
+    """What `cqil bench` times (its flags, the build's [bench] section, the `--ranks` worker's argv)."""
+
+    batch: int = setting(1, "rows per call (default %(default)s)", check=POSITIVE)
+    seq: int = setting(128, "prefill tokens (default %(default)s)", check=POSITIVE)
+    past: int = setting(128, "decode context length (default %(default)s)", check=POSITIVE)
+    prefill_repeats: int = setting(20, "timed prefill rounds (default %(default)s)", check=POSITIVE,
+                                   toml_aliases=("repeats",))
+    decode_repeats: int = setting(100, "timed decode rounds (default %(default)s)", check=POSITIVE)
+    warmup: int = setting(3, "untimed rounds first (default %(default)s)", check=NON_NEGATIVE)
+    # ORT intra-op threads and torch threads; None (0 in TOML): the libraries' default
+    threads: int | None = setting(None, "ONNX Runtime and torch threads", check=POSITIVE, unset=0)
     providers: tuple[str, ...] | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("batch", "seq", "past", "prefill_repeats", "decode_repeats"):
-            if getattr(self, name) < 1:
-                raise CqilError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
-        if self.warmup < 0 or (self.threads is not None and self.threads < 1):
-            raise CqilError(f"--warmup {self.warmup} must be >= 0 and --threads {self.threads} >= 1")
+        check_fields(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

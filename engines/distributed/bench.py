@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from cqil.engines.distributed.launch import RankContext
 from cqil.engines.latency import BenchResult, compare, ratio_ci, stats_ms
-from cqil.model.errors import CqilError
+from cqil.engines.bench import BenchSettings
+from cqil.model.settings import POSITIVE, setting
 
 ROWS = ("one_process", "tensor_parallel", "cqil")
 LABELS = {"one_process": "one process", "tensor_parallel": "tensor parallel", "cqil": "CQIL per rank"}
@@ -32,23 +33,13 @@ COLORS = {"one_process": "#8da0cb", "tensor_parallel": "#4c72b0", "cqil": "#dd84
 
 
 @dataclass(frozen=True)
-class RankBenchSettings:
-    batch: int = 1
-    seq: int = 128
-    past: int = 128
-    prefill_repeats: int = 10
-    decode_repeats: int = 50
-    warmup: int = 3
-    one_process_threads: int | None = None  # default: the number of ranks
-    rank_threads: int = 1
-    seed: int = 0
+class RankBenchSettings(BenchSettings):
+    """`cqil bench`'s settings on P ranks: `threads` are each rank's; the one-process row has its own count."""
 
-    def __post_init__(self) -> None:
-        for name in ("batch", "seq", "past", "prefill_repeats", "decode_repeats", "rank_threads"):
-            if getattr(self, name) < 1:
-                raise CqilError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
-        if self.warmup < 0 or (self.one_process_threads is not None and self.one_process_threads < 1):
-            raise CqilError("--warmup must be >= 0 and --one-process-threads >= 1")
+    threads: int | None = setting(1, "torch threads of each rank (default %(default)s)",
+                                  flags=("--threads", "--rank-threads"), check=POSITIVE, toml=False)
+    one_process_threads: int | None = setting(None, "threads of the one-process row (default: ranks x --threads)",
+                                              check=POSITIVE, toml=False)
 
 
 def hf_calls(model, ids: torch.Tensor, past_len: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
@@ -127,8 +118,8 @@ def run_rank_bench(ctx: RankContext, models: dict[str, Any], settings: RankBench
     pairs = {"one_process": hf_calls(models["one_process"], ids, settings.past) if ctx.rank == 0 else (None, None),
              "tensor_parallel": hf_calls(models["tensor_parallel"], ids, settings.past),
              "cqil": cqil_calls(models["cqil"], ids, settings.past)}
-    threads = {"one_process": settings.one_process_threads or ctx.world, "tensor_parallel": settings.rank_threads,
-               "cqil": settings.rank_threads}
+    threads = {"one_process": settings.one_process_threads or ctx.world, "tensor_parallel": settings.threads,
+               "cqil": settings.threads}
     shapes = {"prefill": {"batch": settings.batch, "seq": settings.seq, "past": 0},
               "decode": {"batch": settings.batch, "seq": 1, "past": settings.past}}
     repeats = {"prefill": settings.prefill_repeats, "decode": settings.decode_repeats}
