@@ -15,39 +15,15 @@ Where the reference ONNX comes from when none is given is orchestration: pipelin
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from cqil.engines.bench_settings import BenchSettings
 from cqil.engines.latency import BenchResult, compare, interleaved_times, ratio_ci, stats_ms
 from cqil.export.contract import LAYOUT_KEY, find_onnx
 from cqil.model.errors import CqilError
-from cqil.model.settings import NON_NEGATIVE, POSITIVE, check_fields, setting
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    """What `cqil bench` times (its flags, the build's [bench] section, the `--ranks` worker's argv)."""
-
-    batch: int = setting(1, "rows per call (default %(default)s)", check=POSITIVE)
-    seq: int = setting(128, "prefill tokens (default %(default)s)", check=POSITIVE)
-    past: int = setting(128, "decode context length (default %(default)s)", check=POSITIVE)
-    prefill_repeats: int = setting(20, "timed prefill rounds (default %(default)s)", check=POSITIVE,
-                                   toml_aliases=("repeats",))
-    decode_repeats: int = setting(100, "timed decode rounds (default %(default)s)", check=POSITIVE)
-    warmup: int = setting(3, "untimed rounds first (default %(default)s)", check=NON_NEGATIVE)
-    # ORT intra-op threads and torch threads; None (0 in TOML): the libraries' default
-    threads: int | None = setting(None, "ONNX Runtime and torch threads", check=POSITIVE, unset=0)
-    providers: tuple[str, ...] | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 # -- timing -----------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ PROGRAM = "cqil-ranks"
 
 def build_parser() -> argparse.ArgumentParser:
     """The worker's options: those of `cqil generate` / `cqil bench`, made from the same settings classes."""
-    from cqil.engines.distributed.bench import RankBenchSettings
+    from cqil.engines.bench_settings import RankBenchSettings
     from cqil.pipeline.cli import Parser
     from cqil.pipeline.commands.bench import BenchOutput
     from cqil.pipeline.commands.generate import GenerateSettings

@@ -36,7 +36,8 @@ def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: ty
     messages (pipeline/cli.py names `option_strings[-1]`) use today's."""
     for field, spell in _chosen(cls, only, skip):
         default = (defaults or {}).get(field.name, field.default)
-        kwargs: dict[str, Any] = {"dest": field.name, "help": spell.help}
+        shown = spell.to_text(default) if isinstance(default, tuple) else "%(default)s"
+        kwargs: dict[str, Any] = {"dest": field.name, "help": spell.help.replace("%(default)s", shown)}
         if spell.check is None:
             kwargs.update(action="store_true", default=bool(default) if default is not dataclasses.MISSING else False)
         else:

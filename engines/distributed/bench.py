@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,22 +24,11 @@ import numpy as np
 import torch
 from cqil.engines.distributed.launch import RankContext
 from cqil.engines.latency import BenchResult, compare, ratio_ci, stats_ms
-from cqil.engines.bench import BenchSettings
-from cqil.model.settings import POSITIVE, setting
+from cqil.engines.bench_settings import RankBenchSettings
 
 ROWS = ("one_process", "tensor_parallel", "cqil")
 LABELS = {"one_process": "one process", "tensor_parallel": "tensor parallel", "cqil": "CQIL per rank"}
 COLORS = {"one_process": "#8da0cb", "tensor_parallel": "#4c72b0", "cqil": "#dd8452"}
-
-
-@dataclass(frozen=True)
-class RankBenchSettings(BenchSettings):
-    """`cqil bench`'s settings on P ranks: `threads` are each rank's; the one-process row has its own count."""
-
-    threads: int | None = setting(1, "torch threads of each rank (default %(default)s)",
-                                  flags=("--threads", "--rank-threads"), check=POSITIVE, toml=False)
-    one_process_threads: int | None = setting(None, "threads of the one-process row (default: ranks x --threads)",
-                                              check=POSITIVE, toml=False)
 
 
 def hf_calls(model, ids: torch.Tensor, past_len: int) -> tuple[Callable[[], Any], Callable[[], Any]]:

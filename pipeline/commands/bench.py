@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from cqil.engines.bench import BenchSettings
+from cqil.engines.bench_settings import BenchSettings
 from cqil.model.settings import setting
 from cqil.pipeline.commands.onnx_source import load_source, onnx_and_plan, write_json
 from cqil.pipeline.commands.options import INPUT_PATH, JSON_FILE, OUTPUT_FILE, add_model_options

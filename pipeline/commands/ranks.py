@@ -76,7 +76,7 @@ def launch_generate(args: argparse.Namespace, settings) -> int:
 def launch_bench(args: argparse.Namespace, settings, output) -> int:
     """`cqil bench --ranks P`: one process vs tensor parallel vs CQIL on P processes, interleaved;
     `settings` (BenchSettings) with --threads as each rank's threads, `output` where rank 0 writes."""
-    from cqil.engines.distributed.bench import RankBenchSettings
+    from cqil.engines.bench_settings import RankBenchSettings
 
     shared = {f.name: getattr(settings, f.name) for f in fields(settings) if f.name != "threads"}
     ranked = RankBenchSettings(**shared, threads=settings.threads or 1)
