@@ -88,23 +88,15 @@ def run_source(ctx: StageContext) -> dict:
 
 
 def run_analyze(ctx: StageContext, config: dict) -> dict:
-    from cqil.model.cqil import CqilModel
-    from cqil.model.plan import identity_plan
-    from cqil.pipeline.analysis import (
-        layer_input_similarity,
-        save_heatmap,
-        similarity_report,
-    )
+    from cqil.pipeline.build_config import section_settings
+    from cqil.pipeline.commands import analyze as analyze_command
+    from cqil.pipeline.commands.options import DataSettings
 
     loaded = _source_model(ctx)
-    chunks = _split(loaded, config).train[: ctx.params["max_chunks"]]
-    model = CqilModel(loaded.model, identity_plan(loaded.model.config.num_hidden_layers))
-    matrix = layer_input_similarity(model, chunks, ctx.params["batch_size"])
-    report = similarity_report(matrix, chunks.numel(), loaded.name)
-    _write_json(ctx.out / "similarity.json", report)
-    save_heatmap(matrix, ctx.out / "similarity.png", f"{loaded.name}: layer-input cosine similarity")
+    settings = section_settings(config, "analyze", DataSettings)
+    report = analyze_command.run(settings, loaded, _split(loaded, config), ctx.out)
     adjacent = report["adjacent"]
-    return {"tokens": chunks.numel(), "min_adjacent": min(adjacent[1:] or adjacent)}
+    return {"tokens": report["tokens"], "min_adjacent": min(adjacent[1:] or adjacent)}
 
 
 def run_plan(ctx: StageContext, config: dict) -> dict:

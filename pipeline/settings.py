@@ -6,8 +6,9 @@ single config source: dataclasses behind both the CLI and the config files). Fro
 - `add_flags` adds a command's argparse options (today's spelling and the old ones, the field's check
   as the argparse `type`, the dataclass default), `from_args` builds the settings from parsed options;
 - `to_argv` writes settings back as argv that `add_flags` parses to the same settings (the worker);
-- `toml_section` / `check_section` give a build section's defaults and check its values with the same
-  checks, naming the TOML key (`bench.repeats must be at least 1`) rather than a flag.
+- `toml_section` / `toml_keys` give a build section's defaults and its keys (old spellings included),
+  whose values pipeline/build_config.py checks with the same checks, naming the TOML key
+  (`bench.repeats must be at least 1`) rather than a flag.
 
 An option still declared with `parser.add_argument` beside these keeps working: nothing here reads it.
 """
@@ -19,8 +20,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from cqil.model.errors import CqilError
-from cqil.model.settings import Setting, check_value, spelled_fields
+from cqil.model.settings import Setting, spelled_fields
 
 
 def _chosen(cls: type, only: Iterable[str] | None, skip: Iterable[str]) -> list[tuple[dataclasses.Field, Setting]]:
@@ -99,19 +99,3 @@ def toml_keys(cls: type) -> dict[str, Setting]:
         if spell.toml is not None:
             keys.update({name: spell for name in (spell.toml, *spell.toml_aliases)})
     return keys
-
-
-def canonical_key(cls: type, key: str) -> str | None:
-    """Today's TOML key for `key` (itself or an old spelling), or None when `cls` has no such key."""
-    spell = toml_keys(cls).get(key)
-    return spell.toml if spell is not None else None
-
-
-def check_section(cls: type, section: str, values: Mapping[str, Any], spelled: Mapping[str, str] | None = None) -> None:
-    """Check every value of a build section with its field's check. `spelled` maps a key to the spelling the
-    user wrote it with (an old TOML key), so that the message names what they typed."""
-    keys = toml_keys(cls)
-    for key, value in values.items():
-        if key not in keys:
-            raise CqilError(f"{section}.{key} is not a key of [{section}]; keys: {', '.join(values)}")
-        check_value(keys[key], value, f"{section}.{(spelled or {}).get(key, key)}")
