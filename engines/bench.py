@@ -17,12 +17,12 @@ Where the reference ONNX comes from when none is given is orchestration: pipelin
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from cqil.engines.bench_settings import SCHEDULES, BenchSettings
 from cqil.engines.cuda_streams import StreamSchedule
 from cqil.engines.latency import BenchResult, compare, interleaved_times, ratio_ci, stats_ms
 from cqil.engines.onnxruntime import OrtRunner
@@ -31,38 +31,6 @@ from cqil.model.cqil import CqilModel
 from cqil.model.errors import CqilError
 from cqil.model.plan import Plan, identity_plan
 from cqil.model.steps import timing_calls
-
-SCHEDULES = ("sequential", "streams", "packed")
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    batch: int = 1
-    seq: int = 128  # prefill tokens per row
-    past: int = 128  # decode context
-    prefill_repeats: int = 20
-    decode_repeats: int = 100
-    warmup: int = 3
-    threads: int | None = None  # ORT intra-op threads and torch threads; None: the libraries' default
-    providers: tuple[str, ...] | None = None
-    seed: int = 0
-    schedule: str = "sequential"  # where the PyTorch rows run their pieces: one of SCHEDULES
-
-    def __post_init__(self) -> None:
-        for name in ("batch", "seq", "past", "prefill_repeats", "decode_repeats"):
-            if getattr(self, name) < 1:
-                raise CqilError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
-        if self.warmup < 0 or (self.threads is not None and self.threads < 1):
-            raise CqilError(f"--warmup {self.warmup} must be >= 0 and --threads {self.threads} >= 1")
-        if self.schedule not in SCHEDULES:
-            raise CqilError(f"--schedule {self.schedule} is not one of {', '.join(SCHEDULES)}")
-        if self.schedule == "streams" and not torch.cuda.is_available():
-            raise CqilError("--schedule streams runs each branch on its own CUDA stream and needs a CUDA GPU, "
-                            "and none is visible here: use --schedule sequential or packed")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
 
 # -- timing -----------------------------------------------------------------------------------------
 
@@ -84,8 +52,13 @@ def _check_pair(candidate, reference) -> None:
 def schedule_models(hf_model: torch.nn.Module, plan: Plan, schedule: str) -> dict[str, CqilModel]:
     """The eager PyTorch rows on one set of weights: the original model (reference) and CQIL (candidate),
     both under `schedule` — one piece after another, a CUDA stream per branch (on the GPU), or packed."""
+    if schedule not in SCHEDULES:
+        raise CqilError(f"--schedule {schedule} is not one of {', '.join(SCHEDULES)}")
     reference_plan = identity_plan(plan.num_layers)
     if schedule == "streams":
+        if not torch.cuda.is_available():
+            raise CqilError("--schedule streams runs each branch on its own CUDA stream and needs a CUDA GPU, "
+                            "and none is visible here: use --schedule sequential or packed")
         hf_model = hf_model.to("cuda")
         return {"reference": CqilModel(hf_model, reference_plan, StreamSchedule()),
                 "candidate": CqilModel(hf_model, plan, StreamSchedule())}

@@ -88,23 +88,15 @@ def run_source(ctx: StageContext) -> dict:
 
 
 def run_analyze(ctx: StageContext, config: dict) -> dict:
-    from cqil.model.cqil import CqilModel
-    from cqil.model.plan import identity_plan
-    from cqil.pipeline.analysis import (
-        layer_input_similarity,
-        save_heatmap,
-        similarity_report,
-    )
+    from cqil.pipeline.build_config import section_settings
+    from cqil.pipeline.commands import analyze as analyze_command
+    from cqil.pipeline.commands.options import DataSettings
 
     loaded = _source_model(ctx)
-    chunks = _split(loaded, config).train[: ctx.params["max_chunks"]]
-    model = CqilModel(loaded.model, identity_plan(loaded.model.config.num_hidden_layers))
-    matrix = layer_input_similarity(model, chunks, ctx.params["batch_size"])
-    report = similarity_report(matrix, chunks.numel(), loaded.name)
-    _write_json(ctx.out / "similarity.json", report)
-    save_heatmap(matrix, ctx.out / "similarity.png", f"{loaded.name}: layer-input cosine similarity")
+    settings = section_settings(config, "analyze", DataSettings)
+    report = analyze_command.run(settings, loaded, _split(loaded, config), ctx.out)
     adjacent = report["adjacent"]
-    return {"tokens": chunks.numel(), "min_adjacent": min(adjacent[1:] or adjacent)}
+    return {"tokens": report["tokens"], "min_adjacent": min(adjacent[1:] or adjacent)}
 
 
 def run_plan(ctx: StageContext, config: dict) -> dict:
@@ -144,28 +136,37 @@ def plan_choice(params: dict):
                       bypass=None if params["auto"] or params["file"] else params["bypass"])  # a file has its own
 
 
-def _auto_plan(ctx: StageContext, config: dict, model_config):
-    from cqil.model.cqil import CqilModel
-    from cqil.model.plan import identity_plan, model_record
-    from cqil.pipeline.autoplan import SearchRequest, parse_bypass_choices, search
+def check_plan_fits(choice, model_dir: Path) -> None:
+    """A [plan] given outright (uniform, groups, file) against the source model's layers, before any stage."""
+    from cqil.pipeline.plan_choice import resolve_plan
+    from transformers import AutoConfig
 
-    params = ctx.params
-    request = SearchRequest(params["target_depth"] or None, params["max_kl"] or None, params["max_group_size"],
-                            parse_bypass_choices(params["bypass_choices"]), head_every=params["head_every"])
+    if choice.auto:
+        return
     try:
-        request.check(model_config.num_hidden_layers)
+        resolve_plan(choice, AutoConfig.from_pretrained(model_dir))
+    except CqilError as exc:
+        raise CqilError(f"[plan] {exc}") from None
+
+
+def _auto_plan(ctx: StageContext, config: dict, model_config):
+    """`cqil plan --auto` on the source model, with the [plan] section's search settings."""
+    from cqil.pipeline.build_config import section_settings
+    from cqil.pipeline.commands import plan as plan_command
+
+    settings = section_settings(config, "plan", plan_command.AutoPlanSettings)
+    try:
+        settings.request().check(model_config.num_hidden_layers)
     except CqilError as exc:
         raise CqilError(f"[plan] {exc} (in the build: --set plan.target_depth=N, plan.max_kl=X, ...)") from None
     loaded = _source_model(ctx)
-    split = _split(loaded, config)
-    original = CqilModel(loaded.model, identity_plan(model_config.num_hidden_layers))
-    result = search(original, split.train[: params["calibration_chunks"]], split.held_out[: params["eval_chunks"]],
-                    request, model_record(model_config))
+    result = plan_command.search(settings, loaded, _split(loaded, config))
     return result.plan, result.report, result.seconds
 
 
 def run_recover(ctx: StageContext, config: dict) -> dict:
-    from cqil.pipeline.recovery import FinetuneSettings, finetune
+    from cqil.pipeline.build_config import BuildRecover, section_settings
+    from cqil.pipeline.commands import finetune as finetune_command
     from cqil.pipeline.recovery_chart import save_curve
 
     params = ctx.params
@@ -175,16 +176,12 @@ def run_recover(ctx: StageContext, config: dict) -> dict:
     loaded = _source_model(ctx)
     plan = _plan(ctx, loaded.model.config)
     split = _split(loaded, config, params["seq_len"])
-    settings = FinetuneSettings(steps=params["steps"], lr=params["lr"], warmup_steps=params["warmup_steps"],
-                                batch_size=params["batch_size"], grad_accum=params["grad_accum"],
-                                seed=params["seed"], rank=params["rank"], eval_every=params["eval_every"],
-                                eval_chunks=min(params["eval_chunks"], len(split.held_out)), save_every=10,
-                                patience=params["patience"])
+    settings = section_settings(config, "recover", BuildRecover)
+    settings = dataclasses.replace(settings, eval_chunks=min(settings.eval_chunks, len(split.held_out)))
     # Checkpoints outlive a killed build (the stage's own directory does not): named by the stage key.
     checkpoint = ctx.build_dir / f".recover-{ctx.key}.checkpoint"
-    record = finetune(loaded.model, plan, split.train, split.held_out, settings, ctx.out / "adapter",
-                      checkpoint_dir=checkpoint, resume=(checkpoint / "state.pt").is_file(),
-                      source={"name": loaded.name})
+    record = finetune_command.run(settings, loaded, plan, split.train, split.held_out, ctx.out / "adapter",
+                                  checkpoint_dir=checkpoint, resume=(checkpoint / "state.pt").is_file())
     save_curve(record, ctx.out / "curve.png", f"{loaded.name}: recovery, {plan.describe()}")
     first, last = record["held_out"][0], record["held_out"][-1]
     return {"steps": record["steps"], "stopped_early": record["stopped_early"], "tokens_seen": record["tokens_seen"],
@@ -201,11 +198,12 @@ def run_merge(ctx: StageContext, config: dict) -> dict:
 
 
 def run_export(ctx: StageContext, config: dict) -> dict:
-    from cqil.export.writer import export_model
+    from cqil.pipeline.build_config import section_settings
+    from cqil.pipeline.commands import export as export_command
 
     loaded, model = _merged(ctx)
-    result = export_model(model, ctx.out / "onnx", ctx.params["layout"], ctx.params["dtype"],
-                          source={"name": loaded.name}, tokenizer=loaded.tokenizer)
+    settings = section_settings(config, "export", export_command.ExportSettings)
+    result = export_command.run(settings, loaded, model.plan, ctx.out / "onnx", source={"name": loaded.name})
     return {key: result.to_dict()[key] for key in ("seconds", "size_mb", "nodes", "structure", "peak_rss_mb")}
 
 
@@ -213,11 +211,13 @@ def run_engines(ctx: StageContext, config: dict) -> dict:
     from cqil.engines.tensorrt.build import build_engine, import_tensorrt
     from cqil.engines.tensorrt.script import write_engine_files
     from cqil.engines.tensorrt.settings import EngineOptions, engine_settings
+    from cqil.pipeline.build_config import section_settings
 
     params = dict(ctx.params)
     trt_dir, final_dir = ctx.out / "trt", ctx.build_dir / "engines" / "trt"
     trt_dir.mkdir()
-    settings = engine_settings(ctx.upstream("export") / "onnx", trt_dir / "model.plan", EngineOptions(**params))
+    options = section_settings(config, "engines", EngineOptions)
+    settings = engine_settings(ctx.upstream("export") / "onnx", trt_dir / "model.plan", options)
     _write_json(trt_dir / "engine_settings.json",
                 {"aux_streams": settings.aux_streams, **params,
                  "profiles": [{name: vars(r) for name, r in p.items()} for p in settings.profiles]})
@@ -285,30 +285,26 @@ def run_validate(ctx: StageContext, config: dict) -> dict:
 
 
 def run_bench(ctx: StageContext, config: dict) -> dict:
-    from cqil.engines.bench import BenchSettings, run_bench
-    from cqil.engines.bench_report import plot_bench
+    from cqil.engines.bench_settings import BenchSettings
     from cqil.export.contract import find_onnx, read_contract
+    from cqil.model.cqil import CqilModel
+    from cqil.model.plan import identity_plan
+    from cqil.pipeline.build_config import section_settings
+    from cqil.pipeline.commands import bench as bench_command
     from cqil.pipeline.reference import cached_reference
     from cqil.pipeline.stages import read_record
 
-    params = ctx.params
-    settings = BenchSettings(batch=params["batch"], seq=params["seq"], past=params["past"],
-                             prefill_repeats=params["repeats"], decode_repeats=5 * params["repeats"],
-                             threads=params["threads"] or None)
     onnx = find_onnx(ctx.upstream("export") / "onnx")
     # The original model as ONNX, exported once per source model and dtype into the cache.
     model_dir = read_record(ctx.upstream("source"))["metrics"]["model_dir"]
     reference = cached_reference(read_contract(onnx), onnx, model=model_dir)
     # The eager PyTorch models, timed in the same rounds, as extra rows.
-    from cqil.model.cqil import CqilModel
-    from cqil.model.plan import identity_plan
-
     source = _source_model(ctx)
     _, merged = _merged(ctx)
     original = CqilModel(source.model, identity_plan(source.model.config.num_hidden_layers))
-    result = run_bench(onnx, reference, settings, torch_models={"reference": original, "candidate": merged})
-    _write_json(ctx.out / "latency.json", result)
-    plot_bench(result, ctx.out / "latency.png")
+    output = bench_command.BenchOutput(out=ctx.out / "latency.json", chart=ctx.out / "latency.png")
+    result = bench_command.run(section_settings(config, "bench", BenchSettings), onnx, reference,
+                               {"reference": original, "candidate": merged}, output)
     return {f"{name}_ratio": round(scenario["ratio"], 3) for name, scenario in result["scenarios"].items()}
 
 
@@ -337,8 +333,10 @@ def make_stages(config: dict[str, dict[str, Any]]) -> list[Stage]:
     from cqil.model.fsutil import sha256_file
     from cqil.pipeline.sources import resolve_model_dir
 
-    plan_choice(config["plan"]).check()  # before any stage runs
+    choice = plan_choice(config["plan"])
+    choice.check()  # before any stage runs
     model_dir = resolve_model_dir(config["source"]["model"] or None)
+    check_plan_fits(choice, model_dir)
     weights = {f.name: sha256_file(f) for f in sorted(model_dir.glob("*.safetensors"))}
     data = config["data"]
     training_data = {key: value for key, value in data.items() if key != "second_eval"}  # validate alone reads it

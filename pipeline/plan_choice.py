@@ -15,19 +15,26 @@ from typing import Any
 
 from cqil.model import plan as plans
 from cqil.model.errors import CqilError
+from cqil.model.settings import NON_NEGATIVE, TEXT, setting
+from cqil.pipeline.commands.options import JSON_FILE
 
 SOURCES = ("plan", "uniform", "groups", "official", "auto", "original")
 
 
 @dataclass(frozen=True)
 class PlanChoice:
-    """The plan options as given (None / False: not given)."""
+    """The plan options as given (None / False: not given); their flags come from these fields."""
 
-    plan: Path | None = None
-    uniform: str | None = None
-    groups: str | None = None
-    official: Path | None = None
-    bypass: int | None = None
+    plan: Path | None = setting(None, "plan.json, or an official CQIL config with cqil_layers", check=JSON_FILE,
+                                toml=False)
+    uniform: str | None = setting(None, "groups of P layers in [S, E), as in the paper", check=TEXT,
+                                  metavar="S:E:P", toml=False)
+    groups: str | None = setting(None, "explicit parallel groups, e.g. 15-16,17-18", check=TEXT, metavar="A-B,...",
+                                 toml=False)
+    official: Path | None = setting(None, "official CQIL config (JSON with cqil_layers and d)", check=JSON_FILE,
+                                    toml=False)
+    bypass: int | None = setting(None, "bypass distance d (default 0; with --plan, the plan's own)",
+                                 check=NON_NEGATIVE, metavar="D", toml=False)
     auto: bool = False
     original: bool = False
     offers_original: bool = False  # the command has --original (named in the "no plan" message)
@@ -112,3 +119,31 @@ def adapter_fallback(adapter: Path | None, config: Any) -> Callable[[], plans.Pl
         except CqilError as exc:
             raise CqilError(f"adapter '{adapter}' was trained for another model ({exc})") from exc
     return plan
+
+
+def load_model_and_plan(args: Any, *, adapter: Path | None = None, required: bool = True, dtype: str | None = None):
+    """A command's prologue: check its plan options, load --model, resolve the plan against it.
+
+    (loaded model, plan); the plan is None only when nothing names one and `required` is False. `adapter`:
+    the plan an adapter of ours was trained for is the fallback (`cqil eval`, `cqil merge`).
+    """
+    from cqil.pipeline.sources import load_model
+
+    choice = PlanChoice.from_args(args)
+    choice.check()  # before the model loads
+    loaded = load_model(args.model, **({"dtype": dtype} if dtype else {}))
+    config = loaded.model.config
+    fallback = adapter_fallback(adapter, config) if adapter is not None else None
+    return loaded, resolve_plan(choice, config, fallback=fallback, required=required)
+
+
+def config_and_plan(args: Any, search: Callable[[], plans.Plan] | None = None):
+    """The prologue of commands that need the model's config only (`cqil plan`, `--ranks`): (model dir, plan)."""
+    from cqil.pipeline.sources import check_model_dir, resolve_model_dir
+    from transformers import AutoConfig
+
+    choice = PlanChoice.from_args(args)
+    choice.check()
+    path = resolve_model_dir(args.model)
+    check_model_dir(path)
+    return path, resolve_plan(choice, AutoConfig.from_pretrained(path), search=search)

@@ -11,47 +11,49 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
+
+from cqil.pipeline.settings import add_flags, from_args
 
 PROGRAM = "cqil-ranks"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The worker's options: those of `cqil generate` / `cqil bench`, made from the same settings classes."""
+    from cqil.engines.bench_settings import RankBenchSettings
+    from cqil.pipeline.cli import Parser
+    from cqil.pipeline.commands.bench import BenchOutput
+    from cqil.pipeline.commands.generate import GenerateSettings
     from cqil.pipeline.commands.options import add_model_options, add_plan_options
+    from cqil.pipeline.commands.ranks import RankOptions
 
-    parser = argparse.ArgumentParser(prog="torchrun --nproc-per-node P -m cqil.pipeline.rank_worker",
-                                     description="CQIL with rank r running the r-th layer of every group")
+    parser = Parser(prog="torchrun --nproc-per-node P -m cqil.pipeline.rank_worker",
+                    description="CQIL with rank r running the r-th layer of every group")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("generate", "greedy generation with the KV cache (rank 0 prints the text)"),
-                       ("bench", "one process vs tensor parallel vs CQIL, interleaved (rank 0 writes the JSON)")):
+    for name, text, settings in (
+            ("generate", "greedy generation with the KV cache (rank 0 prints the text)", (GenerateSettings,)),
+            ("bench", "one process vs tensor parallel vs CQIL, interleaved (rank 0 writes the JSON)",
+             (RankBenchSettings, BenchOutput))):
         p = sub.add_parser(name, help=text)
         add_model_options(p)
         add_plan_options(p)
-        p.add_argument("--backend", choices=("gloo", "nccl"), default=None,
-                       help="default: nccl where CUDA is present, else gloo")
-        p.add_argument("--timeout", type=float, default=None, help="collective timeout in seconds (default 120)")
+        add_flags(p, RankOptions, skip=("ranks",))
+        for cls in settings:
+            add_flags(p, cls)
         if name == "generate":
-            p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for a batch)")
-            p.add_argument("--max-new-tokens", type=int, default=64)
-            p.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
             p.add_argument("--memory", action="store_true", help="each rank reports its parameters and resident memory")
-        else:
-            for option, default in (("batch", 1), ("seq", 128), ("past", 128), ("prefill-repeats", 10),
-                                    ("decode-repeats", 50), ("warmup", 3), ("rank-threads", 1)):
-                p.add_argument(f"--{option}", type=int, default=default, help="default %(default)s")
-            p.add_argument("--one-process-threads", type=int, default=None,
-                           help="threads of the one-process row (default: ranks x rank threads)")
-            p.add_argument("--out", type=Path, help="write the cqil-bench/1 JSON here (chart beside it)")
-            p.add_argument("--chart", type=Path, help="PNG chart path (default: --out with .png)")
-            p.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from cqil.engines.distributed.launch import DEFAULT_TIMEOUT_S, run_ranks
-    from cqil.pipeline.cli import quiet_libraries
+    from cqil.model.errors import ExitCode
+    from cqil.pipeline.cli import OptionError, quiet_libraries
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except OptionError as exc:
+        print(f"{exc.prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
     quiet_libraries()
     body = {"generate": _generate, "bench": _bench}[args.command]
     return run_ranks(f"{PROGRAM} {args.command}", args.backend, lambda ctx: body(args, ctx),
@@ -62,13 +64,10 @@ def _rank_model(args: argparse.Namespace, ctx):
     """This rank's CQIL share, loaded with only its own weights, and the tokenizer."""
     import torch
     from cqil.engines.distributed.per_rank import Placement, load_rank_model, rank_model
-    from cqil.pipeline.plan_choice import PlanChoice, resolve_plan
-    from cqil.pipeline.sources import check_model_dir, resolve_model_dir
-    from transformers import AutoConfig, AutoTokenizer
+    from cqil.pipeline.plan_choice import config_and_plan
+    from transformers import AutoTokenizer
 
-    path = resolve_model_dir(args.model)
-    check_model_dir(path)
-    plan = resolve_plan(PlanChoice.from_args(args), AutoConfig.from_pretrained(path))
+    path, plan = config_and_plan(args)
     placement = Placement(plan, ctx.rank, ctx.world)
     model = rank_model(load_rank_model(path, placement, torch.float32).to(ctx.device), placement)
     return model, AutoTokenizer.from_pretrained(path), path
@@ -79,15 +78,16 @@ def _generate(args: argparse.Namespace, ctx) -> int:
     from cqil.engines.distributed.launch import together
     from cqil.engines.distributed.per_rank import AgreedTokens
     from cqil.model.steps import greedy_generate
-    from cqil.pipeline.commands.generate import encode_prompts, format_generations
+    from cqil.pipeline.commands.generate import GenerateSettings, encode_prompts, format_generations
 
     if "OMP_NUM_THREADS" not in os.environ and ctx.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world))
+    settings = from_args(GenerateSettings, args)
     model, tokenizer, _ = together(ctx, lambda: _rank_model(args, ctx))
-    ids, mask = encode_prompts(tokenizer, args.prompt, args.raw)
-    new = greedy_generate(AgreedTokens(model, ctx.device), ids, mask, args.max_new_tokens, tokenizer.eos_token_id)
+    ids, mask = encode_prompts(tokenizer, list(settings.prompts), settings.raw)
+    new = greedy_generate(AgreedTokens(model, ctx.device), ids, mask, settings.max_new_tokens, tokenizer.eos_token_id)
     if ctx.rank == 0:
-        print(format_generations(tokenizer, args.prompt, new), flush=True)
+        print(format_generations(tokenizer, list(settings.prompts), new), flush=True)
     if args.memory:
         _report_memory(ctx, model)
     return 0
@@ -119,12 +119,13 @@ def _bench(args: argparse.Namespace, ctx) -> int:
     from cqil.engines.distributed.launch import together
     from cqil.engines.distributed.tensor_parallel import apply_tensor_parallel
     from cqil.model.fsutil import atomic_write_text
+    from cqil.pipeline.commands.bench import BenchOutput
     from transformers import AutoModelForCausalLM
 
-    settings = RankBenchSettings(batch=args.batch, seq=args.seq, past=args.past,
-                                 prefill_repeats=args.prefill_repeats, decode_repeats=args.decode_repeats,
-                                 warmup=args.warmup, rank_threads=args.rank_threads,
-                                 one_process_threads=args.one_process_threads or ctx.world * args.rank_threads)
+    parsed = from_args(RankBenchSettings, args)
+    settings = from_args(RankBenchSettings, args,
+                         one_process_threads=parsed.one_process_threads or ctx.world * parsed.threads)
+    output = from_args(BenchOutput, args)
 
     def load():
         cqil, _, path = _rank_model(args, ctx)
@@ -137,16 +138,16 @@ def _bench(args: argparse.Namespace, ctx) -> int:
     result = run_rank_bench(ctx, models, settings)
     if result is None:
         return 0
-    chart = args.chart or (args.out.with_suffix(".png") if args.out else None)
+    chart = output.chart_path()
     if chart is not None:
         result["chart"] = str(plot_bench(result, chart))
-    if args.out is not None:
-        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
-    if args.json:
+    if output.out is not None:
+        atomic_write_text(output.out, json.dumps(result, indent=2) + "\n")
+    if output.json:
         print(json.dumps(result, indent=2))
         return 0
     print("\n".join(report_lines(result, f"{result['plan']} on {ctx.world} ranks ({ctx.backend}); threads: one "
-                                          f"process {result['threads']['one_process']}, each rank {settings.rank_threads}")))
+                                          f"process {result['threads']['one_process']}, each rank {settings.threads}")))
     return 0
 
 

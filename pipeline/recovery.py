@@ -32,57 +32,19 @@ from cqil.model.errors import CqilError
 from cqil.model.fsutil import atomic_dir
 from cqil.model.plan import Plan, identity_plan
 from cqil.pipeline.adapters import (
-    DEFAULT_RANK,
-    DEFAULT_TARGETS,
     RUN_RECORD,
     AdaptersOff,
     check_targets_exist,
     lora_config,
 )
 from cqil.pipeline.quality import evaluate
+from cqil.pipeline.recovery_settings import FinetuneSettings
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 RUN_FORMAT = "cqil-finetune/1"
 CHECKPOINT_STATE = "state.pt"
-
-
-@dataclass(frozen=True)
-class FinetuneSettings:
-    """Everything that shapes the loss curve (a resumed run must match it exactly)."""
-
-    steps: int
-    lr: float = 1e-4  # official
-    warmup_steps: int = 0
-    weight_decay: float = 0.1  # official
-    max_grad_norm: float = 1.0  # 0 turns clipping off (the official run used 0)
-    batch_size: int = 4
-    grad_accum: int = 1
-    seed: int = 0
-    rank: int = DEFAULT_RANK
-    alpha: float | None = None  # None: alpha = rank
-    dropout: float = 0.0
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    eval_every: int = 50
-    eval_chunks: int = 16
-    save_every: int = 50
-    patience: int = 0  # stop after this many held-out points without improvement; 0 = run every step
-
-    def check(self, train_chunks: int) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "eval_chunks"):
-            if getattr(self, name) < 1:
-                raise CqilError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
-        for name in ("warmup_steps", "eval_every", "save_every", "patience"):
-            if getattr(self, name) < 0:
-                raise CqilError(f"--{name.replace('_', '-')} {getattr(self, name)} must not be negative")
-        if self.patience and not self.eval_every:
-            raise CqilError(f"--patience {self.patience} needs held-out points during the run: set --eval-every")
-        if self.lr <= 0:
-            raise CqilError(f"--lr {self.lr} must be positive")
-        if train_chunks < self.batch_size:
-            raise CqilError(f"the training text gives {train_chunks} chunks, fewer than --batch-size "
-                            f"{self.batch_size}: give more text or a shorter --seq-len")
 
 
 MIN_IMPROVEMENT = 0.005  # a held-out KL counts as better when it is at least 0.5 % below the best before

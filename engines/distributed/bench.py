@@ -15,36 +15,16 @@ ratios against it are kept under each scenario's "rows".
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from cqil.engines.bench_settings import RankBenchSettings
 from cqil.engines.distributed.launch import RankContext
 from cqil.engines.latency import BenchResult, compare, interleaved_times, ratio_ci, stats_ms
-from cqil.model.errors import CqilError
 from cqil.model.steps import HFStep, timing_calls
-
-
-@dataclass(frozen=True)
-class RankBenchSettings:
-    batch: int = 1
-    seq: int = 128
-    past: int = 128
-    prefill_repeats: int = 10
-    decode_repeats: int = 50
-    warmup: int = 3
-    one_process_threads: int | None = None  # default: the number of ranks
-    rank_threads: int = 1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("batch", "seq", "past", "prefill_repeats", "decode_repeats", "rank_threads"):
-            if getattr(self, name) < 1:
-                raise CqilError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
-        if self.warmup < 0 or (self.one_process_threads is not None and self.one_process_threads < 1):
-            raise CqilError("--warmup must be >= 0 and --one-process-threads >= 1")
 
 
 def _rank_hooks(ctx: RankContext, threads: dict[str, int]) -> tuple[Callable[[str], None], Callable[[str], None]]:
@@ -75,8 +55,8 @@ def run_rank_bench(ctx: RankContext, models: dict[str, Any], settings: RankBench
                              else (_idle, _idle)),
              "tensor_parallel": timing_calls(HFStep(models["tensor_parallel"]), ids, settings.past),
              "cqil": timing_calls(models["cqil"], ids, settings.past)}
-    threads = {"one_process": settings.one_process_threads or ctx.world, "tensor_parallel": settings.rank_threads,
-               "cqil": settings.rank_threads}
+    threads = {"one_process": settings.one_process_threads or ctx.world, "tensor_parallel": settings.threads,
+               "cqil": settings.threads}
     shapes = {"prefill": {"batch": settings.batch, "seq": settings.seq, "past": 0},
               "decode": {"batch": settings.batch, "seq": 1, "past": settings.past}}
     repeats = {"prefill": settings.prefill_repeats, "decode": settings.decode_repeats}

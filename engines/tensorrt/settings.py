@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cqil.export.contract import TOKEN_INPUTS, ContractSpec, find_onnx, past_pair, read_contract
 from cqil.model.errors import CqilError
+from cqil.model.settings import NON_NEGATIVE, POSITIVE, one_of, setting
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 PREFILL, DECODE = 0, 1  # optimization profile indices
@@ -27,15 +28,17 @@ class ShapeRange:
 class EngineOptions:
     """What a user asks of an engine: precision, shape ranges, builder limits (`cqil engine` options)."""
 
-    precision: str = "fp32"
-    aux_streams: int | None = None  # None: the largest group size of the ONNX's plan, minus one
-    opt_batch: int = 1
-    max_batch: int = 1
-    opt_seq: int = 128  # prefill tokens
-    max_seq: int = 512
-    opt_past: int = 256  # decode cache length
-    max_context: int = 1024  # past + seq, the attention window the engine accepts
-    workspace_mib: int | None = None
+    precision: str = setting("fp32", "engine precision", check=one_of(*PRECISIONS))
+    aux_streams: int | None = setting(None, "max_aux_streams (default: largest group size - 1, from the ONNX plan "
+                                      "metadata)", check=NON_NEGATIVE, toml=False)
+    opt_batch: int = setting(1, "rows the engine is tuned for", check=POSITIVE)
+    max_batch: int = setting(1, "most rows", check=POSITIVE)
+    opt_seq: int = setting(128, "prefill tokens the engine is tuned for", check=POSITIVE)
+    max_seq: int = setting(512, "most prefill tokens", check=POSITIVE)
+    opt_past: int = setting(256, "decode cache length the engine is tuned for", check=POSITIVE)
+    max_context: int = setting(1024, "most past + new tokens: the attention window the engine accepts",
+                               check=POSITIVE)
+    workspace_mib: int | None = setting(None, "builder workspace limit", check=POSITIVE, toml=False)
     timing_cache: Path | None = None  # None: timing.cache beside the engine
 
     def __post_init__(self) -> None:

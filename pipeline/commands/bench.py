@@ -4,59 +4,78 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
+from cqil.engines.bench_settings import BenchSettings
+from cqil.model.errors import CqilError
+from cqil.model.settings import setting
 from cqil.pipeline.commands.onnx_source import load_source, onnx_and_plan, write_json
-from cqil.pipeline.commands.options import (
-    INPUT_PATH,
-    JSON_FILE,
-    NON_NEGATIVE,
-    OUTPUT_FILE,
-    POSITIVE,
-    add_model_options,
-)
+from cqil.pipeline.commands.options import INPUT_PATH, JSON_FILE, OUTPUT_FILE, add_model_options
 from cqil.pipeline.commands.ranks import add_rank_options
+from cqil.pipeline.settings import add_flags, from_args
+
+
+@dataclass(frozen=True)
+class BenchOutput:
+    """Where a bench result goes (`cqil bench` and rank 0 of `cqil bench --ranks P`)."""
+
+    out: Path | None = setting(None, "write the cqil-bench/1 JSON here (e.g. latency.json; chart beside it)",
+                               check=OUTPUT_FILE, toml=False)
+    chart: Path | None = setting(None, "PNG chart path (default: --out with .png)", check=OUTPUT_FILE, toml=False)
+    json: bool = setting(False, "print the result as JSON", toml=False)
+
+    def chart_path(self) -> Path | None:
+        return self.chart or (self.out.with_suffix(".png") if self.out else None)
 
 
 def cmd_bench(args: argparse.Namespace) -> int | None:
-    from cqil.model.errors import CqilError
-
+    settings, output = from_args(BenchSettings, args), from_args(BenchOutput, args)
     if args.ranks is not None:  # --ranks P: one process vs TP vs CQIL on P processes (pipeline/commands/ranks.py)
         from cqil.pipeline.commands.ranks import launch_bench
 
-        if args.schedule != "sequential":
-            raise CqilError(f"--schedule {args.schedule} is for the one-process PyTorch rows; --ranks runs CQIL's "
-                            "per-rank schedule: drop one of them")
-        return launch_bench(args)
+        if settings.schedule != "sequential":
+            raise CqilError(f"--schedule {settings.schedule} is for the one-process PyTorch rows; --ranks runs "
+                            "CQIL's per-rank schedule: drop one of them")
+        return launch_bench(args, settings, output)
     if args.onnx is None:
         raise CqilError("--onnx is required (or --ranks P for the multi-process bench of the PyTorch model)")
-    from cqil.engines.bench import BenchSettings, run_bench, schedule_models
-    from cqil.engines.bench_report import plot_bench, report_lines
+    from cqil.engines.bench import schedule_models
+    from cqil.engines.bench_report import report_lines
     from cqil.model.fsutil import check_output_file
     from cqil.pipeline.reference import cached_reference
 
-    settings = BenchSettings(batch=args.batch, seq=args.seq, past=args.past, prefill_repeats=args.prefill_repeats,
-                             decode_repeats=args.decode_repeats, warmup=args.warmup, threads=args.threads,
-                             schedule=args.schedule)
-    chart = args.chart or (args.out.with_suffix(".png") if args.out else None)
-    if chart is not None:
-        check_output_file(chart, "--chart")
+    if output.chart_path() is not None:
+        check_output_file(output.chart_path(), "--chart")
     onnx_path, spec, plan = onnx_and_plan(args)
     reference = args.reference or cached_reference(spec, onnx_path, args.model)
     torch_models = None
     if not args.no_torch:
         loaded = load_source(args, spec, onnx_path, plan)
         torch_models = schedule_models(loaded.model, plan, settings.schedule)
-    result = run_bench(onnx_path, reference, settings, torch_models)
-    if chart is not None:
-        plot_bench(result, chart)
-        result["chart"] = str(chart)
-    write_json(args.out, result)
-    if args.json:
+    result = run(settings, onnx_path, reference, torch_models, output)
+    if output.json:
         print(json.dumps(result, indent=2))
         return
     print("\n".join(report_lines(result, f"{onnx_path} ({result['candidate']['plan']}) vs {result['reference']['onnx']}, "
                                           f"{', '.join(result['providers'])}, threads {settings.threads or 'default'}, "
                                           f"PyTorch schedule {settings.schedule}")))
+
+
+def run(settings: BenchSettings, onnx_path: Path, reference: Path, torch_models: dict | None,
+        output: BenchOutput) -> dict:
+    """Time the candidate ONNX against the reference (and the eager models, when given); write the JSON and
+    the chart that `output` names. What both `cqil bench` and the build's bench stage run."""
+    from cqil.engines.bench import run_bench
+    from cqil.engines.bench_report import plot_bench
+
+    result = run_bench(onnx_path, reference, settings, torch_models)
+    chart = output.chart_path()
+    if chart is not None:
+        plot_bench(result, chart)
+        result["chart"] = str(chart)
+    write_json(output.out, result)
+    return result
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,18 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the original model's ONNX folder (default: exported once into the CQIL cache)")
     add_model_options(b)
     b.add_argument("--plan", type=JSON_FILE, help="plan.json; must match the plan stored in the ONNX")
-    b.add_argument("--batch", type=POSITIVE, default=1, help="rows per call (default %(default)s)")
-    b.add_argument("--seq", type=POSITIVE, default=128, help="prefill tokens (default %(default)s)")
-    b.add_argument("--past", type=POSITIVE, default=128, help="decode context length (default %(default)s)")
-    b.add_argument("--prefill-repeats", type=POSITIVE, default=20, help="timed prefill rounds (default %(default)s)")
-    b.add_argument("--decode-repeats", type=POSITIVE, default=100, help="timed decode rounds (default %(default)s)")
-    b.add_argument("--warmup", type=NON_NEGATIVE, default=3, help="untimed rounds first (default %(default)s)")
-    b.add_argument("--threads", type=POSITIVE, default=None, help="ONNX Runtime and torch threads")
+    add_flags(b, BenchSettings)
     b.add_argument("--no-torch", action="store_true", help="skip the eager PyTorch rows")
-    b.add_argument("--schedule", choices=("sequential", "streams", "packed"), default="sequential",
-                   help="how the PyTorch rows run a group: sequential, streams (CUDA) or packed (default %(default)s)")
-    b.add_argument("--out", type=OUTPUT_FILE, help="write the cqil-bench/1 JSON here (e.g. latency.json; chart beside it)")
-    b.add_argument("--chart", type=OUTPUT_FILE, help="PNG chart path (default: --out with .png)")
-    b.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_flags(b, BenchOutput)
     add_rank_options(b, plan_options=True)
     b.set_defaults(func=cmd_bench)

@@ -18,15 +18,10 @@ from cqil.pipeline.commands.options import (
 def cmd_eval(args: argparse.Namespace) -> None:
     from cqil.pipeline.comparison import LABELS, comparison_models
     from cqil.pipeline.data import load_split
-    from cqil.pipeline.plan_choice import PlanChoice, adapter_fallback, resolve_plan
+    from cqil.pipeline.plan_choice import load_model_and_plan
     from cqil.pipeline.quality import evaluate
-    from cqil.pipeline.sources import load_model
 
-    choice = PlanChoice.from_args(args)
-    choice.check()
-    loaded = load_model(args.model)
-    config = loaded.model.config
-    plan = resolve_plan(choice, config, fallback=adapter_fallback(args.adapter, config))
+    loaded, plan = load_model_and_plan(args, adapter=args.adapter)
     original, candidates, provenance = comparison_models(loaded, plan, args.adapter, args.base_model)
     split = load_split(loaded.tokenizer, args.data, args.eval_data, args.seq_len)
     chunks = limit_chunks(split.held_out, args.max_chunks)

@@ -3,36 +3,46 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import MISSING, dataclass
 
-from cqil.pipeline.commands.options import (
-    POSITIVE,
-    TEXT,
-    add_model_options,
-    add_plan_options,
-)
+from cqil.model.settings import POSITIVE, TEXT, setting
+from cqil.pipeline.commands.options import add_model_options, add_plan_options
 from cqil.pipeline.commands.ranks import add_rank_options
+from cqil.pipeline.settings import add_flags, from_args
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """What `cqil generate` (and each rank of `cqil generate --ranks P`) generates."""
+
+    prompts: tuple[str, ...] = setting(MISSING, "prompt (repeat for a batch)", flags=("--prompt",), check=TEXT,
+                                       many=True, toml=False)
+    max_new_tokens: int = setting(64, "tokens to generate (default %(default)s)", check=POSITIVE, toml=False)
+    raw: bool = setting(False, "do not apply the tokenizer's chat template", toml=False)
 
 
 def cmd_generate(args: argparse.Namespace) -> int | None:
+    settings = from_args(GenerateSettings, args)
     if args.ranks is not None:  # --ranks P: the same generation on P processes (pipeline/commands/ranks.py)
         from cqil.pipeline.commands.ranks import launch_generate
 
-        return launch_generate(args)
-    from cqil.model.cqil import CqilModel
+        return launch_generate(args, settings)
     from cqil.model.plan import identity_plan
-    from cqil.model.steps import greedy_generate
-    from cqil.pipeline.plan_choice import PlanChoice, resolve_plan
-    from cqil.pipeline.sources import load_model
+    from cqil.pipeline.plan_choice import load_model_and_plan
 
-    choice = PlanChoice.from_args(args)
-    choice.check()
-    loaded = load_model(args.model)
-    config = loaded.model.config
-    plan = resolve_plan(choice, config, required=False) or identity_plan(config.num_hidden_layers)
+    loaded, plan = load_model_and_plan(args, required=False)
+    print(run(settings, loaded, plan or identity_plan(loaded.model.config.num_hidden_layers)))
+
+
+def run(settings: GenerateSettings, loaded, plan) -> str:
+    """Greedy generation of the loaded model under `plan`: the text `cqil generate` prints."""
+    from cqil.model.cqil import CqilModel
+    from cqil.model.steps import greedy_generate
+
     tokenizer = loaded.tokenizer
-    ids, mask = encode_prompts(tokenizer, args.prompt, args.raw)
-    new = greedy_generate(CqilModel(loaded.model, plan), ids, mask, args.max_new_tokens, tokenizer.eos_token_id)
-    print(format_generations(tokenizer, args.prompt, new))
+    ids, mask = encode_prompts(tokenizer, list(settings.prompts), settings.raw)
+    new = greedy_generate(CqilModel(loaded.model, plan), ids, mask, settings.max_new_tokens, tokenizer.eos_token_id)
+    return format_generations(tokenizer, list(settings.prompts), new)
 
 
 def encode_prompts(tokenizer, prompts: list[str], raw: bool):
@@ -60,8 +70,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="greedy generation with the KV cache")
     add_model_options(p)
     add_plan_options(p)
-    p.add_argument("--prompt", type=TEXT, action="append", required=True, help="prompt (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=POSITIVE, default=64, help="tokens to generate (default %(default)s)")
-    p.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
+    add_flags(p, GenerateSettings)
     add_rank_options(p)
     p.set_defaults(func=cmd_generate)

@@ -9,14 +9,9 @@ from cqil.pipeline.commands.options import INPUT_FOLDER, OUTPUT_DIR, add_model_o
 
 def cmd_merge(args: argparse.Namespace) -> None:
     from cqil.pipeline.merge import merge_adapter
-    from cqil.pipeline.plan_choice import PlanChoice, adapter_fallback, resolve_plan
-    from cqil.pipeline.sources import load_model
+    from cqil.pipeline.plan_choice import load_model_and_plan
 
-    choice = PlanChoice.from_args(args)
-    choice.check()
-    loaded = load_model(args.model)
-    config = loaded.model.config
-    plan = resolve_plan(choice, config, fallback=adapter_fallback(args.adapter, config))
+    loaded, plan = load_model_and_plan(args, adapter=args.adapter)
     merge_adapter(loaded, plan, args.adapter, args.out)
     print(f"wrote {args.out}: {loaded.name} + {args.adapter}, {plan.describe()}")
 

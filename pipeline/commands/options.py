@@ -1,6 +1,6 @@
 """Options shared by several commands, and the checks that every option value passes while parsing.
 
-A `Check` is an argparse `type`: it converts the text and refuses a value out of range, an empty
+A `Check` (model/settings.py) is an argparse `type`: it converts the text and refuses a value out of range, an empty
 string, a missing or unreadable input, or an output location that cannot be written, so that a bad
 value is one line naming the option (pipeline/cli.py) before any model is loaded.
 """
@@ -8,55 +8,24 @@ value is one line naming the option (pipeline/cli.py) before any model is loaded
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cqil.model.errors import CqilError
-
-
-class Check:
-    """Convert an option's text with `convert`, then test it; a failure is a ValueError saying why."""
-
-    def __init__(self, convert: Callable[..., Any], kind: str, test: Callable[[Any], bool] | None = None,
-                 reason: str = "", named: bool = False):
-        self.convert, self.kind, self.test, self.reason = convert, kind, test, reason
-        self.named = named  # convert(text, option) raises a CqilError whose message names the option
-
-    def __call__(self, text: str, option: str = "the option") -> Any:
-        try:
-            value = self.convert(text, option) if self.named else self.convert(text)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"is not {self.kind}") from exc
-        if self.test is not None and not self.test(value):
-            raise ValueError(self.reason)
-        return value
-
-    def __repr__(self) -> str:  # argparse shows it in some messages
-        return self.kind
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(text)
-    return value
-
-
-def at_least(low: int) -> Check:
-    return Check(int, "an integer", lambda v: v >= low, f"must be at least {low}")
-
-
-def number(test: Callable[[float], bool], reason: str) -> Check:
-    return Check(_finite, "a number", test, reason)
-
-
-POSITIVE = at_least(1)
-NON_NEGATIVE = at_least(0)
-POSITIVE_NUMBER = number(lambda v: v > 0, "must be positive")
-NON_NEGATIVE_NUMBER = number(lambda v: v >= 0, "must be 0 or more")
-TEXT = Check(str, "text", lambda v: v.strip() != "", "must not be empty")
+from cqil.model.settings import (  # noqa: F401 - the checks every command uses, declared in the ground
+    NON_NEGATIVE,
+    NON_NEGATIVE_NUMBER,
+    POSITIVE,
+    POSITIVE_NUMBER,
+    TEXT,
+    Check,
+    at_least,
+    number,
+    one_of,
+    setting,
+)
+from cqil.pipeline.data import DEFAULT_SEQ_LEN
 
 
 def _path(text: str, option: str) -> Path:
@@ -158,23 +127,34 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_plan_options(parser: argparse.ArgumentParser) -> None:
+    from cqil.pipeline.plan_choice import PlanChoice
+    from cqil.pipeline.settings import add_flags
+
     group = parser.add_argument_group("plan (one of; a merged CQIL checkpoint carries its own)")
-    group.add_argument("--plan", type=JSON_FILE, help="plan.json, or an official CQIL config with cqil_layers")
-    group.add_argument("--uniform", type=TEXT, metavar="S:E:P", help="groups of P layers in [S, E), as in the paper")
-    group.add_argument("--groups", type=TEXT, metavar="A-B,...", help="explicit parallel groups, e.g. 15-16,17-18")
-    group.add_argument("--bypass", type=NON_NEGATIVE, default=None, metavar="D",
-                       help="bypass distance d (default 0; with --plan, the plan's own)")
+    add_flags(group, PlanChoice, only=PLAN_FLAGS)
+
+
+PLAN_FLAGS = ("plan", "uniform", "groups", "bypass")  # what every command with a plan offers (`cqil plan` more)
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The text a command reads and how it is cut (the options of every command that reads text; the build's
+    [data] and [analyze] sections)."""
+
+    data: str | None = setting(None, ".txt, directory of .txt, or .jsonl (default: pydoc_data.topics)",
+                               check=TEXT_SOURCE, unset="")
+    eval_data: str | None = setting(None, "held-out text used whole (default: last 10%% of --data)",
+                                    check=TEXT_SOURCE, unset="")
+    seq_len: int = setting(DEFAULT_SEQ_LEN, "tokens per chunk (default %(default)s)", check=at_least(2))
+    batch_size: int = setting(4, "chunks per batch (default %(default)s)", check=POSITIVE)
+    max_chunks: int | None = setting(None, "use at most this many chunks", check=POSITIVE, unset=0)
 
 
 def add_data_options(parser: argparse.ArgumentParser, batch_size: int = 4) -> None:
-    from cqil.pipeline.data import DEFAULT_SEQ_LEN
+    from cqil.pipeline.settings import add_flags
 
-    parser.add_argument("--data", type=TEXT_SOURCE, help=".txt, directory of .txt, or .jsonl (default: pydoc_data.topics)")
-    parser.add_argument("--eval-data", type=TEXT_SOURCE, help="held-out text used whole (default: last 10%% of --data)")
-    parser.add_argument("--seq-len", type=at_least(2), default=DEFAULT_SEQ_LEN,
-                        help="tokens per chunk (default %(default)s)")
-    parser.add_argument("--batch-size", type=POSITIVE, default=batch_size, help="chunks per batch (default %(default)s)")
-    parser.add_argument("--max-chunks", type=POSITIVE, default=None, help="use at most this many chunks")
+    add_flags(parser, DataSettings, defaults={"batch_size": batch_size})
 
 
 def limit_chunks(chunks, max_chunks: int | None):

@@ -12,91 +12,75 @@ from __future__ import annotations
 import argparse
 import sys
 import uuid
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from cqil.model.errors import ExitCode
+from cqil.model.settings import POSITIVE, POSITIVE_NUMBER, one_of, setting
+from cqil.pipeline.settings import add_flags, from_args, to_argv
 
 WORKER_MODULE = "cqil.pipeline.rank_worker"
 
 
+@dataclass(frozen=True)
+class RankOptions:
+    """How a `--ranks` run is started; the worker gets all but `ranks` (torchrun's --nproc-per-node)."""
+
+    ranks: int | None = setting(None, "run CQIL on P processes, rank r running the r-th layer of each group",
+                                check=POSITIVE, metavar="P", toml=False)
+    backend: str | None = setting(None, "torch.distributed backend, gloo or nccl (default: nccl where CUDA is "
+                                  "present, else gloo)", check=one_of("gloo", "nccl"), toml=False)
+    timeout: float | None = setting(None, "seconds a collective may wait before the run fails (default 120)",
+                                    check=POSITIVE_NUMBER, metavar="S", toml=False)
+
+
 def add_rank_options(parser: argparse.ArgumentParser, plan_options: bool = False) -> None:
     """--ranks/--backend/--timeout; `plan_options` adds --uniform/--groups/--bypass where a command lacks them."""
-    from cqil.pipeline.commands.options import NON_NEGATIVE, POSITIVE, POSITIVE_NUMBER, TEXT
+    from cqil.pipeline.plan_choice import PlanChoice
 
     group = parser.add_argument_group("several processes (torch.distributed)")
-    group.add_argument("--ranks", type=POSITIVE, default=None, metavar="P",
-                       help="run CQIL on P processes, rank r running the r-th layer of each group")
-    group.add_argument("--backend", choices=("gloo", "nccl"), default=None,
-                       help="torch.distributed backend (default: nccl where CUDA is present, else gloo)")
-    group.add_argument("--timeout", type=POSITIVE_NUMBER, default=None, metavar="S",
-                       help="seconds a collective may wait before the run fails (default 120)")
+    add_flags(group, RankOptions)
     if plan_options:
-        group.add_argument("--uniform", type=TEXT, metavar="S:E:P", help="with --ranks: groups of P layers in [S, E)")
-        group.add_argument("--groups", type=TEXT, metavar="A-B,...", help="with --ranks: explicit parallel groups")
-        group.add_argument("--bypass", type=NON_NEGATIVE, default=None, metavar="D",
-                           help="with --ranks: bypass distance d")
+        add_flags(group, PlanChoice, only=("uniform", "groups", "bypass"))
 
 
-def checked_model_and_plan(args: argparse.Namespace):
+def checked_model_and_plan(args: argparse.Namespace) -> Path:
     """Resolve --model once (a default-model fetch must not run P times) and check the plan fits P ranks."""
     from cqil.engines.distributed.launch import check_backend
     from cqil.engines.distributed.per_rank import check_world_fits
-    from cqil.pipeline.plan_choice import PlanChoice, resolve_plan
-    from cqil.pipeline.sources import check_model_dir, resolve_model_dir
-    from transformers import AutoConfig
+    from cqil.pipeline.plan_choice import PlanChoice, config_and_plan
 
-    choice = PlanChoice.from_args(args)
-    choice.check()
+    PlanChoice.from_args(args).check()
     check_backend(args.backend)
-    path = resolve_model_dir(args.model)
-    check_model_dir(path)
-    plan = resolve_plan(choice, AutoConfig.from_pretrained(path))
+    path, plan = config_and_plan(args)
     check_world_fits(plan, args.ranks)
     return path
 
 
-def _plan_argv(args: argparse.Namespace) -> list[str]:
-    argv = []
-    for name in ("plan", "uniform", "groups", "bypass"):
-        value = getattr(args, name, None)
-        if value is not None:
-            argv += [f"--{name}", str(value)]
-    return argv
+def worker_argv(command: str, args: argparse.Namespace, path: Path, settings: Any) -> list[str]:
+    """`python -m cqil.pipeline.rank_worker` argv: the command, the model and plan, the rank options and
+    `settings`, written from the same fields the worker's parser is made of."""
+    from cqil.pipeline.commands.options import PLAN_FLAGS
+    from cqil.pipeline.plan_choice import PlanChoice
+
+    return [command, "--model", str(path), *to_argv(PlanChoice.from_args(args), only=PLAN_FLAGS),
+            *to_argv(from_args(RankOptions, args), skip=("ranks",)), *to_argv(settings)]
 
 
-def _common_argv(args: argparse.Namespace, path: Path) -> list[str]:
-    argv = ["--model", str(path), *_plan_argv(args)]
-    if args.backend:
-        argv += ["--backend", args.backend]
-    if args.timeout is not None:
-        argv += ["--timeout", str(args.timeout)]
-    return argv
-
-
-def launch_generate(args: argparse.Namespace) -> int:
+def launch_generate(args: argparse.Namespace, settings) -> int:
     """`cqil generate --ranks P`: the generation on P processes; rank 0 prints the text."""
-    argv = ["generate", *_common_argv(args, checked_model_and_plan(args)),
-            "--max-new-tokens", str(args.max_new_tokens)]
-    for prompt in args.prompt:
-        argv += ["--prompt", prompt]
-    if args.raw:
-        argv.append("--raw")
-    return launch(args.ranks, argv)
+    return launch(args.ranks, worker_argv("generate", args, checked_model_and_plan(args), settings))
 
 
-def launch_bench(args: argparse.Namespace) -> int:
-    """`cqil bench --ranks P`: one process vs tensor parallel vs CQIL on P processes, interleaved."""
-    argv = ["bench", *_common_argv(args, checked_model_and_plan(args))]
-    for name in ("batch", "seq", "past", "prefill_repeats", "decode_repeats", "warmup"):
-        argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    if args.threads is not None:
-        argv += ["--rank-threads", str(args.threads)]
-    for name in ("out", "chart"):
-        if getattr(args, name) is not None:
-            argv += [f"--{name}", str(getattr(args, name))]
-    if args.json:
-        argv.append("--json")
-    return launch(args.ranks, argv)
+def launch_bench(args: argparse.Namespace, settings, output) -> int:
+    """`cqil bench --ranks P`: one process vs tensor parallel vs CQIL on P processes, interleaved;
+    `settings` (BenchSettings) with --threads as each rank's threads, `output` where rank 0 writes."""
+    from cqil.engines.bench_settings import RankBenchSettings
+
+    shared = {f.name: getattr(settings, f.name) for f in fields(settings) if f.name != "threads"}
+    ranked = RankBenchSettings(**shared, threads=settings.threads or 1)
+    return launch(args.ranks, [*worker_argv("bench", args, checked_model_and_plan(args), ranked), *to_argv(output)])
 
 
 def launch(ranks: int, worker_argv: list[str]) -> int:

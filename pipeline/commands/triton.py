@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
-from cqil.pipeline.commands.options import INPUT_PATH, TEXT, input_file, output_dir
+from cqil.model.settings import TEXT, setting
+from cqil.pipeline.commands.options import INPUT_PATH, input_file, output_dir
+from cqil.pipeline.settings import add_flags
+
+
+@dataclass(frozen=True)
+class TritonSettings:
+    """The model repository's names (`cqil triton`, the build's [package] section)."""
+
+    name: str = setting("cqil", "model name prefix (default %(default)s)", check=TEXT)
 
 
 def cmd_triton(args: argparse.Namespace) -> None:
@@ -33,5 +43,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=output_dir(is_ours=lambda folder: True), required=True,
                    help="model repository directory (replaced as a whole; only its own model folders)")
     p.add_argument("--engine", type=input_file("build it with `cqil engine`"), default=None, help="TensorRT engine from `cqil engine` (adds <name>_trt)")
-    p.add_argument("--name", type=TEXT, default="cqil", help="model name prefix (default %(default)s)")
+    add_flags(p, TritonSettings)
     p.set_defaults(func=cmd_triton)

@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 
+from cqil.model.settings import NON_NEGATIVE, POSITIVE, setting
 from cqil.pipeline.commands.onnx_source import load_source, onnx_and_plan, write_json
 from cqil.pipeline.commands.options import (
     INPUT_PATH,
     JSON_FILE,
-    NON_NEGATIVE,
     OUTPUT_FILE,
-    POSITIVE,
-    TEXT_SOURCE,
+    DataSettings,
     add_model_options,
-    at_least,
     input_file,
 )
+from cqil.pipeline.settings import add_flags, from_args
+
+
+@dataclass(frozen=True)
+class ValidateSettings:
+    """How much of the held-out text each engine is compared on (`cqil validate`, the build's [validate])."""
+
+    chunks: int = setting(2, "held-out chunks to compare on (default %(default)s)", check=POSITIVE)
+    decode_steps: int = setting(8, "last tokens of each chunk decoded one by one with the cache (default "
+                                "%(default)s)", check=NON_NEGATIVE)
+    threads: int | None = setting(None, "ONNX Runtime intra-op threads", check=POSITIVE, toml=False)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -26,9 +36,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     onnx_path, spec, plan = onnx_and_plan(args)
     loaded = load_source(args, spec, onnx_path, plan)
-    chunks = load_split(loaded.tokenizer, args.data, args.eval_data, args.seq_len).held_out[: args.chunks]
-    result = validate_onnx(onnx_path, CqilModel(loaded.model, plan), chunks, args.decode_steps,
-                           engine=args.engine, threads=args.threads)
+    settings = from_args(ValidateSettings, args)
+    chunks = load_split(loaded.tokenizer, args.data, args.eval_data, args.seq_len).held_out[: settings.chunks]
+    result = validate_onnx(onnx_path, CqilModel(loaded.model, plan), chunks, settings.decode_steps,
+                           engine=args.engine, threads=settings.threads)
     result["reference_model"] = {"name": loaded.name, "path": str(loaded.path)}
     write_json(args.out, result)
     print(json.dumps(result, indent=2) if args.json else "\n".join(summary_lines(result)))
@@ -42,13 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", type=JSON_FILE, help="plan.json; must match the plan stored in the ONNX")
     p.add_argument("--engine", type=input_file("build it with `cqil engine`"),
                    help="a TensorRT engine of the same ONNX (validated where TensorRT imports)")
-    p.add_argument("--data", type=TEXT_SOURCE, help=".txt, directory of .txt, or .jsonl (default: pydoc_data.topics)")
-    p.add_argument("--eval-data", type=TEXT_SOURCE, help="held-out text used whole (default: last 10%% of --data)")
-    p.add_argument("--seq-len", type=at_least(2), default=128, help="tokens per chunk (default %(default)s)")
-    p.add_argument("--chunks", type=POSITIVE, default=2, help="held-out chunks to compare on (default %(default)s)")
-    p.add_argument("--decode-steps", type=NON_NEGATIVE, default=8,
-                   help="last tokens of each chunk decoded one by one with the cache (default %(default)s)")
-    p.add_argument("--threads", type=POSITIVE, default=None, help="ONNX Runtime intra-op threads")
+    add_flags(p, DataSettings, only=("data", "eval_data", "seq_len"), defaults={"seq_len": 128})
+    add_flags(p, ValidateSettings)
     p.add_argument("--out", type=OUTPUT_FILE, help="write the result JSON here (e.g. validation.json)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_validate)

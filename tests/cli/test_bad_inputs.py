@@ -204,7 +204,7 @@ CASES: dict[str, Case] = {
     "build steps text": Case(["build", "--steps", "many", "--out", "{out}"], ("--steps many",)),
     "gate max ratio nan": Case(["gate", "{bench}", "--max-ratio", "nan"], ("--max-ratio nan",)),
     "export layout unknown": Case(["export", "--model", L, "--original", "--layout", "wide", "--out", "{out}"],
-                                  ("unknown layout 'wide'",)),
+                                  ("--layout wide must be one of branches, fused",)),
     "engine precision unknown": Case(["engine", "--onnx", "{corrupt_onnx}", "--precision", "int4", "--out", "{out}"],
                                      ("--precision",)),
     # -- out of range

@@ -21,7 +21,7 @@ from tests.engines.test_triton import config_tensors, graph_tensors, parse_confi
 # Small enough for seconds per stage on a tiny model, every stage still doing its real work.
 SMALL = ["--set", "data.seq_len=32", "--set", "analyze.max_chunks=4", "--set", "recover.steps=4",
          "--set", "recover.seq_len=32", "--set", "validate.chunks=2", "--set", "validate.quality_chunks=4",
-         "--set", "bench.seq=8", "--set", "bench.past=8", "--set", "bench.repeats=3",
+         "--set", "bench.seq=8", "--set", "bench.past=8", "--set", "bench.repeats=3", "--set", "bench.decode_repeats=5",
          "--set", "plan.uniform=\"1:5:2\"", "--set", "engines.opt_seq=16", "--set", "engines.max_seq=32",
          "--set", "engines.opt_past=16", "--set", "engines.max_context=64"]
 
