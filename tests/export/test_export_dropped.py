@@ -1,0 +1,57 @@
+"""Export of hybrid plans (dropped layers and a CQIL group): both layouts match PyTorch, the cache holds only
+the kept layers, genai_config.json counts them, and the exported folder reloads under the same plan."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from cqil.export.contract import read_contract
+from cqil.model.cqil import CqilModel
+from cqil.model.plan import from_parallel_groups, plan_from_config
+from cqil.pipeline.cli import main
+
+from tests.helpers import tiny_model
+from tests.ort_runner import run, session
+
+LAYERS = 5
+PLAN = from_parallel_groups([[1, 2]], LAYERS, 1, dropped=(0, 4))  # kept 1-2 (a group, d=1) and 3
+
+
+@pytest.mark.parametrize("family, layout", [("llama", "branches"), ("qwen2", "fused")])
+def test_hybrid_plan_export_matches_pytorch(family, layout, tmp_path, tokenizer):
+    model = tiny_model(family, LAYERS)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    PLAN.save(tmp_path / "plan.json")
+    out = tmp_path / "onnx"
+    assert main(["export", "--model", str(tmp_path / "model"), "--plan", str(tmp_path / "plan.json"),
+                 "--layout", layout, "--out", str(out)]) == 0
+    spec = read_contract(out / "model.onnx")
+    assert spec.num_layers == 3 and spec.plan.dropped == (0, 4)
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["num_hidden_layers"] == 3
+    from transformers import AutoConfig
+
+    again = plan_from_config(AutoConfig.from_pretrained(out))
+    assert (again.groups, again.dropped, again.bypass) == (PLAN.groups, PLAN.dropped, PLAN.bypass)
+
+    reference = CqilModel(model, PLAN)
+    sess = session(out / "model.onnx")
+    ids = torch.randint(3, 300, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    logits, past = run(sess, ids, mask)
+    with torch.no_grad():
+        expected, expected_past = reference(ids, mask)
+    real = mask.bool().numpy()
+    assert np.abs(logits[real] - expected.numpy()[real]).max() <= 1e-4
+    assert len(past) == len(expected_past) == 6
+    mask = torch.cat((mask, torch.ones(2, 1, dtype=torch.long)), 1)
+    step = torch.tensor([[5], [6]])
+    logits, _ = run(sess, step, mask, past)
+    with torch.no_grad():
+        expected, _ = reference(step, mask, past_key_values=expected_past)
+    assert np.abs(logits - expected.numpy()).max() <= 1e-4
