@@ -1,5 +1,6 @@
 """Export of hybrid plans (dropped layers and a CQIL group): both layouts match PyTorch, the cache holds only
-the kept layers, genai_config.json counts them, and the exported folder reloads under the same plan."""
+the kept layers, genai_config.json counts them, the exported folder reloads under the same plan, and the
+Triton text model generates what `cqil generate` does."""
 
 from __future__ import annotations
 
@@ -20,15 +21,30 @@ LAYERS = 5
 PLAN = from_parallel_groups([[1, 2]], LAYERS, 1, dropped=(0, 4))  # kept 1-2 (a group, d=1) and 3
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tokenizer):
+    """Factory: (model, its folder, the plan file, the ONNX folder) of a family exported in a layout."""
+    made = {}
+
+    def make(family: str, layout: str):
+        if (family, layout) not in made:
+            tmp_path = tmp_path_factory.mktemp(f"{family}-{layout}")
+            model = tiny_model(family, LAYERS)
+            model.save_pretrained(tmp_path / "model")
+            tokenizer.save_pretrained(tmp_path / "model")
+            PLAN.save(tmp_path / "plan.json")
+            out = tmp_path / "onnx"
+            assert main(["export", "--model", str(tmp_path / "model"), "--plan", str(tmp_path / "plan.json"),
+                         "--layout", layout, "--out", str(out)]) == 0
+            made[family, layout] = model, tmp_path / "model", tmp_path / "plan.json", out
+        return made[family, layout]
+
+    return make
+
+
 @pytest.mark.parametrize("family, layout", [("llama", "branches"), ("qwen2", "fused")])
-def test_hybrid_plan_export_matches_pytorch(family, layout, tmp_path, tokenizer):
-    model = tiny_model(family, LAYERS)
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    PLAN.save(tmp_path / "plan.json")
-    out = tmp_path / "onnx"
-    assert main(["export", "--model", str(tmp_path / "model"), "--plan", str(tmp_path / "plan.json"),
-                 "--layout", layout, "--out", str(out)]) == 0
+def test_hybrid_plan_export_matches_pytorch(family, layout, exported):
+    model, _, _, out = exported(family, layout)
     spec = read_contract(out / "model.onnx")
     assert spec.num_layers == 3 and spec.plan.dropped == (0, 4)
     genai = json.loads((out / "genai_config.json").read_text())
@@ -55,3 +71,24 @@ def test_hybrid_plan_export_matches_pytorch(family, layout, tmp_path, tokenizer)
     with torch.no_grad():
         expected, _ = reference(step, mask, past_key_values=expected_past)
     assert np.abs(logits - expected.numpy()).max() <= 1e-4
+
+
+def test_triton_text_model_of_a_hybrid_plan_answers_what_cqil_generate_prints(exported, tmp_path, monkeypatch,
+                                                                             capsys):
+    from cqil.engines.triton import write_model_repository
+
+    from tests.engines.test_triton import FakeRequest, load_text_model, run_requests
+
+    _, model_dir, plan_file, out = exported("llama", "branches")
+    prompt = "The for statement"
+    capsys.readouterr()
+    assert main(["generate", "--model", str(model_dir), "--plan", str(plan_file), "--raw", "--prompt", prompt,
+                 "--max-new-tokens", "8"]) == 0
+    expected = capsys.readouterr().out.strip()
+    write_model_repository(out, tmp_path / "repo")
+    text_model, _ = load_text_model(tmp_path / "repo" / "cqil_text" / "1", monkeypatch)
+    request = FakeRequest({"text_input": np.array([prompt.encode()], dtype=object),
+                           "max_tokens": np.array([8], dtype=np.int32)})
+    run_requests(text_model, [request])
+    assert not request.sender.errors()
+    assert request.sender.texts()[0].strip() == expected
