@@ -28,6 +28,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
     if not args.auto and (args.target_depth is not None or args.max_kl is not None):
         raise CqilError("--target-depth and --max-kl choose an automatic plan: add --auto")
     choice = PlanChoice.from_args(args)
+    if args.prune is not None:
+        if choice.given():
+            raise CqilError(f"--prune chooses the plan itself: drop {', '.join('--' + g for g in choice.given())}")
+        return _pruned_plan(args)
+    if args.method is not None:
+        raise CqilError("--method chooses how --prune K picks the layers: add --prune K")
     if choice.check() == "auto":
         return _auto_plan(args, choice)
     config = AutoConfig.from_pretrained(resolve_model_dir(args.model))
@@ -75,6 +81,41 @@ def _auto_plan(args: argparse.Namespace, choice) -> None:
     print(f"candidate table: {table}")
 
 
+def _pruned_plan(args: argparse.Namespace) -> None:
+    from cqil.model.cqil import CqilModel
+    from cqil.model.fsutil import atomic_write_text, check_output_file
+    from cqil.model.plan import identity_plan, model_record, pruned_plan
+    from cqil.pipeline.data import load_split
+    from cqil.pipeline.prune import check_count, choose
+    from cqil.pipeline.quality import evaluate
+    from cqil.pipeline.sources import load_model
+
+    table = args.out.with_suffix(".prune.json")
+    check_output_file(table, "--out")
+    loaded = load_model(args.model)
+    config = loaded.model.config
+    check_count(args.prune, config.num_hidden_layers)
+    split = load_split(loaded.tokenizer, args.data, args.eval_data, args.seq_len)
+    calibration = limit_chunks(split.train, args.max_chunks)
+    held_out = limit_chunks(split.held_out, args.eval_chunks)
+    original = CqilModel(loaded.model, identity_plan(config.num_hidden_layers))
+    method = args.method or "greedy"
+    pruning = choose(method, original, calibration, args.prune, args.batch_size, args.head_every)
+    plan = pruned_plan(list(pruning.dropped), config.num_hidden_layers, model_record(config))
+    result = evaluate(original, {"pruned": original.with_plan(plan)}, held_out, args.batch_size)
+    measured = {"kl": result["pruned"]["kl"], "ppl": result["pruned"]["ppl"], "top1": result["pruned"]["top1"],
+                "original_ppl": result["original"]["ppl"]}
+    report = {"model": loaded.name, "data": split.source, **pruning.to_dict(),
+              "calibration": {"chunks": len(calibration), "tokens": calibration.numel()},
+              "held_out": {"chunks": len(held_out), "tokens": held_out.numel()}, "plan": plan.to_dict(),
+              "measured": measured}
+    atomic_write_text(table, json.dumps(report, indent=2) + "\n")
+    plan.save(args.out)
+    print(f"{args.out}: {plan.describe()} ({method}, chosen on {len(calibration)} calibration chunks); held-out "
+          f"KL {measured['kl']:.4f}, ppl {measured['ppl']:.3f} (original {measured['original_ppl']:.3f})")
+    print(f"selection table: {table}")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from cqil.pipeline.build_config import DEFAULTS  # the fast search's measured defaults, shared with `cqil build`
 
@@ -101,5 +142,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="score the KL at every K-th position only (default %(default)s; 1 = all)")
     group.add_argument("--eval-chunks", type=POSITIVE, default=None, metavar="N",
                        help="held-out chunks for verification (default: all)")
+    prune = p.add_argument_group("depth pruning (--prune; the baseline to compare CQIL with)")
+    prune.add_argument("--prune", type=POSITIVE, metavar="K", help="drop K decoder layers chosen on calibration text")
+    prune.add_argument("--method", choices=("block-influence", "greedy"), default=None,
+                       help="block-influence: ShortGPT's least-changing layers; greedy: SLEB-style, one layer at "
+                       "a time by calibration KL (default greedy)")
     add_data_options(p)
     p.set_defaults(max_chunks=fast["calibration_chunks"], func=cmd_plan)  # calibration chunks for scoring
