@@ -27,6 +27,7 @@ class Plan:
     bypass: int = 0
     model: dict[str, Any] = field(default_factory=dict, compare=False)
     dropped: tuple[int, ...] = ()  # layers removed from the model (sorted); the groups cover the others
+    latency: dict[str, Any] = field(default_factory=dict, compare=False)  # a cost model's prediction, if any
 
     def __post_init__(self) -> None:
         validate_layout(self.groups, self.dropped)
@@ -81,6 +82,7 @@ class Plan:
             "num_layers": self.num_layers,
             "depth": self.depth,
             "model": dict(self.model),
+            **({"latency": dict(self.latency)} if self.latency else {}),
         }
 
     def save(self, path: Path) -> None:
@@ -279,7 +281,9 @@ def plan_from_dict(data: dict[str, Any], num_layers: int | None = None) -> Plan:
                 f"the plan covers {count} layers but the model has {num_layers}: "
                 "make a plan for this model with `cqil plan --model ...`"
             )
-        return Plan(tuple(tuple(g) for g in groups), _bypass(data.get("bypass", 0)), model, tuple(sorted(dropped)))
+        latency = data.get("latency") if isinstance(data.get("latency"), dict) else {}
+        return Plan(tuple(tuple(g) for g in groups), _bypass(data.get("bypass", 0)), model, tuple(sorted(dropped)),
+                    latency)
     if "cqil_layers" in data:
         layers = num_layers or data.get("num_hidden_layers") or model.get("num_layers")
         if not layers:
