@@ -83,10 +83,10 @@ def measured(tiny_model_dir):
     from cqil.pipeline.sources import load_model
 
     loaded = load_model(tiny_model_dir("llama", LAYERS))
-    calibration = load_split(loaded.tokenizer, seq_len=SEQ).train[:4]
+    calibration = load_split(loaded.tokenizer, seq_len=SEQ).train[:2]
     original = CqilModel(loaded.model, identity_plan(LAYERS))
-    candidates = score_candidates(original, calibration, 3, (0, 1), progress=False)
-    return parts_from(candidates, score_drops(original, calibration, progress=False), (0, 1))
+    candidates = score_candidates(original, calibration, 3, (1,), progress=False)
+    return parts_from(candidates, score_drops(original, calibration, progress=False), (1,))
 
 
 def test_search_on_measured_kl_picks_the_brute_force_optimum(measured):
@@ -104,8 +104,8 @@ def test_cli_records_latency_in_the_plan(tiny_model_dir, tmp_path, capsys):
     cost.write_text(json.dumps(COSTS.to_dict()))
     out = tmp_path / "plan.json"
     assert main(["plan", "--auto", "--model", str(tiny_model_dir("llama", LAYERS)), "--latency-budget", "0.8",
-                 "--cost-model", str(cost), "--max-group-size", "3", "--seq-len", str(SEQ), "--max-chunks", "4",
-                 "--eval-chunks", "2", "--out", str(out)]) == 0
+                 "--cost-model", str(cost), "--max-group-size", "3", "--seq-len", str(SEQ), "--max-chunks", "2",
+                 "--eval-chunks", "1", "--out", str(out)]) == 0
     plan = load_plan(out, LAYERS)
     data = json.loads(out.read_text())
     assert data["latency"]["target"] == "synthetic" and data["latency"]["budget"] == 0.8
@@ -145,3 +145,24 @@ def test_cost_model_round_trip(tmp_path):
     again = load_cost_model(path)
     assert again == COSTS
     assert cost_model_from_dict(COSTS.to_dict()).predicted_ratio(identity_plan(LAYERS)) == 1.0
+
+
+def test_cost_model_cuts_keep_the_layers_they_time():
+    from cqil.engines.cost_model import CostSettings, cut_plans
+
+    cuts = cut_plans(LAYERS, CostSettings(singles=3, max_group_size=2, layouts=("fused",)), {})
+    assert {name: (plan.layers, plan.max_group_size, layout) for name, (plan, layout) in cuts.items()} == {
+        "1": ([0], 1, "branches"), "n": ([0, 1, 2], 1, "branches"), "g2.fused": ([0, 1], 2, "fused")}
+
+
+@pytest.mark.slow  # three ONNX exports and their timing: about a minute on an idle 2-core machine
+def test_bench_measures_a_cost_model_the_search_reads(tiny_model_dir, tmp_path, capsys):
+    cost = tmp_path / "cost.json"
+    assert main(["bench", "--model", str(tiny_model_dir("llama", LAYERS)), "--cost-model", str(cost),
+                 "--cost-max-group-size", "2", "--cost-layouts", "branches", "--past", "16",
+                 "--decode-repeats", "5", "--threads", "1"]) == 0
+    model = load_cost_model(cost)
+    assert model.target == "onnxruntime-cpu (1 threads)" and model.layer > 0 and model.base >= 0
+    assert set(model.groups) == {"branches"} and set(model.groups["branches"]) == {2}
+    assert set(model.details["median_step_s"]) == {"1", "n", "g2.branches"}
+    assert "layer" in capsys.readouterr().out
