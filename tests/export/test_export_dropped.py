@@ -92,3 +92,14 @@ def test_triton_text_model_of_a_hybrid_plan_answers_what_cqil_generate_prints(ex
     run_requests(text_model, [request])
     assert not request.sender.errors()
     assert request.sender.texts()[0].strip() == expected
+
+
+def test_bench_times_a_hybrid_plan_against_the_original(exported, tmp_path):
+    from cqil.engines.bench import BenchSettings, run_bench
+
+    _, model_dir, _, out = exported("llama", "branches")
+    assert main(["export", "--model", str(model_dir), "--original", "--out", str(tmp_path / "original")]) == 0
+    settings = BenchSettings(batch=1, seq=4, past=4, prefill_repeats=2, decode_repeats=2, warmup=0, threads=1)
+    result = run_bench(out, tmp_path / "original", settings, progress=False)
+    assert result["ideal_depth_ratio"] == pytest.approx(2 / 5)  # groups (1-2) and (3) of 5 layers
+    assert result["scenarios"]["decode"]["ratio"] > 0
