@@ -36,7 +36,8 @@ from cqil.model.steps import timing_calls
 
 def _check_pair(candidate, reference) -> None:
     cand, ref = candidate.spec, reference.spec
-    if (cand.num_layers, cand.kv_heads, cand.head_dim) != (ref.num_layers, ref.kv_heads, ref.head_dim):
+    layers = cand.num_layers if cand.plan is None else cand.plan.num_layers  # a dropped layer has no cache input
+    if (layers, cand.kv_heads, cand.head_dim) != (ref.num_layers, ref.kv_heads, ref.head_dim):
         raise CqilError(f"reference '{reference.path}' ({ref.num_layers} layers, {ref.kv_heads}x{ref.head_dim} cache) "
                         f"is not the same model as candidate '{candidate.path}' ({cand.num_layers} layers, "
                         f"{cand.kv_heads}x{cand.head_dim}): export the original of the candidate's model")

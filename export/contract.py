@@ -254,4 +254,8 @@ def plan_from_metadata(metadata: Mapping[str, str], num_layers: int, onnx_path: 
         raise CqilError(f"'{onnx_path}': metadata '{PLAN_KEY}' is not JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise CqilError(f"'{onnx_path}': metadata '{PLAN_KEY}' must hold a plan object")
-    return plan_from_dict(data, num_layers)
+    plan = plan_from_dict(data)
+    if plan.num_kept != num_layers:  # the file's cache inputs are the kept layers'
+        raise CqilError(f"'{onnx_path}': its plan keeps {plan.num_kept} layers but the file has past inputs "
+                        f"for {num_layers}")
+    return plan

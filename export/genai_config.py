@@ -20,6 +20,7 @@ from typing import Any
 
 from cqil.export import contract
 from cqil.model.errors import CqilError
+from cqil.model.plan import plan_from_config
 
 GENAI_CONFIG_FILE = "genai_config.json"
 # ONNX Runtime GenAI's decoder-only model types (its model_type.h) for the families we export.
@@ -33,6 +34,12 @@ SEARCH_DEFAULTS = {"diversity_penalty": 0.0, "do_sample": False, "length_penalty
 def _per_layer(layer0_name: str) -> str:
     """`past_key_values.0.key` -> `past_key_values.%d.key`: the runtime formats it with each layer index."""
     return layer0_name.replace(".0.", ".%d.", 1)
+
+
+def _kept_layers(config: Any) -> int:
+    """Layers with a KV cache in the ONNX: those the config's CQIL plan keeps (all without a plan)."""
+    plan = plan_from_config(config)
+    return config.num_hidden_layers if plan is None else plan.num_kept
 
 
 def genai_config(config: Any, generation_config: Any = None, filename: str = "model.onnx") -> dict:
@@ -79,7 +86,7 @@ def genai_config(config: Any, generation_config: Any = None, filename: str = "mo
                     "present_value_names": _per_layer(present_value),
                 },
                 "num_attention_heads": heads,
-                "num_hidden_layers": config.num_hidden_layers,
+                "num_hidden_layers": _kept_layers(config),
                 "num_key_value_heads": config.num_key_value_heads,
             },
             "eos_token_id": eos,

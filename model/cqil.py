@@ -52,7 +52,8 @@ class CqilModel(nn.Module):
 
     @property
     def num_layers(self) -> int:
-        return len(self.layers)
+        """KV-cache entries: one per layer the plan keeps, in the order they run (dropped layers have none)."""
+        return self.plan.num_kept
 
     @property
     def num_heads(self) -> int:
@@ -111,9 +112,9 @@ class CqilModel(nn.Module):
                 position_ids: torch.Tensor | None = None,
                 past_key_values: Sequence[torch.Tensor | None] | None = None,
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
-        """Logits [batch, seq, vocab] and the presents, flat as (k0, v0, k1, v1, ...).
+        """Logits [batch, seq, vocab] and the presents of the kept layers, flat as (k0, v0, k1, v1, ...).
 
-        `past_key_values` is flat in the same order, each [batch, kv_heads, past, head_dim];
+        `past_key_values` is flat in the same order (entry i: the i-th kept layer; dropped layers have none), each [batch, kv_heads, past, head_dim];
         `attention_mask` covers past + new tokens. A schedule that runs only some layers in this process
         leaves None for the others' entries.
         """
@@ -123,10 +124,10 @@ class CqilModel(nn.Module):
                                         device=input_ids.device)
         x, step = self.prologue(input_ids, attention_mask, position_ids)
         past = layer_pairs(past_key_values, self.num_layers)
-        presents: list[KV | None] = [None] * self.num_layers
+        presents: list[KV | None] = []
         for index, group in enumerate(self.plan.groups):
-            x, group_presents = self.run_group(index, x, step, [past[i] for i in group])
-            for layer, kv in zip(group, group_presents):
-                presents[layer] = kv
+            slots = range(len(presents), len(presents) + len(group))  # cache entries of the kept layers
+            x, group_presents = self.run_group(index, x, step, [past[i] for i in slots])
+            presents += group_presents
         return self.head(x), flatten([kv or (None, None) for kv in presents])
 

@@ -1,8 +1,10 @@
-"""CQIL plans: an ordered partition of the decoder layers into groups, plus the bypass distance.
+"""CQIL plans: an ordered partition of the kept decoder layers into groups, the dropped layers, and the
+bypass distance.
 
-A plan is made from explicit groups (`15-16,17-18`), a uniform S:E:P spec as in the paper, or the
-official CQIL config form (`cqil_layers` + `d`). Layers that no group names run alone. The plan
-records the model it was made for and refuses a model it does not fit.
+A plan is made from explicit groups (`15-16,17-18`), a uniform S:E:P spec as in the paper, the
+official CQIL config form (`cqil_layers` + `d`), or pruning (`dropped`: depth pruning's baseline,
+DESIGN.md section 1). Layers that no group names and that are not dropped run alone. The plan records
+the model it was made for and refuses a model it does not fit.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any
 
 from cqil.model.errors import CqilError
 
-PLAN_FORMAT = "cqil-plan/1"
+PLAN_FORMAT = "cqil-plan/2"  # /2 added `dropped`
+READABLE_FORMATS = ("cqil-plan/1", PLAN_FORMAT)  # an unknown (newer) version could mean anything: refused
 CONFIG_KEY = "cqil_plan"  # where a merged checkpoint's config.json carries its plan
 
 
@@ -23,9 +26,11 @@ class Plan:
     groups: tuple[tuple[int, ...], ...]
     bypass: int = 0
     model: dict[str, Any] = field(default_factory=dict, compare=False)
+    dropped: tuple[int, ...] = ()  # layers removed from the model (sorted); the groups cover the others
+    latency: dict[str, Any] = field(default_factory=dict, compare=False)  # a cost model's prediction, if any
 
     def __post_init__(self) -> None:
-        validate_groups(self.groups, len(self.layers))
+        validate_layout(self.groups, self.dropped)
         largest = max(len(g) for g in self.groups)
         if not 0 <= self.bypass <= max(largest - 1, 0):
             raise CqilError(
@@ -35,10 +40,17 @@ class Plan:
 
     @property
     def layers(self) -> list[int]:
+        """The kept layers in the order they run; their KV-cache entries are numbered 0.. in this order."""
         return [layer for group in self.groups for layer in group]
 
     @property
     def num_layers(self) -> int:
+        """Layers of the model the plan was made for, dropped ones included."""
+        return len(self.layers) + len(self.dropped)
+
+    @property
+    def num_kept(self) -> int:
+        """Layers that run (and have a KV-cache entry)."""
         return len(self.layers)
 
     @property
@@ -52,21 +64,25 @@ class Plan:
 
     @property
     def is_identity(self) -> bool:
-        return self.max_group_size == 1
+        """Every layer alone and none dropped: the original model."""
+        return self.max_group_size == 1 and not self.dropped
 
     def describe(self) -> str:
         parallel = [g for g in self.groups if len(g) > 1]
         spans = ",".join(f"{g[0]}-{g[-1]}" for g in parallel) or "none"
-        return f"depth {self.depth}/{self.num_layers}, bypass d={self.bypass}, parallel groups {spans}"
+        dropped = f", dropped {','.join(map(str, self.dropped))}" if self.dropped else ""
+        return f"depth {self.depth}/{self.num_layers}, bypass d={self.bypass}, parallel groups {spans}{dropped}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": PLAN_FORMAT,
             "groups": [list(g) for g in self.groups],
+            "dropped": list(self.dropped),
             "bypass": self.bypass,
             "num_layers": self.num_layers,
             "depth": self.depth,
             "model": dict(self.model),
+            **({"latency": dict(self.latency)} if self.latency else {}),
         }
 
     def save(self, path: Path) -> None:
@@ -96,23 +112,47 @@ class Plan:
             )
 
 
-def validate_groups(groups: Any, num_layers: int) -> None:
-    """Groups must be non-empty runs of consecutive layers covering 0..L-1 once, in order."""
+def _is_index(layer: Any) -> bool:
+    return isinstance(layer, int) and not isinstance(layer, bool)
+
+
+def validate_layout(groups: Any, dropped: Any) -> None:
+    """Groups must be non-empty runs of the kept layers covering them once, in order; dropped layers
+    are named once each and never all of them."""
+    for layer in dropped:
+        if not _is_index(layer):
+            raise CqilError(f"dropped layer {layer!r} is not an integer")
+    if sorted(set(dropped)) != list(dropped):
+        twice = sorted({layer for layer in dropped if list(dropped).count(layer) > 1})
+        if twice:
+            raise CqilError(f"the plan drops layer {twice[0]} twice: name each dropped layer once")
+        raise CqilError(f"dropped layers {list(dropped)} must be in increasing order")
     if not groups:
+        if dropped:
+            raise CqilError(f"the plan drops every layer ({len(dropped)} of {len(dropped)}): keep at least one")
         raise CqilError("a plan needs at least one group")
+    num_layers = sum(len(g) for g in groups) + len(dropped)
+    gone = set(dropped)
     expected = 0
     for group in groups:
         if not group:
             raise CqilError("a plan group is empty")
         for layer in group:
-            if not isinstance(layer, int) or isinstance(layer, bool):
+            if not _is_index(layer):
                 raise CqilError(f"layer index {layer!r} is not an integer")
+            if layer in gone:
+                raise CqilError(f"layer {layer} is both dropped and in group {list(group)}: name it once")
+            while expected in gone:
+                expected += 1
             if layer != expected:
                 raise CqilError(
                     f"plan groups must be consecutive layers covering 0..{num_layers - 1} exactly "
-                    f"once, in order: expected layer {expected}, found {layer} in group {list(group)}"
+                    f"once, in order (dropped layers aside): expected layer {expected}, found {layer} "
+                    f"in group {list(group)}"
                 )
             expected += 1
+    if dropped and dropped[-1] >= num_layers:
+        raise CqilError(f"dropped layer {dropped[-1]} is outside 0..{num_layers - 1} of this plan's layers")
 
 
 def model_record(config: Any) -> dict[str, Any]:
@@ -127,9 +167,12 @@ def model_record(config: Any) -> dict[str, Any]:
 
 
 def from_parallel_groups(parallel: list[list[int]], num_layers: int, bypass: int = 0,
-                         model: dict | None = None) -> Plan:
-    """Complete a list of parallel groups with single layers everywhere else."""
-    claimed: dict[int, list[int]] = {}
+                         model: dict | None = None, dropped: tuple[int, ...] = ()) -> Plan:
+    """Complete a list of parallel groups with single layers everywhere else (dropped layers aside)."""
+    for layer in dropped:
+        if not _is_index(layer) or not 0 <= layer < num_layers:
+            raise CqilError(f"dropped layer {layer!r} is outside 0..{num_layers - 1} of this model")
+    claimed: dict[int, list[int]] = {layer: ["dropped"] for layer in dropped}
     for group in parallel:
         group = list(group)
         if not group:
@@ -145,13 +188,22 @@ def from_parallel_groups(parallel: list[list[int]], num_layers: int, bypass: int
                 raise CqilError(f"layer {layer} is in two groups: {claimed[layer]} and {group}")
             claimed[layer] = group
     starts = {group[0]: tuple(group) for group in map(list, parallel)}
+    gone = set(dropped)
     groups: list[tuple[int, ...]] = []
     layer = 0
     while layer < num_layers:
+        if layer in gone:
+            layer += 1
+            continue
         group = starts.get(layer, (layer,))
         groups.append(group)
         layer += len(group)
-    return Plan(tuple(groups), bypass, model or {})
+    return Plan(tuple(groups), bypass, model or {}, tuple(sorted(dropped)))
+
+
+def pruned_plan(dropped: list[int], num_layers: int, model: dict | None = None) -> Plan:
+    """Depth pruning: the layers `dropped` removed, every other layer alone."""
+    return from_parallel_groups([], num_layers, 0, model, tuple(sorted(dropped)))
 
 
 def parse_groups_spec(spec: str, num_layers: int, bypass: int = 0, model: dict | None = None) -> Plan:
@@ -203,8 +255,15 @@ def identity_plan(num_layers: int, model: dict | None = None) -> Plan:
 
 
 def plan_from_dict(data: dict[str, Any], num_layers: int | None = None) -> Plan:
-    """Our plan.json, or the official CQIL form (`cqil_layers` + `d`)."""
+    """Our plan.json (any readable format version), or the official CQIL form (`cqil_layers` + `d`)."""
     model = data.get("model") or {}
+    version = data.get("format")
+    if version is not None and version not in READABLE_FORMATS:
+        raise CqilError(f"plan format {version!r} is not one this cqil reads ({', '.join(READABLE_FORMATS)}): "
+                        "upgrade cqil or remake the plan with `cqil plan`")
+    dropped = data.get("dropped", [])
+    if not isinstance(dropped, list) or not all(_is_index(layer) for layer in dropped):
+        raise CqilError("plan 'dropped' must be a list of layer indices")
     if "groups" in data:
         groups = data["groups"]
         if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
@@ -216,18 +275,21 @@ def plan_from_dict(data: dict[str, Any], num_layers: int | None = None) -> Plan:
                     raise CqilError(f"layer {layer} is in two groups of the plan, {owner[layer]} and {group}: "
                                     "groups must not overlap")
                 owner[layer] = group
-        count = sum(len(g) for g in groups)
+        count = sum(len(g) for g in groups) + len(dropped)
         if num_layers is not None and count != num_layers:
             raise CqilError(
                 f"the plan covers {count} layers but the model has {num_layers}: "
                 "make a plan for this model with `cqil plan --model ...`"
             )
-        return Plan(tuple(tuple(g) for g in groups), _bypass(data.get("bypass", 0)), model)
+        latency = data.get("latency") if isinstance(data.get("latency"), dict) else {}
+        return Plan(tuple(tuple(g) for g in groups), _bypass(data.get("bypass", 0)), model, tuple(sorted(dropped)),
+                    latency)
     if "cqil_layers" in data:
         layers = num_layers or data.get("num_hidden_layers") or model.get("num_layers")
         if not layers:
             raise CqilError("an official CQIL config ('cqil_layers') needs the model's layer count: pass --model")
-        return from_parallel_groups(data["cqil_layers"], int(layers), _bypass(data.get("d", 0)), model)
+        return from_parallel_groups(data["cqil_layers"], int(layers), _bypass(data.get("d", 0)), model,
+                                    tuple(sorted(dropped)))
     raise CqilError("not a plan: expected 'groups' (cqil plan.json) or 'cqil_layers' (official CQIL config)")
 
 

@@ -127,8 +127,8 @@ def calibration_kl(original: CqilModel, plans: Sequence[Plan], chunks: torch.Ten
                    progress: bool = True, head_every: int = 1) -> list[float]:
     """Mean per-token KL(original || plan) on `chunks` for each plan, as pipeline.quality defines it.
 
-    Layers before a plan's first parallel group are single, so its stream there is the original's:
-    each plan resumes from the cached original stream at that layer instead of starting over. With
+    Layers before a plan's first parallel group or dropped layer are single, so its stream there is the
+    original's: each plan resumes from the cached original stream at that layer instead of starting over. With
     `head_every` k > 1 only every k-th position goes through the LM head (the layers still see every
     token, so each scored position has its full context): the mean over those positions.
     """
@@ -136,31 +136,42 @@ def calibration_kl(original: CqilModel, plans: Sequence[Plan], chunks: torch.Ten
         raise CqilError("no calibration chunks: give more text with --data or raise --max-chunks")
     positions = scored_positions(head_every)
     models = [original.with_plan(plan) for plan in plans]
-    firsts = [_first_parallel(plan) for plan in plans]
+    resumes = [resume_point(plan) for plan in plans]
     totals = [0.0] * len(plans)
     scored = 0
     batches = torch.split(chunks, batch_size)
     bar = tqdm(total=len(batches) * len(plans), desc="score", unit="plan", disable=not progress, leave=False)
     for batch in batches:
-        hidden, step, reference = _original_pass(original, batch, positions)
+        hidden, step, reference = original_pass(original, batch, positions)
         scored += reference.shape[0] * reference.shape[1]
-        for index, (model, first) in enumerate(zip(models, firsts)):
-            if first is not None:
-                x = hidden[model.plan.groups[first][0]]
-                for group_index in range(first, len(model.plan.groups)):
-                    x, _ = model.run_group(group_index, x, step, [None] * len(model.plan.groups[group_index]))
-                log_probs = F.log_softmax(model.head(x[:, positions]).float(), -1)
+        for index, (model, resume) in enumerate(zip(models, resumes)):
+            if resume is not None:
+                layer, first = resume
+                log_probs = run_from(model, first, hidden[layer], step, positions)
                 totals[index] += float(token_kl(reference, log_probs).double().sum())
             bar.update()
     bar.close()
     return [total / scored for total in totals]
 
 
-def _first_parallel(plan: Plan) -> int | None:
-    return next((i for i, group in enumerate(plan.groups) if len(group) > 1), None)
+def resume_point(plan: Plan) -> tuple[int, int] | None:
+    """(layer, group index) where a plan's stream first leaves the original's: the stream entering that layer
+    is the original's, and the plan's groups from that index on run after it. None: the original model."""
+    changes = [group[0] for group in plan.groups if len(group) > 1][:1] + list(plan.dropped[:1])
+    if not changes:
+        return None
+    layer = min(changes)
+    return layer, next((i for i, group in enumerate(plan.groups) if group[0] >= layer), len(plan.groups))
 
 
-def _original_pass(original: CqilModel, batch: torch.Tensor, positions: slice = slice(None)):
+def run_from(model: CqilModel, first: int, x: torch.Tensor, step, positions: slice) -> torch.Tensor:
+    """Groups `first`.. of `model` on stream x (no cache), then the head: log-probabilities at `positions`."""
+    for group_index in range(first, len(model.plan.groups)):
+        x, _ = model.run_group(group_index, x, step, [None] * len(model.plan.groups[group_index]))
+    return F.log_softmax(model.head(x[:, positions]).float(), -1)
+
+
+def original_pass(original: CqilModel, batch: torch.Tensor, positions: slice = slice(None)):
     """The original's stream entering every layer (and leaving the last), the step inputs, and its
     log-probabilities at `positions`."""
     x, step = original.prologue(batch, torch.ones_like(batch))

@@ -119,7 +119,7 @@ def run_plan(ctx: StageContext, config: dict) -> dict:
         _write_json(ctx.out / "plan.search.json", searched["report"])
         timing = {"search_score_s": searched["seconds"]["score"], "search_verify_s": searched["seconds"]["verify"]}
     record = {**plans.model_record(model_config), "name": model_name(ctx.upstream("source"))}
-    plan = plans.Plan(plan.groups, plan.bypass, record)
+    plan = plans.Plan(plan.groups, plan.bypass, record, plan.dropped, plan.latency)
     plan.save(ctx.out / "plan.json")
     return {"depth": plan.depth, "layers": plan.num_layers, "bypass": plan.bypass, "plan": plan.describe(), **timing}
 

@@ -32,7 +32,7 @@ refused."""
 
 COMMAND_MODULES = (
     "analyze", "plan", "eval", "generate", "finetune", "merge", "export", "engine", "triton", "validate",
-    "bench", "gate", "build", "verify",
+    "bench", "gate", "build", "verify", "compare",
 )
 
 

@@ -87,7 +87,7 @@ def resolve_plan(choice: PlanChoice, config: Any, search: Callable[[], plans.Pla
     elif source in ("plan", "official"):
         loaded = plans.load_plan(getattr(choice, source), layers)
         bypass = loaded.bypass if choice.bypass is None else choice.bypass
-        plan = plans.Plan(loaded.groups, bypass, loaded.model or record)
+        plan = plans.Plan(loaded.groups, bypass, loaded.model or record, loaded.dropped, loaded.latency)
     elif source == "uniform":
         plan = plans.parse_uniform_spec(choice.uniform, layers, choice.bypass or 0, record)
     elif source == "groups":

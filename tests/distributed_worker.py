@@ -30,10 +30,10 @@ from cqil.model.plan import from_parallel_groups
 from cqil.model.steps import greedy_generate
 
 
-def _plan(path: Path, groups: list[list[int]], bypass: int):
+def _plan(path: Path, groups: list[list[int]], bypass: int, dropped: tuple[int, ...] = ()):
     from transformers import AutoConfig
 
-    return from_parallel_groups(groups, AutoConfig.from_pretrained(path).num_hidden_layers, bypass)
+    return from_parallel_groups(groups, AutoConfig.from_pretrained(path).num_hidden_layers, bypass, dropped=dropped)
 
 
 def parity(ctx, spec: dict) -> None:
@@ -44,7 +44,8 @@ def parity(ctx, spec: dict) -> None:
     saved = {}
     for name, case in spec["cases"].items():
         path = Path(case["model"])
-        placement = Placement(_plan(path, case["groups"], case["bypass"]), ctx.rank, ctx.world)
+        placement = Placement(_plan(path, case["groups"], case["bypass"], tuple(case.get("dropped", ()))),
+                              ctx.rank, ctx.world)
         model = rank_model(load_rank_model(path, placement), placement)
         (out / f"{name}.rank{ctx.rank}.json").write_text(json.dumps(
             {"parameters": parameter_count(model), "layers": placement.layers}))

@@ -56,7 +56,7 @@ class Placement:
 
 def check_world_fits(plan: Plan, world: int) -> None:
     """P ranks run a plan whose largest group has exactly P layers; anything else is refused."""
-    if plan.is_identity:
+    if plan.max_group_size == 1:
         raise CqilError("the plan has no parallel groups, so there is nothing to spread over ranks: "
                         "pass a plan with groups (e.g. --uniform 15:30:2) or run one process")
     if world != plan.max_group_size:

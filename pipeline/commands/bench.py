@@ -11,7 +11,7 @@ from cqil.engines.bench_settings import BenchSettings
 from cqil.model.errors import CqilError
 from cqil.model.settings import setting
 from cqil.pipeline.commands.onnx_source import load_source, onnx_and_plan, write_json
-from cqil.pipeline.commands.options import INPUT_PATH, JSON_FILE, OUTPUT_FILE, add_model_options
+from cqil.pipeline.commands.options import INPUT_PATH, JSON_FILE, OUTPUT_FILE, TEXT, add_model_options, at_least
 from cqil.pipeline.commands.ranks import add_rank_options
 from cqil.pipeline.settings import add_flags, from_args
 
@@ -30,6 +30,8 @@ class BenchOutput:
 
 
 def cmd_bench(args: argparse.Namespace) -> int | None:
+    if args.cost_model is not None:
+        return _cost_model(args)
     settings, output = from_args(BenchSettings, args), from_args(BenchOutput, args)
     if args.ranks is not None:  # --ranks P: one process vs TP vs CQIL on P processes (pipeline/commands/ranks.py)
         from cqil.pipeline.commands.ranks import launch_bench
@@ -78,6 +80,39 @@ def run(settings: BenchSettings, onnx_path: Path, reference: Path, torch_models:
     return result
 
 
+def _cost_model(args: argparse.Namespace) -> None:
+    """`--cost-model COST.json`: per-layer and per-group decode cost on ONNX Runtime (engines/cost_model.py)."""
+    import tempfile
+
+    from cqil.engines.cost_model import CostSettings, measure_cost_model, save_cost_model
+    from cqil.model.cqil import CqilModel
+    from cqil.model.errors import CqilError
+    from cqil.model.plan import identity_plan, model_record
+    from cqil.pipeline.sources import load_model
+
+    if args.ranks is not None or args.onnx is not None:
+        raise CqilError("--cost-model measures the ONNX Runtime CPU costs of --model: drop --ranks / --onnx")
+    layouts = tuple(dict.fromkeys(part.strip() for part in args.cost_layouts.split(",") if part.strip()))
+    if not layouts or set(layouts) - {"branches", "fused"}:
+        raise CqilError(f"--cost-layouts '{args.cost_layouts}' must list branches and/or fused")
+    settings = CostSettings(past=args.past, repeats=args.decode_repeats, warmup=args.warmup,
+                            max_group_size=args.cost_max_group_size, layouts=layouts, threads=args.threads)
+    loaded = load_model(args.model)
+    config = loaded.model.config
+    original = CqilModel(loaded.model, identity_plan(config.num_hidden_layers, model_record(config)))
+    threads = f"{args.threads} threads" if args.threads else "default threads"
+    with tempfile.TemporaryDirectory(prefix="cqil-cost-") as workdir:
+        model = measure_cost_model(original, f"onnxruntime-cpu ({threads})", settings, Path(workdir))
+    save_cost_model(model, args.cost_model)
+    original_step = model.original(config.num_hidden_layers)
+    print(f"{args.cost_model}: {loaded.name} on {model.target}, decode step over {args.past} past tokens: "
+          f"base {model.base * 1e3:.3f} ms, layer {model.layer * 1e3:.3f} ms, original {original_step * 1e3:.2f} ms")
+    for layout, sizes in model.groups.items():
+        row = ", ".join(f"p={p}: {s * 1e3:.3f} ms (saves {(p * model.layer - s) / original_step:.1%})"
+                        for p, s in sorted(sizes.items()))
+        print(f"  {layout}: {row}")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="latency of the original vs the CQIL model on ONNX Runtime, interleaved")
     b.add_argument("--onnx", type=INPUT_PATH, help="the candidate (CQIL) folder written by cqil export (required without --ranks)")
@@ -88,5 +123,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_flags(b, BenchSettings)
     b.add_argument("--no-torch", action="store_true", help="skip the eager PyTorch rows")
     add_flags(b, BenchOutput)
+    cost = b.add_argument_group("cost model (for `cqil plan --auto --latency-budget`; not a build key)")
+    cost.add_argument("--cost-model", type=OUTPUT_FILE, metavar="COST.json",
+                      help="measure per-layer and per-group decode costs of --model on ONNX Runtime CPU into this file")
+    cost.add_argument("--cost-max-group-size", type=at_least(2), default=4, metavar="P",
+                      help="largest group measured (default %(default)s)")
+    cost.add_argument("--cost-layouts", type=TEXT, default="branches,fused", metavar="L,...",
+                      help="export layouts measured (default %(default)s)")
     add_rank_options(b, plan_options=True)
     b.set_defaults(func=cmd_bench)

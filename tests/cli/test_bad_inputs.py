@@ -234,6 +234,12 @@ CASES: dict[str, Case] = {
     "plan bypass too large": Case(["plan", "--model", L, "--groups", "0-1", "--bypass", "3", "--out", "{out}"],
                                   ("bypass distance 3",)),
     "plan groups outside model": Case(["plan", "--model", L, "--groups", "1-2", "--out", "{out}"], ("layer 2",)),
+    "plan prune every layer": Case(["plan", "--model", L, "--prune", "99", "--out", "{out}"], ("--prune 99",)),
+    "plan cost model not json": Case(["plan", "--model", L, "--auto", "--latency-budget", "0.8", "--cost-model",
+                                      "{not_json}", "--out", "{out}"], ("not.json", "not valid JSON")),
+    "plan latency budget without cost model": Case(["plan", "--model", L, "--auto", "--latency-budget", "0.8",
+                                                    "--out", "{out}"], ("--cost-model",)),
+    "compare plans not name=file": Case(["compare", "--model", L, "--plans", "a"], ("NAME=plan.json",)),
     "build bypass -1": Case(["build", "--bypass", "-1", "--out", "{out}"], ("--bypass -1",)),
     # -- corrupt or malformed files
     "plan file not json": Case(["eval", "--model", L, "--plan", "{not_json}"], ("not.json", "not valid JSON")),

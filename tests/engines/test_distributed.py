@@ -99,14 +99,14 @@ def full_model(model_dir: Path):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-def reference(model_dir: Path, groups, bypass, data):
+def reference(model_dir: Path, groups, bypass, data, dropped=()):
     """The one-process CqilModel on the same inputs: prefill, three cached decode steps, greedy tokens."""
     from cqil.model.cqil import CqilModel
     from cqil.model.plan import from_parallel_groups
     from cqil.model.steps import greedy_generate
 
     hf = full_model(model_dir)
-    model = CqilModel(hf, from_parallel_groups(groups, hf.config.num_hidden_layers, bypass))
+    model = CqilModel(hf, from_parallel_groups(groups, hf.config.num_hidden_layers, bypass, dropped=tuple(dropped)))
     ids, mask = data["ids"], data["mask"]
     with torch.no_grad():
         prefill, past = model(ids, mask)
@@ -151,7 +151,8 @@ def check_against_one_process(result, cases, held, tolerance=TOLERANCE):
     for name, case in cases.items():
         model_dir = Path(case["model"])
         got = result["logits"][name]
-        prefill, decode, tokens = reference(model_dir, case["groups"], case["bypass"], result["data"])
+        prefill, decode, tokens = reference(model_dir, case["groups"], case["bypass"], result["data"],
+                                            case.get("dropped", ()))
         assert (got["prefill"] - prefill)[real].abs().max() <= tolerance, name
         assert (got["decode"] - decode).abs().max() <= tolerance, name
         assert torch.equal(got["tokens"], tokens), name
@@ -174,6 +175,7 @@ def two_ranks(tmp_path_factory, tokenizer):
         model_dir = save_model(out / family, tokenizer, family, 6)
         cases.update({f"{family}-d{d}": {"model": str(model_dir), "groups": [[1, 2], [3, 4]], "bypass": d}
                       for d in (0, 1)})
+    cases["hybrid-llama"] = {"model": str(out / "llama"), "groups": [[1, 2]], "bypass": 1, "dropped": [0, 4]}
     return run_parity(out, 2, cases), cases
 
 
@@ -182,6 +184,12 @@ def test_two_ranks_equal_one_process(two_ranks, family):
     result, cases = two_ranks
     mine = {name: case for name, case in cases.items() if name.startswith(family)}
     check_against_one_process(result, mine, held=[[0, 1, 3, 5], [0, 2, 4, 5]])
+
+
+def test_two_ranks_hybrid_plan_holds_no_dropped_layer(two_ranks):
+    result, cases = two_ranks
+    mine = {name: case for name, case in cases.items() if name.startswith("hybrid")}
+    check_against_one_process(result, mine, held=[[1, 3, 5], [2, 3, 5]])
 
 
 def test_three_ranks_equal_one_process_with_a_shorter_group(tmp_path, tokenizer):

@@ -79,7 +79,8 @@ def brute_best(costs, layers, max_size):
 def test_resumed_calibration_kl_equals_a_full_evaluation(setup):
     original, calibration, _, _ = setup
     plans = [from_parallel_groups([[2, 3]], LAYERS, 1), from_parallel_groups([[0, 1, 2], [4, 5]], LAYERS, 2),
-             from_parallel_groups([[4, 5]], LAYERS, 0), identity_plan(LAYERS)]
+             from_parallel_groups([[4, 5]], LAYERS, 0), from_parallel_groups([[3, 4]], LAYERS, 1, dropped=(1,)),
+             from_parallel_groups([], LAYERS, 0, dropped=(5,)), identity_plan(LAYERS)]
     resumed = calibration_kl(original, plans, calibration, batch_size=3, progress=False)
     for plan, kl in zip(plans, resumed):
         full = evaluate(original, {"p": original.with_plan(plan)}, calibration, progress=False)["p"]["kl"]
