@@ -287,7 +287,7 @@ def test_fused_layout_equals_branch_layout(exported):
 
 
 def test_fp16_export_runs_with_external_data(exported, reference):
-    folder = exported("llama", "--dtype", "fp16", "--external-data")
+    folder = exported("llama", "--precision", "fp16", "--external-data")
     # the graph file holds no weights, the data file all of them
     assert (folder / "model.onnx").stat().st_size < (folder / "model.onnx.data").stat().st_size
     sess = session(folder / "model.onnx")
@@ -330,3 +330,80 @@ def test_original_model_export_equals_transformers(tiny_model_dir, tmp_path):
     assert np.abs(logits - expected.numpy())[real].max() <= TOL
     report = check_branch_structure(out / "model.onnx")
     assert report.ok and report.groups == report.branches == 2
+
+
+# -- int8 / int4 weights (MatMulNBits) --------------------------------------------------------------
+
+def constant_weight_matmuls(graph) -> set[str]:
+    """The MatMuls of an fp32 graph whose weight is an initializer, or a Transpose of one (tied logits)."""
+    initializers = {init.name for init in graph.initializer}
+    transposed = {node.output[0] for node in graph.node if node.op_type == "Transpose" and node.input[0] in initializers}
+    return {node.name for node in graph.node
+            if node.op_type == "MatMul" and (node.input[1] in initializers or node.input[1] in transposed)}
+
+
+def attributes(node) -> dict:
+    return {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
+
+
+QUANTIZED = [("int4", "branches"), ("int4", "fused"), ("int8", "branches")]
+
+
+@pytest.mark.parametrize(("precision", "layout"), QUANTIZED)
+def test_quantized_export_has_every_weight_matmul_as_matmulnbits(precision, layout, exported):
+    fp32 = onnx.load(str(exported("llama", "--layout", layout) / "model.onnx")).graph
+    folder = exported("llama", "--layout", layout, "--precision", precision)
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    expected = constant_weight_matmuls(fp32)
+    quantized = {node.name: attributes(node) for node in graph.node if node.op_type == "MatMulNBits"}
+    assert len(quantized) == len(expected) and "/lm_head/MatMul" in expected
+    assert not constant_weight_matmuls(graph)  # only the attention products stay MatMul
+    body_bits = 4 if precision == "int4" else 8
+    for name, attrs in quantized.items():
+        assert attrs["block_size"] == 32 and attrs["accuracy_level"] == 4
+        assert attrs["bits"] == (8 if name.startswith("/lm_head/") else body_bits), name
+    meta = {prop.key: prop.value for prop in onnx.load(str(folder / "model.onnx"), load_external_data=False).metadata_props}
+    assert meta[contract.PRECISION_KEY] == precision and meta[contract.DTYPE_KEY] == "fp32"
+    if layout == "branches":
+        assert check_branch_structure(folder / "model.onnx").ok
+
+
+def logit_agreement(folder: Path, model: CqilModel) -> tuple[float, float]:
+    """Mean KL(PyTorch fp32 || ONNX) and top-1 agreement over a prefill and 4 decode steps on the file's own cache."""
+    from cqil.model.divergence import Agreement
+
+    agreement = Agreement()
+    sess = session(folder / "model.onnx")
+    ids, mask = batch(seq=12, pad=(0, 3))
+    with torch.no_grad():
+        expected, expected_past = model(ids[:, :8], mask[:, :8])
+        logits, past = run(sess, ids[:, :8], mask[:, :8])
+        pairs = [(expected[:, 3:], torch.from_numpy(logits)[:, 3:])]
+        for step in range(8, 12):
+            expected, expected_past = model(ids[:, step:step + 1], mask[:, :step + 1], past_key_values=expected_past)
+            logits, past = run(sess, ids[:, step:step + 1], mask[:, :step + 1], past)
+            pairs.append((expected, torch.from_numpy(logits)))
+    for reference, actual in pairs:
+        agreement.add(torch.log_softmax(reference.double(), -1), torch.log_softmax(actual.double(), -1))
+    return agreement.kl, agreement.top1
+
+
+def test_quantized_logits_track_fp32_int8_closer_than_int4(exported, reference):
+    model = reference("llama")
+    kl4, top4 = logit_agreement(exported("llama", "--layout", "fused", "--precision", "int4"), model)
+    kl8, top8 = logit_agreement(exported("llama", "--layout", "branches", "--precision", "int8"), model)
+    kl32, top32 = logit_agreement(exported("llama"), model)
+    measured = {"int4": (kl4, top4), "int8": (kl8, top8), "fp32": (kl32, top32)}
+    assert kl32 < 1e-6 and top32 == 1.0, measured
+    assert kl8 < kl4 < 0.1, measured  # 8-bit blocks are ~16x finer than 4-bit ones
+    assert top8 >= 0.95 and top4 >= 0.8, measured
+
+
+def test_int4_folder_runs_in_genai_as_in_onnxruntime(exported):
+    """GenAI's Generator on the int4 folder picks the greedy tokens of a plain ORT session on the same file."""
+    from cqil.engines.genai import GenaiModel
+
+    folder = exported("llama", "--layout", "fused", "--precision", "int4")
+    ids, mask = batch(seq=6, pad=(0,))
+    expected = greedy(session(folder / "model.onnx"), ids, mask, 8)[0].tolist()
+    assert GenaiModel(folder, threads=1).greedy([ids[0].tolist()], 8)[0] == expected[:len(expected)]
