@@ -204,7 +204,7 @@ def run_export(ctx: StageContext, config: dict) -> dict:
     from cqil.export.writer import export_model
 
     loaded, model = _merged(ctx)
-    result = export_model(model, ctx.out / "onnx", ctx.params["layout"], ctx.params["dtype"],
+    result = export_model(model, ctx.out / "onnx", ctx.params["layout"], ctx.params["precision"],
                           source={"name": loaded.name}, tokenizer=loaded.tokenizer)
     return {key: result.to_dict()[key] for key in ("seconds", "size_mb", "nodes", "structure", "peak_rss_mb")}
 
