@@ -35,6 +35,7 @@ from cqil.model.plan import CONFIG_KEY
 from tqdm import tqdm
 
 LAYOUTS = ("branches", "fused")
+TARGETS = ("portable", "onnxruntime")
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 # Weights past 64 MiB go to model.onnx.data. Protobuf refuses messages over 2 GiB, and writing one
@@ -64,8 +65,13 @@ class ExportResult:
         }
 
 
-def check_options(layout: str, precision: str, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+def check_options(layout: str, precision: str, block_size: int = DEFAULT_BLOCK_SIZE, target: str = "portable") -> None:
     check_precision(precision, block_size)
+    if target not in TARGETS:
+        raise CqilError(f"unknown target '{target}': use --target {' or '.join(TARGETS)}")
+    if target == "onnxruntime" and layout != "branches":
+        raise CqilError("--target onnxruntime writes the branch layout (the model builder packs each layer's "
+                        "q/k/v); --layout fused is a portable-target layout: drop one of them")
     if layout not in LAYOUTS:
         raise CqilError(f"unknown layout '{layout}': use --layout {' or '.join(LAYOUTS)}")
 
@@ -92,7 +98,7 @@ def _layout_module(model: CqilModel, layout: str) -> torch.nn.Module:
     return contract.ContractModule(layout_model(model, layout))
 
 
-def _metadata(model: CqilModel, layout: str, precision: str, source: dict) -> dict[str, str]:
+def _metadata(model: CqilModel, layout: str, precision: str, source: dict, target: str) -> dict[str, str]:
     from cqil.model.version import __version__
 
     kv_shape = {"layers": model.num_layers, "kv_heads": model.num_kv_heads, "head_dim": model.head_dim}
@@ -104,6 +110,7 @@ def _metadata(model: CqilModel, layout: str, precision: str, source: dict) -> di
         contract.SOURCE_KEY: json.dumps(_resolved(source), sort_keys=True),
         contract.VERSION_KEY: f"cqil-pipeline {__version__}",
         contract.KV_SHAPE_KEY: json.dumps(kv_shape, sort_keys=True),
+        contract.TARGET_KEY: target,
     }
 
 
@@ -115,7 +122,7 @@ def _resolved(source: dict) -> dict:
     return source
 
 
-def _write_side_files(folder: Path, model: CqilModel, precision: str, tokenizer) -> None:
+def _write_side_files(folder: Path, model: CqilModel, precision: str, tokenizer, genai: bool = True) -> None:
     config = copy.deepcopy(model.hf.config)
     setattr(config, CONFIG_KEY, model.plan.to_dict())
     config.dtype = TRACE_DTYPES[precision]
@@ -123,7 +130,8 @@ def _write_side_files(folder: Path, model: CqilModel, precision: str, tokenizer)
     generation = getattr(model.hf, "generation_config", None)
     if generation is not None:
         generation.save_pretrained(folder)
-    write_genai_config(folder, config, generation, MODEL_FILE)
+    if genai:  # the onnxruntime target keeps the model builder's own genai_config.json
+        write_genai_config(folder, config, generation, MODEL_FILE)
     if tokenizer is not None:
         write_tokenizer_files(tokenizer, folder)
 
@@ -139,21 +147,54 @@ def _quantized(ir_model, precision: str, block_size: int):
     return ir.from_proto(quantize(proto, precision, block_size))
 
 
+def _loads_in_onnxruntime(path: Path) -> None:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _export_onnxruntime(model: CqilModel, out: Path, precision: str, block_size: int, source: dict,
+                        tokenizer) -> ExportResult:
+    """The onnxruntime target: the model builder writes the folder, then labels, metadata, side files, checks."""
+    from cqil.export import ort_target
+
+    start = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        ort_target.build(model, tmp, precision, block_size, tokenizer)
+        nodes = ort_target.finish(tmp, model.plan, _metadata(model, "branches", precision, source, "onnxruntime"))
+        _write_side_files(tmp, model, precision, tokenizer, genai=False)
+        _loads_in_onnxruntime(tmp / MODEL_FILE)  # onnx.checker knows no ORT operators (SimplifiedLayerNormalization)
+        structure = check_branch_structure(tmp / MODEL_FILE)
+        if not structure.ok:
+            raise CqilError(f"the exported graph lost its branches: {structure.describe()}")
+        size = sum(f.stat().st_size for f in (tmp / MODEL_FILE, tmp / DATA_FILE) if f.exists())
+    return ExportResult(path=out / MODEL_FILE, layout="branches", precision=precision,
+                        seconds=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb(), size_bytes=size,
+                        external_data=True, nodes=nodes, structure=structure)
+
+
 def export_model(model: CqilModel, out: Path, layout: str = "branches", precision: str = "fp32",
                  source: dict | None = None, tokenizer=None, external_data: bool | None = None,
-                 progress: bool = True, block_size: int = DEFAULT_BLOCK_SIZE) -> ExportResult:
+                 progress: bool = True, block_size: int = DEFAULT_BLOCK_SIZE,
+                 target: str = "portable") -> ExportResult:
     """Export `model` (its plan decides the groups) into the folder `out`, replacing it on success.
 
     `external_data` None: weights go to model.onnx.data past EXTERNAL_DATA_THRESHOLD bytes.
-    `block_size`: the quantization block of int8/int4 weights along K.
+    `block_size`: the quantization block of int8/int4 weights along K. `target` onnxruntime: the
+    model builder's graph with the plan's groups (`export.ort_target`).
     """
     import onnx
     import onnx_ir as ir
     from cqil.export.onnx_export import export_layout
 
-    check_options(layout, precision, block_size)
+    check_options(layout, precision, block_size, target)
     out = Path(out)
     check_writable(out)
+    if target == "onnxruntime":
+        return _export_onnxruntime(model, out, precision, block_size, source or {}, tokenizer)
     start = time.perf_counter()
     steps = tqdm(total=4, desc="export", unit="step", disable=not progress, leave=False)
     steps.set_postfix_str("torch.export -> ONNX")
@@ -161,7 +202,7 @@ def export_model(model: CqilModel, out: Path, layout: str = "branches", precisio
     model = _in_dtype(model, dtype)
     ir_model = export_layout(_layout_module(model, layout), model, dtype)
     contract.name_total_dims(ir_model.graph)
-    ir_model.metadata_props.update(_metadata(model, layout, precision, source or {}))
+    ir_model.metadata_props.update(_metadata(model, layout, precision, source or {}, target))
     if is_quantized(precision):
         steps.set_postfix_str(f"{precision} weights (MatMulNBits)")
         ir_model = _quantized(ir_model, precision, block_size)

@@ -18,7 +18,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     if args.dtype is not None:
         raise CqilError(f"--dtype is now --precision (fp32, fp16, int8, int4): use --precision {args.dtype}")
-    check_options(args.layout, args.precision, args.block_size)
+    check_options(args.layout, args.precision, args.block_size, args.target)
     choice = PlanChoice.from_args(args)
     choice.check()
     loaded = load_model(args.model, dtype=str(TRACE_DTYPES[args.precision]).removeprefix("torch."))
@@ -26,7 +26,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     model = CqilModel(loaded.model, plan)
     result = export_model(model, args.out, args.layout, args.precision,
                           source={"name": loaded.name, "path": str(loaded.path)}, tokenizer=loaded.tokenizer,
-                          external_data=True if args.external_data else None, block_size=args.block_size)
+                          external_data=True if args.external_data else None, block_size=args.block_size,
+                          target=args.target)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return
@@ -47,6 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=OUTPUT_DIR, default="onnx", help="output directory (default %(default)s)")
     p.add_argument("--layout", default="branches",
                    help="branches (one branch per layer of a group, default) or fused (wide operations)")
+    p.add_argument("--target", default="portable",
+                   help="portable (standard operators: TensorRT and any runtime; default) or onnxruntime (its fused "
+                        "GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization: the GenAI model "
+                        "builder's graph with the CQIL groups)")
     p.add_argument("--precision", default="fp32",
                    help="fp32 (default), fp16, or int8 / int4 weights (MatMulNBits, the logits layer in 8 bits)")
     p.add_argument("--block-size", type=POSITIVE, default=32,
