@@ -110,6 +110,8 @@ def build(model: CqilModel, out: Path, precision: str, block_size: int, tokenize
 
     from onnxruntime_genai.models import builder
 
+    from cqil.export.precision import quiet_quantizer
+
     architecture = model.hf.config.architectures[0] if model.hf.config.architectures else ""
     check_builder(architecture)
     base = getattr(builder, BUILDER_CLASSES[architecture])
@@ -119,6 +121,7 @@ def build(model: CqilModel, out: Path, precision: str, block_size: int, tokenize
             tokenizer.save_pretrained(source)
         options = [f"int4_block_size={block_size}"] if precision in ("int4", "int8") else []
         quiet = io.StringIO()
+        quiet_quantizer()
         with mock.patch.object(builder, BUILDER_CLASSES[architecture], cqil_builder_class(base, model.plan)), \
                 contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet), mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1"}):
             parsed = builder.parse_extra_options(None, source, str(out), BUILDER_PRECISIONS[precision], "cpu",

@@ -71,12 +71,16 @@ def constant_weights(graph) -> int:
     return folded
 
 
+def quiet_quantizer() -> None:
+    """The quantizer logs every node it visits at INFO through a handler of its own: warnings only."""
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+
+
 def quantize(proto, precision: str, block_size: int = DEFAULT_BLOCK_SIZE):
     """The ModelProto with every constant-weight MatMul as MatMulNBits (`precision` int4 or int8)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    # The quantizer logs every node it visits at INFO through a handler of its own.
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    quiet_quantizer()
 
     def run(model, bits: int, **nodes):
         quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,

@@ -1,15 +1,15 @@
 """Latency under ONNX Runtime GenAI's Generator: its own model-builder export vs our exports, per precision.
 
     flock /tmp/cqil-bench.lock nice -n -15 python scripts/genai_bench.py [--work DIR] [--plan plan.json]
-        [--precisions fp32,int4] [--layouts branches,fused] [--threads 2] [--rounds 7] [--steps 24]
+        [--precisions fp32,int4] [--target onnxruntime] [--layouts branches] [--threads 2] [--rounds 7] [--steps 24]
         [--prompts 64,512] [--prefill 128]
 
 On the default model (SmolLM2-135M-Instruct, from the cqil cache; no hub), the folders are made once
 in --work (default <cqil cache>/genai_bench) and reused, for each precision P:
 
     builder-P/        python -m onnxruntime_genai.models.builder -i <HF folder> -p P -e cpu
-    original-P/       cqil export --original --precision P           (our graph, every layer alone)
-    cqil-LAYOUT-P/    cqil export --plan <plan> --layout LAYOUT --precision P
+    original-T-P/     cqil export --original --target T --precision P           (every layer alone)
+    cqil-LAYOUT-T-P/  cqil export --plan <plan> --target T --layout LAYOUT --precision P
                       (--plan: default the paper-style --uniform 15:30:2 --bypass 1)
 
 All are loaded at once as `onnxruntime_genai.Model`s with the same intra-op threads and timed
@@ -46,11 +46,11 @@ def kinds(precisions: list[str], layouts: list[str]) -> list[tuple[str, str]]:
             for kind in ("builder", "original", *(f"cqil-{layout}" for layout in layouts))]
 
 
-def make_folder(work: Path, model_dir: Path, kind: str, precision: str, plan: tuple[str, ...]) -> Path:
+def make_folder(work: Path, model_dir: Path, kind: str, precision: str, plan: tuple[str, ...], target: str) -> Path:
     """One export, made when missing (each ~1-4 min on two shared cores)."""
     from cqil.pipeline.cli import main as cqil
 
-    folder = work / f"{kind}-{precision}"
+    folder = work / (f"{kind}-{precision}" if kind == "builder" else f"{kind}-{target}-{precision}")
     if (folder / "genai_config.json").is_file():
         return folder
     if kind == "builder":
@@ -64,7 +64,8 @@ def make_folder(work: Path, model_dir: Path, kind: str, precision: str, plan: tu
         if result.returncode != 0:
             raise SystemExit(f"genai_bench: the model builder failed:\n{result.stderr[-2000:]}")
         return folder
-    extra = ("--original",) if kind == "original" else (*plan, "--layout", kind.removeprefix("cqil-"))
+    extra = (("--original",) if kind == "original" else (*plan, "--layout", kind.removeprefix("cqil-"))) + (
+        "--target", target)
     print(f"cqil export {' '.join(extra)} --precision {precision} ...", file=sys.stderr)
     if cqil(["export", "--model", str(model_dir), *extra, "--precision", precision, "--out", str(folder)]) != 0:
         raise SystemExit(f"genai_bench: cqil export {' '.join(extra)} failed")
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="folder for the exports and the result")
     parser.add_argument("--plan", type=Path, default=None, help="plan.json of the CQIL exports")
     parser.add_argument("--precisions", default="fp32,int4")
-    parser.add_argument("--layouts", default="branches,fused")
+    parser.add_argument("--target", default="onnxruntime", help="target of our exports (portable or onnxruntime)")
+    parser.add_argument("--layouts", default="branches", help="CQIL layouts (fused: portable target only)")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default 2)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=24, help="decode steps timed per run")
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = default_model_dir()
     plan = ("--plan", str(args.plan.resolve())) if args.plan else UNIFORM_PLAN
     table = kinds(args.precisions.split(","), args.layouts.split(","))
-    folders = {(kind, p): make_folder(work, model_dir, kind, p, plan) for kind, p in table}
+    folders = {(kind, p): make_folder(work, model_dir, kind, p, plan, args.target) for kind, p in table}
     lengths = [int(n) for n in args.prompts.split(",")]
     text = prompt_tokens(model_dir, max([*lengths, args.prefill]))
     models = {key: GenaiModel(folder, threads=args.threads) for key, folder in folders.items()}
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"measure": measure, "export": kind, "precision": precision,
                          "median_ms": 1e3 * statistics.median(x for r in mine for x in r),
                          "vs_builder": ratio, "vs_builder_95": [low, high]})
-    result = {"model": model_dir.name, "threads": args.threads, "rounds": args.rounds, "steps": args.steps,
+    result = {"model": model_dir.name, "target": args.target, "threads": args.threads, "rounds": args.rounds, "steps": args.steps,
               "plan": plan, "date": time.strftime("%Y-%m-%d", time.gmtime()), "seconds": round(time.time() - started, 1),
               "cpu_count": os.cpu_count(), "load_average_before": load_before, "load_average_timed_start": load_start,
               "load_average_after": os.getloadavg(), "rows": rows,

@@ -80,3 +80,10 @@ def test_api_refuses_bad_precision_before_exporting(tmp_path):
         export_model(model, tmp_path / "onnx", precision="float64")
     assert not (tmp_path / "onnx").exists()
     assert model.hf.model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_onnxruntime_target_refuses_the_fused_layout(tiny_model_dir, tmp_path, capsys):
+    message = export_error(capsys, "--model", str(tiny_model_dir("llama", 2)), "--original", "--target", "onnxruntime",
+                           "--layout", "fused", "--out", str(tmp_path / "onnx"))
+    assert "--target onnxruntime writes the branch layout" in message
+    assert list(tmp_path.iterdir()) == []
