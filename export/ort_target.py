@@ -169,7 +169,14 @@ def label_nodes(graph, plan: Plan) -> None:
             node.metadata_props.add(key=key, value=value)
 
 
-def finish(folder: Path, plan: Plan, metadata: dict[str, str]) -> int:
+def fix_cache_dims(graph, head_dim: int) -> None:
+    """The builder declares the cache's last dim symbolic (`kv_cache_dim`); the contract fixes it to head_dim."""
+    for value in [*graph.input, *graph.output]:
+        if value.name.startswith(("past_key_values.", "present.")):
+            value.type.tensor_type.shape.dim[3].dim_value = head_dim
+
+
+def finish(folder: Path, plan: Plan, metadata: dict[str, str], head_dim: int) -> int:
     """Label the builder's model.onnx in `folder` for the branch check and add the cqil.* model metadata.
 
     Only the graph file is rewritten: the weights stay in the builder's external data file.
@@ -180,6 +187,7 @@ def finish(folder: Path, plan: Plan, metadata: dict[str, str]) -> int:
     path = Path(folder) / "model.onnx"
     proto = onnx.load(str(path), load_external_data=False)
     label_nodes(proto.graph, plan)
+    fix_cache_dims(proto.graph, head_dim)
     for key, value in metadata.items():
         proto.metadata_props.add(key=key, value=value)
     onnx.save(proto, str(path))

@@ -164,7 +164,8 @@ def _export_onnxruntime(model: CqilModel, out: Path, precision: str, block_size:
     start = time.perf_counter()
     with atomic_dir(out) as tmp:
         ort_target.build(model, tmp, precision, block_size, tokenizer)
-        nodes = ort_target.finish(tmp, model.plan, _metadata(model, "branches", precision, source, "onnxruntime"))
+        nodes = ort_target.finish(tmp, model.plan, _metadata(model, "branches", precision, source, "onnxruntime"),
+                                   model.head_dim)
         _write_side_files(tmp, model, precision, tokenizer, genai=False)
         _loads_in_onnxruntime(tmp / MODEL_FILE)  # onnx.checker knows no ORT operators (SimplifiedLayerNormalization)
         structure = check_branch_structure(tmp / MODEL_FILE)

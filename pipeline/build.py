@@ -205,7 +205,7 @@ def run_export(ctx: StageContext, config: dict) -> dict:
 
     loaded, model = _merged(ctx)
     result = export_model(model, ctx.out / "onnx", ctx.params["layout"], ctx.params["precision"],
-                          source={"name": loaded.name}, tokenizer=loaded.tokenizer)
+                          source={"name": loaded.name}, tokenizer=loaded.tokenizer, target=ctx.params["target"])
     return {key: result.to_dict()[key] for key in ("seconds", "size_mb", "nodes", "structure", "peak_rss_mb")}
 
 

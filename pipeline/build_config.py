@@ -30,7 +30,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # training stops after `patience` measurements without improvement (0 = never stops early).
     "recover": {"steps": 60, "lr": 1e-3, "seq_len": 256, "batch_size": 4, "grad_accum": 1, "rank": 32,
                 "seed": 0, "warmup_steps": 3, "eval_every": 10, "eval_chunks": 8, "patience": 3},
-    "export": {"layout": "branches", "precision": "fp32"},  # precision: fp32, fp16, int8 or int4 weights
+    # target: portable (standard operators) or onnxruntime (its fused operators, the GenAI builder's graph);
+    # precision: fp32, fp16, int8 or int4 weights
+    "export": {"layout": "branches", "precision": "fp32", "target": "portable"},
     "engines": {"precision": "fp16", "opt_batch": 1, "max_batch": 1, "opt_seq": 128, "max_seq": 512,
                 "opt_past": 256, "max_context": 1024},
     "validate": {"chunks": 2, "decode_steps": 4, "quality_chunks": 16},
