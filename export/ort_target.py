@@ -38,15 +38,22 @@ BUILDER_CLASSES = {"LlamaForCausalLM": "LlamaModel", "MistralForCausalLM": "Mist
 BUILDER_PRECISIONS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int4"}
 
 
-def check_builder(architecture: str) -> None:
-    """Refuse (before any work) what this target cannot build: another builder version or family."""
+def check_builder(config) -> None:
+    """Refuse (before any work) what this target cannot build: another builder version or family, a sliding window."""
     import onnxruntime_genai
 
+    architecture = config.architectures[0] if getattr(config, "architectures", None) else ""
     if onnxruntime_genai.__version__ != BUILDER_VERSION:
         raise CqilError(f"--target onnxruntime extends the model builder of onnxruntime-genai {BUILDER_VERSION}, "
                         f"found {onnxruntime_genai.__version__}: pip install onnxruntime-genai=={BUILDER_VERSION}")
     if architecture not in BUILDER_CLASSES:
         raise CqilError(f"--target onnxruntime supports {', '.join(BUILDER_CLASSES)}, not {architecture}")
+    window = getattr(config, "sliding_window", None)
+    if window and window < config.max_position_embeddings:
+        # Measured on a tiny Mistral (window 5): the builder's GroupQueryAttention local window lets
+        # position 5 on see one more token than transformers does, so its logits differ past the window.
+        raise CqilError(f"--target onnxruntime: the model builder's sliding window ({window}) does not match "
+                        "transformers' past the window; use --target portable for this model")
 
 
 def cqil_builder_class(base: type, plan: Plan) -> type:
@@ -112,8 +119,8 @@ def build(model: CqilModel, out: Path, precision: str, block_size: int, tokenize
 
     from cqil.export.precision import quiet_quantizer
 
-    architecture = model.hf.config.architectures[0] if model.hf.config.architectures else ""
-    check_builder(architecture)
+    check_builder(model.hf.config)
+    architecture = model.hf.config.architectures[0]
     base = getattr(builder, BUILDER_CLASSES[architecture])
     with tempfile.TemporaryDirectory() as source, tempfile.TemporaryDirectory() as cache:
         model.hf.save_pretrained(source)

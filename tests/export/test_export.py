@@ -437,7 +437,7 @@ def op_counts(folder: Path) -> dict[str, int]:
     return counts
 
 
-@pytest.mark.parametrize("family", CASES)
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # mistral's sliding window is refused (test_export_errors)
 def test_onnxruntime_target_equals_portable_on_prefill_and_decode(family, exported):
     """fp32: the builder-based graph and the portable export agree to 1e-4, each decoding on its own cache."""
     portable, fused_ops = session(exported(family) / "model.onnx"), session(exported(family, "--target", "onnxruntime") / "model.onnx")
@@ -446,7 +446,7 @@ def test_onnxruntime_target_equals_portable_on_prefill_and_decode(family, export
     logits, past = named_run(fused_ops, ids[:, :7], None, 7)
     assert np.abs(logits - expected).max() <= TOL
     assert max(np.abs(past[name] - expected_past[name]).max() for name in expected_past) <= TOL
-    for step in range(7, 10):  # past the mistral case's sliding window of 5
+    for step in range(7, 10):
         expected, expected_past = named_run(portable, ids[:, step:step + 1], expected_past, step + 1)
         logits, past = named_run(fused_ops, ids[:, step:step + 1], past, step + 1)
         assert np.abs(logits - expected).max() <= TOL, step

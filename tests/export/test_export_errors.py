@@ -87,3 +87,13 @@ def test_onnxruntime_target_refuses_the_fused_layout(tiny_model_dir, tmp_path, c
                            "--layout", "fused", "--out", str(tmp_path / "onnx"))
     assert "--target onnxruntime writes the branch layout" in message
     assert list(tmp_path.iterdir()) == []
+
+
+def test_onnxruntime_target_refuses_a_sliding_window(tmp_path, tokenizer, capsys):
+    model_dir = tmp_path / "mistral"
+    tiny_model("mistral", 2, sliding_window=5).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    message = export_error(capsys, "--model", str(model_dir), "--original", "--target", "onnxruntime",
+                           "--out", str(tmp_path / "onnx"))
+    assert "sliding window (5)" in message and "--target portable" in message
+    assert not (tmp_path / "onnx").exists()
