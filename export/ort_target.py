@@ -126,7 +126,10 @@ def build(model: CqilModel, out: Path, precision: str, block_size: int, tokenize
         model.hf.save_pretrained(source)
         if tokenizer is not None:
             tokenizer.save_pretrained(source)
-        options = [f"int4_block_size={block_size}"] if precision in ("int4", "int8") else []
+        # The builder's defaults otherwise, the logits layer included: its 8-bit option
+        # (matmul_mixed_precision=last_matmul:int8) writes a graph ONNX Runtime refuses when the
+        # embeddings are tied (SmolLM2; measured with 0.18.0), so at int4 it stays 4-bit as in the builder's export.
+        options = [f"block_size={block_size}", "accuracy_level=4"] if precision in ("int4", "int8") else []
         quiet = io.StringIO()
         quiet_quantizer()
         with mock.patch.object(builder, BUILDER_CLASSES[architecture], cqil_builder_class(base, model.plan)), \
