@@ -19,7 +19,8 @@ Reported per measurement: the median over all rounds, and the ratio of each mode
 builder's at the same precision with a 95 % bootstrap interval over rounds (the rounds are paired:
 every model ran in every round). The load average before and after goes in the result too, with the
 greedy tokens of each model (int8 activations at accuracy level 4 may flip near-ties).
-Results go to <work>/genai_bench.json; the markdown table to stdout.
+Results go to <work>/genai_bench.json; the markdown table to stdout; --chart PNG draws the ratios
+(--chart-from JSON redraws a saved result).
 """
 
 from __future__ import annotations
@@ -95,6 +96,34 @@ def ratio_interval(mine: list[list[float]], base: list[list[float]], seed: int =
     return ratio(indices), draws[25], draws[974]
 
 
+def chart(result: dict, path: Path) -> None:
+    """Each of our exports' ratio to the builder at the same weights, with its interval, per measurement."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in result["rows"] if row["export"] != "builder"]
+    ratios = [row["vs_builder"] for row in rows]
+    errors = [[r - row["vs_builder_95"][0] for r, row in zip(ratios, rows)],
+              [row["vs_builder_95"][1] - r for r, row in zip(ratios, rows)]]
+    fig, ax = plt.subplots(figsize=(9, 6))
+    ax.barh(range(len(rows)), ratios, xerr=errors,
+            color=["#4c72b0" if row["export"] == "original" else "#dd8452" for row in rows])
+    ax.set_yticks(range(len(rows)), [f"{row['measure']}\n{row['export']} {row['precision']}" for row in rows], fontsize=7)
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.axvline(0.85, color="r", lw=0.8, ls="--", label="goal: CQIL int4 0.85x")
+    ax.axvline(0.90, color="g", lw=0.8, ls=":", label="goal: CQIL fp32 0.90x")
+    ax.set_xlabel("time / GenAI model builder's export at the same weights (95% bootstrap CI)")
+    ax.set_title(f"{result['model']}, --target {result['target']}, GenAI Generator, {result['threads']} threads, "
+                 f"{result['date']}, load {result['load_average_before'][0]:.1f}-{result['load_average_after'][0]:.1f}",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
 def main(argv: list[str] | None = None) -> int:
     from cqil.engines.genai import GenaiModel
     from cqil.model.fsutil import cache_dir
@@ -111,7 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=24, help="decode steps timed per run")
     parser.add_argument("--prompts", default="64,512", help="prompt lengths the decode steps follow")
     parser.add_argument("--prefill", type=int, default=128, help="prompt length of the timed prefill (0: none)")
+    parser.add_argument("--chart", type=Path, default=None, help="also draw the ratios into this PNG")
+    parser.add_argument("--chart-from", type=Path, default=None, help="only draw --chart from this result JSON")
     args = parser.parse_args(argv)
+    if args.chart_from:
+        chart(json.loads(args.chart_from.read_text()), args.chart or args.chart_from.with_suffix(".png"))
+        return 0
     load_before = os.getloadavg()
     work = args.work or cache_dir() / "genai_bench"
     work.mkdir(parents=True, exist_ok=True)
@@ -152,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
               "greedy_tokens": {f"{k}-{p}": tokens for (k, p), tokens in greedy.items()},
               "folders": {f"{k}-{p}": str(f) for (k, p), f in folders.items()}}
     (work / "genai_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.chart:
+        chart(result, args.chart)
 
     print(f"{model_dir.name}, ONNX Runtime GenAI Generator, CPU, {args.threads} threads; {args.rounds} interleaved "
           f"rounds x {args.steps} decode steps; load {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after")

@@ -210,3 +210,22 @@ def test_interleaved_rows_keep_numpy_medians():
     rows = _torch_rows({"pytorch_reference": ref, "pytorch_candidate": cand}, seed=0)
     assert rows["pytorch_candidate"]["ratio"] == pytest.approx(4.0 / 2.5)
     assert rows["pytorch_reference"]["p50_ms"] == pytest.approx(2500.0)
+
+
+def test_validate_reports_held_out_perplexity_of_both_sides(tiny_cqil_onnx, perturbed):
+    """Perplexity over the chunks' next tokens (prefill and decode positions) equals exp of the mean cross-entropy
+    that PyTorch computes over the whole sequence at once; the perturbed file's ratio moves away from 1."""
+    from transformers import AutoModelForCausalLM
+
+    reference = CqilModel(AutoModelForCausalLM.from_pretrained(tiny_cqil_onnx[0]).eval(), PLAN)
+    chunks = torch.randint(3, 384, (2, 12), generator=torch.Generator().manual_seed(1))
+    result = validate_onnx(tiny_cqil_onnx[1], reference, chunks, decode_steps=3, threads=1, progress=False)
+    with torch.no_grad():
+        logits = reference(chunks)[0]
+    expected = float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(),
+                                                       chunks[:, 1:].reshape(-1)).exp())
+    ppl = result["engines"]["onnxruntime"]["perplexity"]
+    assert ppl["tokens"] == 2 * 11 and ppl["reference"] == pytest.approx(expected, rel=1e-5)
+    assert ppl["ratio"] == pytest.approx(1.0, abs=1e-4) and ppl["passed"]
+    bad = validate_onnx(perturbed, reference, chunks, decode_steps=3, threads=1, progress=False)
+    assert abs(bad["engines"]["onnxruntime"]["perplexity"]["ratio"] - 1.0) > 1e-3
