@@ -63,6 +63,18 @@ class GenaiModel:
                     row.append(int(token))
         return new
 
+    def prefill_seconds(self, prompt: Sequence[int]) -> float:
+        """Wall time of the prefill of `prompt` (batch 1): appending the tokens runs the decoder on all of them."""
+        import numpy as np
+        import onnxruntime_genai as og
+
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, max_length=len(prompt) + 1)
+        generator = og.Generator(self.model, params)
+        start = time.perf_counter()
+        generator.append_tokens(np.array([list(prompt)], dtype=np.int32))
+        return time.perf_counter() - start
+
     def decode_step_seconds(self, prompt: Sequence[int], steps: int) -> list[float]:
         """Wall time of each of `steps` decode steps after the prefill, batch 1; EOS does not stop it."""
         length = len(prompt) + steps + 1

@@ -8,7 +8,9 @@ abs and max rel error, and for the logits the top-1 agreement and the mean KL(re
 
 Pass rule per precision (`Thresholds`): every element within atol + rtol * |reference| (numpy's
 allclose rule, the one polygraphy's Comparator uses with both tolerances), top-1 agreement at least
-`min_top1`, mean KL at most `max_kl`. For the branch layout the graph must also still have its
+`min_top1`, mean KL at most `max_kl`, and the engine's held-out perplexity (of the chunks' next
+tokens, prefill and decode positions) at most `max_ppl_ratio` times the reference's. For int8/int4
+weights only the last three bound anything: an element-wise tolerance means nothing there. For the branch layout the graph must also still have its
 branches (`export.check.check_branch_structure`).
 
 Polygraphy is not used: its Comparator feeds every runner the same inputs from one data loader,
@@ -32,6 +34,7 @@ from cqil.engines.tolerances import Thresholds, default_thresholds
 from cqil.export.check import check_branch_structure
 from cqil.export.contract import (
     LAYOUT_KEY,
+    PRECISION_KEY,
     ContractSpec,
     find_onnx,
     output_names,
@@ -44,7 +47,7 @@ from cqil.model.steps import Step, forced, prefill_then_decode
 from tqdm import tqdm
 
 VALIDATION_FORMAT = "cqil-validation/1"
-PRECISION_NAMES = {"FLOAT": "fp32", "FLOAT16": "fp16"}
+PRECISION_NAMES = {"FLOAT": "fp32", "FLOAT16": "fp16"}  # files without cqil.precision
 
 
 # -- comparing tensors ------------------------------------------------------------------------------
@@ -123,6 +126,30 @@ class _Phase:
                 "outputs": {name: error.to_dict() for name, error in self.outputs.items()}}
 
 
+class _Perplexity:
+    """Running mean negative log-likelihood of the next tokens under one side's logits."""
+
+    def __init__(self) -> None:
+        self.nll = 0.0
+        self.tokens = 0
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor) -> None:
+        logp = F.log_softmax(logits.detach().double().cpu(), -1)
+        nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        self.nll += float(nll[keep].sum())
+        self.tokens += int(keep.sum())
+
+    @property
+    def value(self) -> float:
+        return math.exp(self.nll / self.tokens) if self.tokens else math.nan
+
+
+def _perplexity_result(reference: _Perplexity, engine: _Perplexity, limit: float) -> dict[str, Any]:
+    ratio = engine.value / reference.value
+    return {"reference": _round(reference.value), "engine": _round(engine.value), "ratio": _round(ratio),
+            "tokens": engine.tokens, "passed": bool(ratio <= limit) if math.isfinite(limit) else True}
+
+
 def _round(value: float) -> float:
     return float(f"{value:.6g}") if math.isfinite(value) else value
 
@@ -141,13 +168,25 @@ def compare_runner(runner: Step, reference: CqilModel, chunks: torch.Tensor, dec
     prompt, decoded = chunks[:, :prefill_len], chunks[:, prefill_len:]
     mask = (torch.ones_like(chunks) if attention_mask is None else attention_mask)[:, :prefill_len]
     phases = {"prefill": _Phase(names, thresholds), "decode": _Phase(names, thresholds)}
+    full_mask = torch.ones_like(chunks) if attention_mask is None else attention_mask
+    perplexity = (_Perplexity(), _Perplexity())  # reference, engine
+
+    def score(start: int, ref_logits: torch.Tensor, logits: torch.Tensor) -> None:
+        targets = chunks[:, start + 1: start + 1 + ref_logits.shape[1]]
+        n = targets.shape[1]
+        keep = full_mask[:, start:start + n].bool() & full_mask[:, start + 1:start + 1 + n].bool()
+        perplexity[0].add(ref_logits[:, :n], targets, keep)
+        perplexity[1].add(logits[:, :n], targets, keep)
+
     pairs = zip(prefill_then_decode(reference, prompt, mask, forced(decoded)),
                 prefill_then_decode(runner, prompt, mask, forced(decoded)))
     bar = tqdm(pairs, desc="decode", unit="tok", total=decode_steps + 1, disable=not progress, leave=False)
     for index, (ref_out, out) in enumerate(bar):
         phases["prefill" if index == 0 else "decode"].add(ref_out, out)
+        score(0 if index == 0 else prefill_len + index - 1, ref_out[0], out[0])
     result = {name: phase.to_dict() for name, phase in phases.items()}
-    result["passed"] = all(phase["passed"] for phase in result.values())
+    result["perplexity"] = _perplexity_result(*perplexity, thresholds.max_ppl_ratio)
+    result["passed"] = all(part["passed"] for part in result.values())
     return result
 
 
@@ -217,7 +256,7 @@ def validate_onnx(onnx_dir: Path, reference: CqilModel, chunks: torch.Tensor, de
     return {
         "format": VALIDATION_FORMAT,
         "onnx": str(onnx_path),
-        "precision": PRECISION_NAMES.get(spec.kv_dtype, spec.kv_dtype),
+        "precision": spec.metadata.get(PRECISION_KEY) or PRECISION_NAMES.get(spec.kv_dtype, spec.kv_dtype),
         "plan": reference.plan.to_dict(),
         "source_model": spec.source_model(),
         "data": {"chunks": int(chunks.shape[0]), "seq_len": int(chunks.shape[1]),
@@ -247,6 +286,9 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             lines.append(f"  {name} {phase}: {'ok' if p['passed'] else 'FAIL'}  max|dlogits| "
                          f"{p['logits']['max_abs']:.3g} (rel {p['logits']['max_rel']:.3g}), worst present "
                          f"{worst['name']} {worst['max_abs']:.3g}, top-1 {p['top1']:.4f}, KL {p['kl']:.3g}{failures}")
+        ppl = engine["perplexity"]
+        lines.append(f"  {name} held-out perplexity {ppl['engine']:.4g} vs reference {ppl['reference']:.4g} "
+                     f"({ppl['ratio']:.4f}x over {ppl['tokens']} tokens): {'ok' if ppl['passed'] else 'FAIL'}")
     structure = result["structure"]
     lines.append(f"  structure: {structure['detail']}")
     lines.extend(f"  note: {note}" for note in result["notes"])

@@ -123,7 +123,9 @@ class ContractModule(nn.Module):
 # Model-level metadata_props: what a runtime or `cqil validate` needs to know about the file.
 PLAN_KEY = "cqil.plan"  # JSON of Plan.to_dict(): groups, bypass d, the model it was made for
 LAYOUT_KEY = "cqil.layout"  # branches | fused
-DTYPE_KEY = "cqil.dtype"  # fp32 | fp16
+DTYPE_KEY = "cqil.dtype"  # fp32 | fp16: activations and cache (int8/int4 weights run in fp32)
+TARGET_KEY = "cqil.target"  # portable (standard operators) | onnxruntime (its contrib operators, the GenAI builder's graph)
+PRECISION_KEY = "cqil.precision"  # fp32 | fp16 | int8 | int4: the weights (export.precision)
 SOURCE_KEY = "cqil.source_model"  # JSON: name and path of the model that was exported
 VERSION_KEY = "cqil.tool_version"  # cqil-pipeline version that wrote the file
 KV_SHAPE_KEY = "cqil.kv_shape"  # JSON: layers, kv_heads, head_dim of the past/present tensors

@@ -5,6 +5,9 @@
     out/tokenizer files                              so the folder alone can serve text (transformers 4 and 5)
     out/genai_config.json                            so ONNX Runtime GenAI's Generator runs the folder
 
+Precisions (`export.precision`): fp32 and fp16 trace in that dtype; int8 and int4 trace in fp32 and
+then quantize the weights (MatMulNBits), so `cqil.dtype` (activations and cache) stays fp32 for them.
+
 The folder is written through a temporary sibling and renamed into place, so a failed export leaves
 nothing behind; the same model, plan, layout and dtype give the same bytes (no timestamps, no paths
 of the tool in the graph). Time, peak memory and size are returned, not written, for that reason.
@@ -23,6 +26,7 @@ import torch
 from cqil.export import contract
 from cqil.export.check import StructureReport, check_branch_structure
 from cqil.export.genai_config import write_genai_config
+from cqil.export.precision import DEFAULT_BLOCK_SIZE, TRACE_DTYPES, check_precision, is_quantized
 from cqil.export.tokenizer_files import write_tokenizer_files
 from cqil.model.cqil import CqilModel
 from cqil.model.errors import CqilError
@@ -30,8 +34,8 @@ from cqil.model.fsutil import atomic_dir, check_output_dir
 from cqil.model.plan import CONFIG_KEY
 from tqdm import tqdm
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 LAYOUTS = ("branches", "fused")
+TARGETS = ("portable", "onnxruntime")
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 # Weights past 64 MiB go to model.onnx.data. Protobuf refuses messages over 2 GiB, and writing one
@@ -43,7 +47,7 @@ EXTERNAL_DATA_THRESHOLD = 64 << 20
 class ExportResult:
     path: Path  # the model.onnx file
     layout: str
-    dtype: str
+    precision: str
     seconds: float
     peak_rss_mb: float  # peak resident memory of this process so far (resource.getrusage)
     size_bytes: int  # model.onnx plus its external data
@@ -53,7 +57,7 @@ class ExportResult:
 
     def to_dict(self) -> dict:
         return {
-            "path": str(self.path), "layout": self.layout, "dtype": self.dtype,
+            "path": str(self.path), "layout": self.layout, "precision": self.precision,
             "seconds": round(self.seconds, 2), "peak_rss_mb": round(self.peak_rss_mb, 1),
             "size_bytes": self.size_bytes, "size_mb": round(self.size_bytes / 1e6, 1),
             "external_data": self.external_data, "nodes": self.nodes,
@@ -61,9 +65,13 @@ class ExportResult:
         }
 
 
-def check_options(layout: str, dtype: str) -> None:
-    if dtype not in DTYPES:
-        raise CqilError(f"unsupported dtype '{dtype}': use --dtype {' or '.join(DTYPES)}")
+def check_options(layout: str, precision: str, block_size: int = DEFAULT_BLOCK_SIZE, target: str = "portable") -> None:
+    check_precision(precision, block_size)
+    if target not in TARGETS:
+        raise CqilError(f"unknown target '{target}': use --target {' or '.join(TARGETS)}")
+    if target == "onnxruntime" and layout != "branches":
+        raise CqilError("--target onnxruntime writes the branch layout (the model builder packs each layer's "
+                        "q/k/v); --layout fused is a portable-target layout: drop one of them")
     if layout not in LAYOUTS:
         raise CqilError(f"unknown layout '{layout}': use --layout {' or '.join(LAYOUTS)}")
 
@@ -90,17 +98,19 @@ def _layout_module(model: CqilModel, layout: str) -> torch.nn.Module:
     return contract.ContractModule(layout_model(model, layout))
 
 
-def _metadata(model: CqilModel, layout: str, dtype: str, source: dict) -> dict[str, str]:
+def _metadata(model: CqilModel, layout: str, precision: str, source: dict, target: str) -> dict[str, str]:
     from cqil.model.version import __version__
 
     kv_shape = {"layers": model.num_layers, "kv_heads": model.num_kv_heads, "head_dim": model.head_dim}
     return {
         contract.PLAN_KEY: json.dumps(model.plan.to_dict(), sort_keys=True),
         contract.LAYOUT_KEY: layout,
-        contract.DTYPE_KEY: dtype,
+        contract.DTYPE_KEY: "fp16" if precision == "fp16" else "fp32",
+        contract.PRECISION_KEY: precision,
         contract.SOURCE_KEY: json.dumps(_resolved(source), sort_keys=True),
         contract.VERSION_KEY: f"cqil-pipeline {__version__}",
         contract.KV_SHAPE_KEY: json.dumps(kv_shape, sort_keys=True),
+        contract.TARGET_KEY: target,
     }
 
 
@@ -112,40 +122,91 @@ def _resolved(source: dict) -> dict:
     return source
 
 
-def _write_side_files(folder: Path, model: CqilModel, dtype: str, tokenizer) -> None:
+def _write_side_files(folder: Path, model: CqilModel, precision: str, tokenizer, genai: bool = True) -> None:
     config = copy.deepcopy(model.hf.config)
     setattr(config, CONFIG_KEY, model.plan.to_dict())
-    config.dtype = DTYPES[dtype]
+    config.dtype = TRACE_DTYPES[precision]
     config.save_pretrained(folder)
     generation = getattr(model.hf, "generation_config", None)
     if generation is not None:
         generation.save_pretrained(folder)
-    write_genai_config(folder, config, generation, MODEL_FILE)
+    if genai:  # the onnxruntime target keeps the model builder's own genai_config.json
+        write_genai_config(folder, config, generation, MODEL_FILE)
     if tokenizer is not None:
         write_tokenizer_files(tokenizer, folder)
 
 
-def export_model(model: CqilModel, out: Path, layout: str = "branches", dtype: str = "fp32",
+def _quantized(ir_model, precision: str, block_size: int):
+    """`ir_model` with its constant-weight MatMuls quantized by ONNX Runtime (export.precision)."""
+    import onnx_ir as ir
+    from cqil.export.precision import constant_weights, quantize
+
+    constant_weights(ir_model.graph)
+    proto = ir.to_proto(ir_model)
+    del ir_model
+    return ir.from_proto(quantize(proto, precision, block_size))
+
+
+def _loads_in_onnxruntime(path: Path) -> None:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _export_onnxruntime(model: CqilModel, out: Path, precision: str, block_size: int, source: dict,
+                        tokenizer) -> ExportResult:
+    """The onnxruntime target: the model builder writes the folder, then labels, metadata, side files, checks."""
+    from cqil.export import ort_target
+
+    start = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        ort_target.build(model, tmp, precision, block_size, tokenizer)
+        nodes = ort_target.finish(tmp, model.plan, _metadata(model, "branches", precision, source, "onnxruntime"),
+                                   model.head_dim)
+        _write_side_files(tmp, model, precision, tokenizer, genai=False)
+        _loads_in_onnxruntime(tmp / MODEL_FILE)  # onnx.checker knows no ORT operators (SimplifiedLayerNormalization)
+        structure = check_branch_structure(tmp / MODEL_FILE)
+        if not structure.ok:
+            raise CqilError(f"the exported graph lost its branches: {structure.describe()}")
+        size = sum(f.stat().st_size for f in (tmp / MODEL_FILE, tmp / DATA_FILE) if f.exists())
+    return ExportResult(path=out / MODEL_FILE, layout="branches", precision=precision,
+                        seconds=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb(), size_bytes=size,
+                        external_data=True, nodes=nodes, structure=structure)
+
+
+def export_model(model: CqilModel, out: Path, layout: str = "branches", precision: str = "fp32",
                  source: dict | None = None, tokenizer=None, external_data: bool | None = None,
-                 progress: bool = True) -> ExportResult:
+                 progress: bool = True, block_size: int = DEFAULT_BLOCK_SIZE,
+                 target: str = "portable") -> ExportResult:
     """Export `model` (its plan decides the groups) into the folder `out`, replacing it on success.
 
     `external_data` None: weights go to model.onnx.data past EXTERNAL_DATA_THRESHOLD bytes.
+    `block_size`: the quantization block of int8/int4 weights along K. `target` onnxruntime: the
+    model builder's graph with the plan's groups (`export.ort_target`).
     """
     import onnx
     import onnx_ir as ir
     from cqil.export.onnx_export import export_layout
 
-    check_options(layout, dtype)
+    check_options(layout, precision, block_size, target)
     out = Path(out)
     check_writable(out)
+    if target == "onnxruntime":
+        return _export_onnxruntime(model, out, precision, block_size, source or {}, tokenizer)
     start = time.perf_counter()
     steps = tqdm(total=4, desc="export", unit="step", disable=not progress, leave=False)
     steps.set_postfix_str("torch.export -> ONNX")
-    model = _in_dtype(model, DTYPES[dtype])
-    ir_model = export_layout(_layout_module(model, layout), model, DTYPES[dtype])
+    dtype = TRACE_DTYPES[precision]
+    model = _in_dtype(model, dtype)
+    ir_model = export_layout(_layout_module(model, layout), model, dtype)
     contract.name_total_dims(ir_model.graph)
-    ir_model.metadata_props.update(_metadata(model, layout, dtype, source or {}))
+    ir_model.metadata_props.update(_metadata(model, layout, precision, source or {}, target))
+    if is_quantized(precision):
+        steps.set_postfix_str(f"{precision} weights (MatMulNBits)")
+        ir_model = _quantized(ir_model, precision, block_size)
     nodes = len(list(ir_model.graph))
     steps.update()
     weight_bytes = sum(value.const_value.nbytes for value in ir_model.graph.initializers.values())
@@ -155,7 +216,7 @@ def export_model(model: CqilModel, out: Path, layout: str = "branches", dtype: s
         ir.save(ir_model, tmp / MODEL_FILE, external_data=DATA_FILE if external else None,
                 size_threshold_bytes=1024)
         del ir_model
-        _write_side_files(tmp, model, dtype, tokenizer)
+        _write_side_files(tmp, model, precision, tokenizer)
         steps.update()
         steps.set_postfix_str("onnx.checker + shape inference")
         onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
@@ -169,6 +230,6 @@ def export_model(model: CqilModel, out: Path, layout: str = "branches", dtype: s
         steps.update()
         size = sum(f.stat().st_size for f in (tmp / MODEL_FILE, tmp / DATA_FILE) if f.exists())
     steps.close()
-    return ExportResult(path=out / MODEL_FILE, layout=layout, dtype=dtype, seconds=time.perf_counter() - start,
+    return ExportResult(path=out / MODEL_FILE, layout=layout, precision=precision, seconds=time.perf_counter() - start,
                         peak_rss_mb=_peak_rss_mb(), size_bytes=size, external_data=external, nodes=nodes,
                         structure=structure)

@@ -86,6 +86,8 @@ SECTIONS: dict[str, tuple[tuple[Any, tuple[str, ...] | None], ...]] = {
     # training stops after `patience` measurements without improvement (0 = never stops early).
     "recover": ((BuildRecover(lr=1e-3, warmup_steps=3, eval_every=10, eval_chunks=8, patience=3,
                               save_every=10), None), (RecoverText(), None)),
+    # target: portable (standard operators) or onnxruntime (its fused operators, the GenAI builder's graph);
+    # precision: fp32, fp16, int8 or int4 weights
     "export": ((ExportSettings(), None),),
     "engines": ((EngineOptions(precision="fp16"), None),),
     "validate": ((ValidateSettings(decode_steps=4), None), (QualityChunks(), None)),

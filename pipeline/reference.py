@@ -10,7 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from cqil.export.contract import DTYPE_KEY, ContractSpec
+from cqil.export.contract import DTYPE_KEY, PRECISION_KEY, ContractSpec
 from cqil.model.errors import CqilError
 from cqil.model.fsutil import cache_dir, sha256_file
 
@@ -38,11 +38,12 @@ def cached_reference(spec: ContractSpec, onnx_path: Path, model: str | Path | No
         raise CqilError(f"'{onnx_path}' does not record its source model (cqil.source_model): pass "
                         "--reference with an `cqil export --original` folder, or --model")
     path = resolve_model_dir(model if model is not None else source["path"])
-    dtype = spec.metadata.get(DTYPE_KEY, "fp32")
+    # The original at the CQIL file's precision (int8/int4 weights too), so the two compare like for like.
+    dtype = spec.metadata.get(PRECISION_KEY) or spec.metadata.get(DTYPE_KEY, "fp32")
     target = cache_dir() / "reference" / f"{path.name}-{dtype}-{reference_key(path, dtype)}"
     if (target / "model.onnx").is_file():
         return target
-    loaded = load_model(path, dtype={"fp32": "float32", "fp16": "float16"}.get(dtype, "float32"))
+    loaded = load_model(path, dtype={"fp16": "float16"}.get(dtype, "float32"))
     config = loaded.model.config
     original = CqilModel(loaded.model, identity_plan(config.num_hidden_layers, model_record(config)))
     export_model(original, target, "branches", dtype, source={"name": loaded.name, "path": str(path)},

@@ -25,7 +25,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     overrides = list(args.set or [])
     shortcuts = {"model": "source.model", "uniform": "plan.uniform", "bypass": "plan.bypass",
-                 "steps": "recover.steps", "layout": "export.layout", "dtype": "export.dtype"}
+                 "steps": "recover.steps", "layout": "export.layout",
+                 "precision": "export.precision"}
     for option, key in shortcuts.items():
         value = getattr(args, option)
         if value is not None:
@@ -64,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bypass", type=NON_NEGATIVE, help="shortcut for --set plan.bypass=...")
     p.add_argument("--steps", type=NON_NEGATIVE, help="shortcut for --set recover.steps=... (0 = no recovery)")
     p.add_argument("--layout", choices=("branches", "fused"), help="shortcut for --set export.layout=...")
-    p.add_argument("--dtype", choices=("fp32", "fp16"), help="shortcut for --set export.dtype=...")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"),
+                   help="shortcut for --set export.precision=...")
     p.add_argument("--force", action="append", choices=STAGE_ORDER, metavar="STAGE", help="rerun this stage (repeatable)")
     p.add_argument("--until", choices=STAGE_ORDER, metavar="STAGE", help="stop after this stage")
     p.set_defaults(func=cmd_build)

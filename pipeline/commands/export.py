@@ -6,7 +6,8 @@ import argparse
 import json
 from dataclasses import dataclass
 
-from cqil.model.settings import one_of, setting
+from cqil.model.errors import CqilError
+from cqil.model.settings import POSITIVE, check_fields, one_of, setting
 from cqil.pipeline.commands.options import OUTPUT_DIR, add_model_options, add_plan_options
 from cqil.pipeline.settings import add_flags, from_args
 
@@ -17,22 +18,39 @@ class ExportSettings:
 
     layout: str = setting("branches", "branches (one branch per layer of a group, default) or fused (wide "
                           "operations)", check=one_of("branches", "fused"))
-    dtype: str = setting("fp32", "fp32 (default) or fp16", check=one_of("fp32", "fp16"))
+    target: str = setting("portable", "portable (standard operators: TensorRT and any runtime; default) or "
+                          "onnxruntime (its fused GroupQueryAttention, SkipSimplifiedLayerNormalization, MatMulNBits: "
+                          "the GenAI model builder's graph with the CQIL groups)",
+                          check=one_of("portable", "onnxruntime"))
+    precision: str = setting("fp32", "fp32 (default), fp16, or int8 / int4 weights (MatMulNBits)",
+                             check=one_of("fp32", "fp16", "int8", "int4"), toml_aliases=("dtype",))
+    block_size: int = setting(32, "int8/int4: weights quantized in blocks of this many along K (default "
+                              "%(default)s)", check=POSITIVE)
     external_data: bool = setting(False, "always put the weights in model.onnx.data (default: past 64 MiB)",
                                   toml=False)
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.target == "onnxruntime" and self.layout != "branches":
+            raise CqilError("--target onnxruntime writes the branch layout (the model builder packs each layer's "
+                            "q/k/v); --layout fused is a portable-target layout: drop one of them")
+
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from cqil.export.writer import DTYPES
+    from cqil.export.precision import TRACE_DTYPES
+    from cqil.export.writer import check_options
     from cqil.pipeline.plan_choice import load_model_and_plan
 
+    if args.dtype is not None:
+        raise CqilError(f"--dtype is now --precision (fp32, fp16, int8, int4): use --precision {args.dtype}")
     settings = from_args(ExportSettings, args)
-    loaded, plan = load_model_and_plan(args, dtype=str(DTYPES[settings.dtype]).removeprefix("torch."))
+    check_options(settings.layout, settings.precision, settings.block_size, settings.target)
+    loaded, plan = load_model_and_plan(args, dtype=str(TRACE_DTYPES[settings.precision]).removeprefix("torch."))
     result = run(settings, loaded, plan, args.out, source={"name": loaded.name, "path": str(loaded.path)})
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return
-    print(f"{result.path}: {loaded.name}, {plan.describe()}, layout {result.layout}, {result.dtype}")
+    print(f"{result.path}: {loaded.name}, {plan.describe()}, layout {result.layout}, {result.precision}")
     data = " (weights in model.onnx.data)" if result.external_data else ""
     print(f"{result.nodes} nodes, {result.size_bytes / 1e6:.1f} MB{data}; "
           f"{result.seconds:.1f} s, peak memory {result.peak_rss_mb:.0f} MB")
@@ -46,8 +64,9 @@ def run(settings: ExportSettings, loaded, plan, out, source: dict):
     from cqil.export.writer import export_model
     from cqil.model.cqil import CqilModel
 
-    return export_model(CqilModel(loaded.model, plan), out, settings.layout, settings.dtype, source=source,
-                        tokenizer=loaded.tokenizer, external_data=True if settings.external_data else None)
+    return export_model(CqilModel(loaded.model, plan), out, settings.layout, settings.precision, source=source,
+                        tokenizer=loaded.tokenizer, external_data=True if settings.external_data else None,
+                        block_size=settings.block_size, target=settings.target)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -58,5 +77,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="export the original model (every layer alone): the reference for cqil bench")
     p.add_argument("--out", type=OUTPUT_DIR, default="onnx", help="output directory (default %(default)s)")
     add_flags(p, ExportSettings)
+    p.add_argument("--dtype", help=argparse.SUPPRESS)  # the old spelling of --precision: refused with a hint
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_export)

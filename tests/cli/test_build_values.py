@@ -11,7 +11,7 @@ BAD_VALUES = {
     "recover.steps=-5": "recover.steps must be at least 0 (got -5)",
     "data.seq_len=0": "data.seq_len must be at least 2 (got 0)",
     'plan.uniform="0:99:2"': "[plan] uniform plan 0:99:2 needs 0 <= S < E <= 6 (this model's layers)",
-    'export.dtype="fp64"': "export.dtype must be one of fp32, fp16 (got 'fp64')",
+    'export.dtype="fp64"': "export.dtype must be one of fp32, fp16, int8, int4 (got 'fp64')",
     'data.eval_data="{missing}"': "data.eval_data: text source '{missing}' does not exist",
     'data.second_eval="{missing}"': "data.second_eval: text source '{missing}' does not exist",
 }

@@ -244,3 +244,22 @@ def test_bench_schedule_streams_times_pytorch_on_cuda_streams(tiny_cqil_onnx, be
     assert status == 0
     result = json.loads(stdout)
     assert result["settings"]["schedule"] == "streams" and "pytorch_candidate" in result["scenarios"]["decode"]["rows"]
+
+
+def test_validate_reports_held_out_perplexity_of_both_sides(tiny_cqil_onnx, perturbed):
+    """Perplexity over the chunks' next tokens (prefill and decode positions) equals exp of the mean cross-entropy
+    that PyTorch computes over the whole sequence at once; the perturbed file's ratio moves away from 1."""
+    from transformers import AutoModelForCausalLM
+
+    reference = CqilModel(AutoModelForCausalLM.from_pretrained(tiny_cqil_onnx[0]).eval(), PLAN)
+    chunks = torch.randint(3, 384, (2, 12), generator=torch.Generator().manual_seed(1))
+    result = validate_onnx(tiny_cqil_onnx[1], reference, chunks, decode_steps=3, threads=1, progress=False)
+    with torch.no_grad():
+        logits = reference(chunks)[0]
+    expected = float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(),
+                                                       chunks[:, 1:].reshape(-1)).exp())
+    ppl = result["engines"]["onnxruntime"]["perplexity"]
+    assert ppl["tokens"] == 2 * 11 and ppl["reference"] == pytest.approx(expected, rel=1e-5)
+    assert ppl["ratio"] == pytest.approx(1.0, abs=1e-5) and ppl["passed"]
+    bad = validate_onnx(perturbed, reference, chunks, decode_steps=3, threads=1, progress=False)
+    assert abs(bad["engines"]["onnxruntime"]["perplexity"]["ratio"] - 1.0) > 1e-4  # measured 7e-4

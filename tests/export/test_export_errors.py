@@ -34,11 +34,26 @@ def test_original_excludes_a_plan(tiny_model_dir, tmp_path, capsys):
     assert "--original" in message and "--groups" in message
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "int8", "float32"])
-def test_unsupported_dtype(dtype, tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("precision", ["bf16", "int3", "float32"])
+def test_unsupported_precision(precision, tiny_model_dir, tmp_path, capsys):
     message = export_error(capsys, "--model", str(tiny_model_dir("llama", 2)), "--original",
-                           "--dtype", dtype, "--out", str(tmp_path / "onnx"))
-    assert f"--dtype {dtype} must be one of fp32, fp16" in message  # refused while parsing, before any load
+                           "--precision", precision, "--out", str(tmp_path / "onnx"))
+    assert f"--precision {precision} must be one of fp32, fp16, int8, int4" in message  # refused while parsing
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_old_dtype_spelling_names_precision(tiny_model_dir, tmp_path, capsys):
+    message = export_error(capsys, "--model", str(tiny_model_dir("llama", 2)), "--original",
+                           "--dtype", "fp16", "--out", str(tmp_path / "onnx"))
+    assert "--dtype is now --precision" in message and "--precision fp16" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("block", ["24", "8"])
+def test_block_size_must_suit_matmulnbits(block, tiny_model_dir, tmp_path, capsys):
+    message = export_error(capsys, "--model", str(tiny_model_dir("llama", 2)), "--original", "--precision", "int4",
+                           "--block-size", block, "--out", str(tmp_path / "onnx"))
+    assert f"--block-size {block}" in message and "power of two" in message
     assert list(tmp_path.iterdir()) == []
 
 
@@ -59,9 +74,26 @@ def test_unwritable_output(tiny_model_dir, tmp_path, capsys):
     assert blocker.read_text() == "not a directory"
 
 
-def test_api_refuses_bad_dtype_before_exporting(tmp_path):
+def test_api_refuses_bad_precision_before_exporting(tmp_path):
     model = CqilModel(tiny_model("llama", 2), identity_plan(2))
-    with pytest.raises(CqilError, match="unsupported dtype 'float64'"):
-        export_model(model, tmp_path / "onnx", dtype="float64")
+    with pytest.raises(CqilError, match="unknown precision 'float64'"):
+        export_model(model, tmp_path / "onnx", precision="float64")
     assert not (tmp_path / "onnx").exists()
     assert model.hf.model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_onnxruntime_target_refuses_the_fused_layout(tiny_model_dir, tmp_path, capsys):
+    message = export_error(capsys, "--model", str(tiny_model_dir("llama", 2)), "--original", "--target", "onnxruntime",
+                           "--layout", "fused", "--out", str(tmp_path / "onnx"))
+    assert "--target onnxruntime writes the branch layout" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_onnxruntime_target_refuses_a_sliding_window(tmp_path, tokenizer, capsys):
+    model_dir = tmp_path / "mistral"
+    tiny_model("mistral", 2, sliding_window=5).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    message = export_error(capsys, "--model", str(model_dir), "--original", "--target", "onnxruntime",
+                           "--out", str(tmp_path / "onnx"))
+    assert "sliding window (5)" in message and "--target portable" in message
+    assert not (tmp_path / "onnx").exists()

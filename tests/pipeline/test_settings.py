@@ -143,7 +143,7 @@ def test_the_resolved_config_round_trips_through_build_toml(tmp_path):
     ("bench.prefill_repeats=0", "--set: bench.prefill_repeats must be at least 1 (got 0)"),
     ("recover.steps=-5", "--set: recover.steps must be at least 0 (got -5)"),
     ("data.seq_len=0", "--set: data.seq_len must be at least 2 (got 0)"),
-    ('export.dtype="fp64"', "--set: export.dtype must be one of fp32, fp16 (got 'fp64')"),
+    ('export.dtype="fp64"', "--set: export.dtype must be one of fp32, fp16, int8, int4 (got 'fp64')"),
     ("recover.lr=-1", "--set: recover.lr must be positive (got -1.0)"),
     ("engines.opt_seq=1000", "[engines] seq range: need 1 <= opt 1000 <= max 512"),
 ])
