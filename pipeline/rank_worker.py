@@ -49,8 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from cqil.engines.distributed.launch import DEFAULT_TIMEOUT_S, run_ranks
+    from cqil.model import signals
     from cqil.pipeline.cli import quiet_libraries
 
+    if not signals.as_launched_rank():  # started by torchrun: Ctrl-C and SIGTERM are this rank's to report
+        signals.install()
     args = build_parser().parse_args(argv)
     quiet_libraries()
     body = {"generate": _generate, "bench": _bench}[args.command]
