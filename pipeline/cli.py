@@ -153,10 +153,18 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a bug: say so in one line, keep the traceback
         where = "printed above" if args.debug else _save_traceback() + "; --debug prints it"
         error, code, line = exc, INTERNAL_ERROR, f"internal error (a bug): {type(exc).__name__}: {exc} ({where})"
+    _close_progress_bars()
     if args.debug:
         traceback.print_exception(error)
     print(f"cqil {args.command}: {' '.join(line.split())}", file=sys.stderr)
     return code
+
+
+def _close_progress_bars() -> None:
+    """End the bars an error or interrupt cut short, so that the one line starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":
