@@ -107,6 +107,9 @@ def check_output_dir(path: Path, option: str = "--out", is_ours: Callable[[Path]
     blocker = _blocking_file(path)
     if blocker is not None:
         raise CqilError(f"cannot write to '{path}': '{blocker}' is a file, not a folder: choose another {option}")
+    if path.is_symlink() and not path.exists():
+        raise CqilError(f"{option} '{path}' is a symbolic link to '{os.readlink(path)}', which does not exist: "
+                        "create its target folder, or give another folder")
     if path.exists() and not path.is_dir():
         raise CqilError(f"{option} '{path}' is a file: give a folder (it is written as a whole)")
     if path.is_dir():

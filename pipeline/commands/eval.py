@@ -16,8 +16,10 @@ from cqil.pipeline.commands.options import (
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from cqil.model.errors import CqilError
     from cqil.pipeline.comparison import LABELS, comparison_models
     from cqil.pipeline.data import load_split
+    from cqil.pipeline.adapters import check_adapter_plan
     from cqil.pipeline.plan_choice import PlanChoice, adapter_fallback, resolve_plan
     from cqil.pipeline.quality import evaluate
     from cqil.pipeline.sources import load_model
@@ -27,7 +29,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     loaded = load_model(args.model)
     config = loaded.model.config
     plan = resolve_plan(choice, config, fallback=adapter_fallback(args.adapter, config))
+    if args.adapter is not None:
+        check_adapter_plan(args.adapter, plan, args.strict)
     original, candidates, provenance = comparison_models(loaded, plan, args.adapter, args.base_model)
+    context = getattr(config, "max_position_embeddings", None)
+    if context and args.seq_len > context:  # the rule of the Triton text model: within the model's positions
+        raise CqilError(f"--seq-len {args.seq_len} exceeds the model's context of {context} tokens: "
+                        f"use at most {context}")
     split = load_split(loaded.tokenizer, args.data, args.eval_data, args.seq_len)
     chunks = limit_chunks(split.held_out, args.max_chunks)
     result = evaluate(original, candidates, chunks, args.batch_size)
@@ -59,4 +67,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-model", type=MODEL, help="for a merged CQIL checkpoint: the model it was merged from "
                    "(default: the one recorded in its config)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse an adapter distilled for another plan (default: a warning)")
     p.set_defaults(func=cmd_eval)

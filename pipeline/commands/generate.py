@@ -30,8 +30,19 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
     plan = resolve_plan(choice, config, required=False) or identity_plan(config.num_hidden_layers)
     tokenizer = loaded.tokenizer
     ids, mask = encode_prompts(tokenizer, args.prompt, args.raw)
+    check_context(config, ids.shape[1], args.max_new_tokens)
     new = greedy_generate(CqilModel(loaded.model, plan), ids, mask, args.max_new_tokens, tokenizer.eos_token_id)
     print(format_generations(tokenizer, args.prompt, new))
+
+
+def check_context(config, prompt_tokens: int, new_tokens: int) -> None:
+    """The rule of the Triton text model: prompt + new tokens must fit the model's positions."""
+    from cqil.model.errors import CqilError
+
+    context = getattr(config, "max_position_embeddings", None)
+    if context and prompt_tokens + new_tokens > context:
+        raise CqilError(f"the prompt ({prompt_tokens} tokens) plus --max-new-tokens {new_tokens} exceeds the model's "
+                        f"context of {context} tokens: shorten one of them")
 
 
 def encode_prompts(tokenizer, prompts: list[str], raw: bool):

@@ -9,6 +9,7 @@ from cqil.pipeline.commands.options import INPUT_FOLDER, OUTPUT_DIR, add_model_o
 
 def cmd_merge(args: argparse.Namespace) -> None:
     from cqil.pipeline.merge import merge_adapter
+    from cqil.pipeline.adapters import check_adapter_plan
     from cqil.pipeline.plan_choice import PlanChoice, adapter_fallback, resolve_plan
     from cqil.pipeline.sources import load_model
 
@@ -17,6 +18,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     loaded = load_model(args.model)
     config = loaded.model.config
     plan = resolve_plan(choice, config, fallback=adapter_fallback(args.adapter, config))
+    check_adapter_plan(args.adapter, plan, args.strict)
     merge_adapter(loaded, plan, args.adapter, args.out)
     print(f"wrote {args.out}: {loaded.name} + {args.adapter}, {plan.describe()}")
 
@@ -27,4 +29,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_plan_options(p)
     p.add_argument("--adapter", type=INPUT_FOLDER, required=True, help="peft LoRA adapter directory")
     p.add_argument("--out", type=OUTPUT_DIR, default="model", help="output directory (default %(default)s)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse an adapter distilled for another plan (default: a warning)")
     p.set_defaults(func=cmd_merge)

@@ -75,7 +75,13 @@ def _common_argv(args: argparse.Namespace, path: Path) -> list[str]:
 
 def launch_generate(args: argparse.Namespace) -> int:
     """`cqil generate --ranks P`: the generation on P processes; rank 0 prints the text."""
-    argv = ["generate", *_common_argv(args, checked_model_and_plan(args)),
+    from cqil.pipeline.commands.generate import check_context, encode_prompts
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = checked_model_and_plan(args)
+    ids, _ = encode_prompts(AutoTokenizer.from_pretrained(path), args.prompt, args.raw)
+    check_context(AutoConfig.from_pretrained(path), ids.shape[1], args.max_new_tokens)  # before any rank starts
+    argv = ["generate", *_common_argv(args, path),
             "--max-new-tokens", str(args.max_new_tokens)]
     for prompt in args.prompt:
         argv += ["--prompt", prompt]
