@@ -85,6 +85,21 @@ def test_an_interrupt_raised_inside_a_finalizer_is_not_lost():
     assert result.stdout.strip() == "raised 130" and "Exception ignored" not in result.stderr
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_every_command_exits_128_plus_the_signal(signum, tmp_path, monkeypatch, capsys):
+    from cqil.model.errors import Interrupted
+    from cqil.pipeline.cli import main
+    from cqil.pipeline.commands import verify
+
+    def interrupted(args):
+        raise Interrupted(signum) if signum == signal.SIGTERM else KeyboardInterrupt
+
+    monkeypatch.setattr(verify, "cmd_verify", interrupted)
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path)]) == CODES[signum]
+    assert capsys.readouterr().err == f"cqil verify: {LINES[signum]}\n"
+
+
 # (stage whose temporary folder appears, seconds after that, signal): before, inside and after recovery.
 POINTS = [("analyze", 0.0, signal.SIGINT), ("recover", 0.3, signal.SIGINT), ("recover", 0.3, signal.SIGTERM),
           ("export", 1.0, signal.SIGINT), ("export", 0.5, signal.SIGTERM)]
