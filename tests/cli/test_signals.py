@@ -152,3 +152,17 @@ def test_killing_the_launcher_kills_its_ranks(tiny_model_dir):
     while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(pid) for pid in ranks)
+
+
+@pytest.mark.parametrize("raised", [None, RuntimeError], ids=["loop-ended", "loop-failed"])
+def test_a_ctrl_c_that_the_recovery_loop_outlived_still_stops(raised):
+    """The first Ctrl-C of a recovery asks the loop to finish its step; if the loop ends then (last step,
+    early stop) the interrupt must still end the command, not be forgotten."""
+    from cqil.pipeline.recovery import StopOnInterrupt
+
+    with pytest.raises(raised or KeyboardInterrupt):
+        with StopOnInterrupt() as stop:
+            signal.raise_signal(signal.SIGINT)  # handled by StopOnInterrupt: the loop goes on
+            assert stop.requested
+            if raised:
+                raise raised("the step failed")  # that error, not a second exception, reaches the caller
