@@ -157,6 +157,17 @@ def _scalar(request, name, parameters):
     return parameters.get(name)
 
 
+def _flag(value, name):
+    """A boolean setting: a BOOL tensor or JSON true/false, or the text "true"/"false" (curl users send it)."""
+    if value is None:
+        return False
+    if isinstance(value, str):
+        if value.strip().lower() not in ("true", "false"):
+            raise RequestError(f"{name} {value!r} is not true or false")
+        return value.strip().lower() == "true"
+    return bool(value)
+
+
 def _text_input(request):
     tensor = pb_utils.get_input_tensor_by_name(request, "text_input")
     if tensor is None:
@@ -207,7 +218,7 @@ class TritonPythonModel:
         max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else int(max_tokens)
         if max_tokens < 1:
             raise RequestError(f"max_tokens {max_tokens} must be at least 1")
-        stream = bool(_scalar(request, "stream", parameters) or False)
+        stream = _flag(_scalar(request, "stream", parameters), "stream")
         sampling = {}
         for name, kind in SAMPLING.items():
             value = _scalar(request, name, parameters)

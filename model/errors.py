@@ -15,4 +15,18 @@ class ExitCode(IntEnum):
     BAD_INPUT = 2  # the input or the output location is wrong: nothing ran
     INTERNAL_ERROR = 3  # a bug in cqil
     RUN_FAILED = 4  # a multi-process run broke: a rank died or failed to load, a collective timed out
-    INTERRUPTED = 130
+    INTERRUPTED = 130  # 128 + SIGINT (Ctrl-C)
+    TERMINATED = 143  # 128 + SIGTERM
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: unwinds like Ctrl-C (finally blocks and atomic writes clean up), then
+    the command exits 128 + the signal's number, as a shell reports a process the signal killed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -106,6 +107,9 @@ def check_output_dir(path: Path, option: str = "--out", is_ours: Callable[[Path]
     blocker = _blocking_file(path)
     if blocker is not None:
         raise CqilError(f"cannot write to '{path}': '{blocker}' is a file, not a folder: choose another {option}")
+    if path.is_symlink() and not path.exists():
+        raise CqilError(f"{option} '{path}' is a symbolic link to '{os.readlink(path)}', which does not exist: "
+                        "create its target folder, or give another folder")
     if path.exists() and not path.is_dir():
         raise CqilError(f"{option} '{path}' is a file: give a folder (it is written as a whole)")
     if path.is_dir():
@@ -133,6 +137,21 @@ def check_output_file(path: Path, option: str) -> None:
     _probe_writable(_nearest_existing(path.absolute().parent), path, option)
 
 
+def follow_umask(folder: Path) -> None:
+    """Give every file under `folder` at least the permissions the umask allows (0644 under 022).
+
+    Some writers make their files private whatever the umask: safetensors writes weights through a
+    mkstemp file (0600) renamed into place, so a server running as another user could not read a
+    model that every other output of the same command lets it read.
+    """
+    allowed = 0o666 & ~_umask()
+    for path in Path(folder).rglob("*"):
+        info = path.lstat()
+        # A hard link (the build's source/) shares its mode with a file cqil did not write: left as it is.
+        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and stat.S_IMODE(info.st_mode) & allowed != allowed:
+            path.chmod(stat.S_IMODE(info.st_mode) | allowed)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path, is_ours: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a temporary sibling of `final`; rename it into place only if the block succeeds.
@@ -153,6 +172,7 @@ def atomic_dir(final: Path, is_ours: Callable[[Path], bool] | None = None) -> It
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should be an ordinary folder
     try:
         yield tmp
+        follow_umask(tmp)
         if is_ours is None:
             (tmp / MARKER).write_text(MARKER_TEXT)
         if final.exists():

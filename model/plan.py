@@ -265,9 +265,7 @@ def plan_from_dict(data: dict[str, Any], num_layers: int | None = None) -> Plan:
     if not isinstance(dropped, list) or not all(_is_index(layer) for layer in dropped):
         raise CqilError("plan 'dropped' must be a list of layer indices")
     if "groups" in data:
-        groups = data["groups"]
-        if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
-            raise CqilError("plan 'groups' must be a list of lists of layer indices")
+        groups = _layer_lists(data["groups"], "groups")
         owner: dict[Any, list] = {}
         for group in groups:
             for layer in group:
@@ -288,9 +286,19 @@ def plan_from_dict(data: dict[str, Any], num_layers: int | None = None) -> Plan:
         layers = num_layers or data.get("num_hidden_layers") or model.get("num_layers")
         if not layers:
             raise CqilError("an official CQIL config ('cqil_layers') needs the model's layer count: pass --model")
-        return from_parallel_groups(data["cqil_layers"], int(layers), _bypass(data.get("d", 0)), model,
-                                    tuple(sorted(dropped)))
+        return from_parallel_groups(_layer_lists(data["cqil_layers"], "cqil_layers"), int(layers),
+                                    _bypass(data.get("d", 0)), model, tuple(sorted(dropped)))
     raise CqilError("not a plan: expected 'groups' (cqil plan.json) or 'cqil_layers' (official CQIL config)")
+
+
+def _layer_lists(value: Any, field: str) -> list[list[int]]:
+    """A plan file's groups as read from JSON: a list of lists of integers, or one line saying it is not."""
+    def is_layer(item: Any) -> bool:
+        return isinstance(item, int) and not isinstance(item, bool)
+
+    if not isinstance(value, list) or not all(isinstance(g, list) and all(map(is_layer, g)) for g in value):
+        raise CqilError(f"plan '{field}' must be a list of lists of layer indices (integers), got {value!r:.80}")
+    return value
 
 
 def _bypass(value: Any) -> int:

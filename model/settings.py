@@ -63,7 +63,20 @@ POSITIVE = at_least(1)
 NON_NEGATIVE = at_least(0)
 POSITIVE_NUMBER = number(lambda v: v > 0, "must be positive")
 NON_NEGATIVE_NUMBER = number(lambda v: v >= 0, "must be 0 or more")
-TEXT = Check(str, "text", lambda v: v.strip() != "", "must not be empty")
+
+
+def _utf8_text(text: str, option: str) -> str:
+    """Command-line text; bytes that are not UTF-8 reach Python as lone surrogates (PEP 383): refuse them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        byte = ord(text[exc.start]) - 0xDC00 if 0xDC80 <= ord(text[exc.start]) <= 0xDCFF else ord(text[exc.start])
+        raise CqilError(f"{option} is not valid UTF-8 (byte {byte:#04x} at character {exc.start}): "
+                        "pass UTF-8 text") from None
+    return text
+
+
+TEXT = Check(_utf8_text, "text", lambda v: v.strip() != "", "must not be empty", named=True)
 
 
 @dataclass(frozen=True)

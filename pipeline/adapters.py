@@ -228,3 +228,17 @@ def adapter_plan(adapter_dir: Path, num_layers: int):
         return plan_from_dict(json.loads(path.read_text())["plan"], num_layers)
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CqilError(f"'{path}' is not a readable training record ({exc}): pass the plan explicitly") from exc
+
+
+def check_adapter_plan(adapter_dir: Path, plan: Any, strict: bool = False) -> None:
+    """An adapter distilled for another plan of the same model: one warning line, or refused with --strict."""
+    import sys
+
+    trained = adapter_plan(adapter_dir, plan.num_layers)
+    if trained is None or (trained.groups, trained.bypass) == (plan.groups, plan.bypass):
+        return
+    message = (f"adapter '{adapter_dir}' was distilled for the plan {trained.describe()}, not {plan.describe()}: "
+               "its recovery does not carry over")
+    if strict:
+        raise CqilError(f"{message} (--strict): use its plan (leave the plan options out) or another adapter")
+    print(f"warning: {message}", file=sys.stderr)

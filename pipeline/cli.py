@@ -26,6 +26,7 @@ exit codes:
      written (checked before any long work starts); one line on stderr names it
   3  an internal error (a bug): one line on stderr says where the traceback was saved; --debug prints it
   4  a multi-process run (--ranks) broke: a rank died or failed to load, a collective timed out
+  130  interrupted (Ctrl-C, SIGINT); 143  terminated (SIGTERM): what was being written is cleaned up
 --debug never changes the exit code. --out never deletes what cqil did not write: an existing output
 folder is replaced only if cqil wrote it (it holds a .cqil-output file); any other non-empty folder is
 refused."""
@@ -125,6 +126,9 @@ def _os_error_line(exc: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit code (argparse usage errors exit 2 through SystemExit)."""
+    from cqil.model import signals
+
+    signals.install()
     try:
         args = build_parser().parse_args(argv)
     except OptionError as exc:
@@ -132,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{exc.prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return BAD_INPUT
+    except KeyboardInterrupt as exc:  # while the command modules import
+        print("cqil: interrupted", file=sys.stderr)
+        return signals.exit_code(exc)
     quiet_libraries()
     try:
         status = args.func(args)  # a command returns CHECK_FAILED when its check ran and failed
@@ -140,15 +147,24 @@ def main(argv: list[str] | None = None) -> int:
         error, code, line = exc, BAD_INPUT, f"error: {exc}"
     except OSError as exc:  # a file or folder that cannot be read or written: the user's to fix
         error, code, line = exc, BAD_INPUT, f"error: {_os_error_line(exc)}"
-    except KeyboardInterrupt as exc:
-        error, code, line = exc, INTERRUPTED, "interrupted"
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (model/signals.py)
+        code = signals.exit_code(exc)
+        error, line = exc, "interrupted" if code == INTERRUPTED else f"terminated (signal {code - 128})"
     except Exception as exc:  # noqa: BLE001 - a bug: say so in one line, keep the traceback
         where = "printed above" if args.debug else _save_traceback() + "; --debug prints it"
         error, code, line = exc, INTERNAL_ERROR, f"internal error (a bug): {type(exc).__name__}: {exc} ({where})"
+    _close_progress_bars()
     if args.debug:
         traceback.print_exception(error)
     print(f"cqil {args.command}: {' '.join(line.split())}", file=sys.stderr)
     return code
+
+
+def _close_progress_bars() -> None:
+    """End the bars an error or interrupt cut short, so that the one line starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -121,12 +121,15 @@ def adapter_fallback(adapter: Path | None, config: Any) -> Callable[[], plans.Pl
     return plan
 
 
-def load_model_and_plan(args: Any, *, adapter: Path | None = None, required: bool = True, dtype: str | None = None):
+def load_model_and_plan(args: Any, *, adapter: Path | None = None, strict: bool = False, required: bool = True,
+                        dtype: str | None = None):
     """A command's prologue: check its plan options, load --model, resolve the plan against it.
 
     (loaded model, plan); the plan is None only when nothing names one and `required` is False. `adapter`:
-    the plan an adapter of ours was trained for is the fallback (`cqil eval`, `cqil merge`).
+    the plan an adapter of ours was trained for is the fallback (`cqil eval`, `cqil merge`), and an adapter
+    trained for another plan is warned about (refused when `strict`).
     """
+    from cqil.pipeline.adapters import check_adapter_plan
     from cqil.pipeline.sources import load_model
 
     choice = PlanChoice.from_args(args)
@@ -134,7 +137,10 @@ def load_model_and_plan(args: Any, *, adapter: Path | None = None, required: boo
     loaded = load_model(args.model, **({"dtype": dtype} if dtype else {}))
     config = loaded.model.config
     fallback = adapter_fallback(adapter, config) if adapter is not None else None
-    return loaded, resolve_plan(choice, config, fallback=fallback, required=required)
+    plan = resolve_plan(choice, config, fallback=fallback, required=required)
+    if adapter is not None:
+        check_adapter_plan(adapter, plan, strict)
+    return loaded, plan
 
 
 def config_and_plan(args: Any, search: Callable[[], plans.Plan] | None = None):

@@ -46,9 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from cqil.engines.distributed.launch import DEFAULT_TIMEOUT_S, run_ranks
+    from cqil.model import signals
     from cqil.model.errors import ExitCode
     from cqil.pipeline.cli import OptionError, quiet_libraries
 
+    if not signals.as_launched_rank():  # started by torchrun: Ctrl-C and SIGTERM are this rank's to report
+        signals.install()
     try:
         args = build_parser().parse_args(argv)
     except OptionError as exc:

@@ -107,9 +107,11 @@ class StopOnInterrupt:
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+        if self.requested and exc_type is None:  # the loop ended (or stopped early) after a Ctrl-C: still stop
+            raise KeyboardInterrupt
 
 
 @dataclass

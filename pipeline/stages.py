@@ -1,11 +1,17 @@
 """The build-once stage runner behind `cqil build` (DESIGN.md section 2).
 
-Each stage writes one directory under the build directory. Its key is the hash of the tool version,
-its parameters and the keys of the stages it reads, so a parameter change reruns that stage and the
-stages downstream of it, nothing else. A stage runs in a temporary directory that is renamed into
-place only once complete (fsutil.atomic_dir), and its record (`.stage.json`: key, file hashes, wall
-time, metrics) is written inside it last — a build killed at any point resumes at the first stage
-whose directory is missing or whose key differs. One build per directory at a time (a lock file).
+Each stage writes one directory under the build directory and declares everything it reads: the
+configuration (`params`), the earlier stages (`after`) and input files or folders (`files`, keyed by
+their content). Its key hashes the tool version and that declaration, nothing else, and the runner lets
+a stage open only the stages it declared (`StageContext.upstream`), so an input cannot be read without
+being keyed: a change reruns exactly the stages that read it and those downstream of them.
+
+A stage runs in a temporary directory that is renamed into place only once complete
+(fsutil.atomic_dir), and its record (`.stage.json`: key, file sha256 and sizes, wall time, metrics) is
+written inside it last. The record is a cache: a stage is skipped only when its key matches and its
+files still hash to what the record lists. A build killed at any point resumes at the first stage whose
+directory is missing, changed or keyed differently. One build per directory at a time (a lock file).
+`manifest.json` (pipeline/manifest.py) is the build's authority, which `cqil verify` checks.
 """
 
 from __future__ import annotations
@@ -38,9 +44,12 @@ class StageContext:
     build_dir: Path
     params: dict[str, Any]
     key: str  # this run's stage key (names state that must outlive a killed stage, e.g. checkpoints)
+    reads: Sequence[str] = ()  # the stages this one declared in `after`: the only ones it may open
 
     def upstream(self, name: str) -> Path:
-        """The finished output directory of an earlier stage."""
+        """The finished output directory of an earlier stage this one declared (its key is in ours)."""
+        if name not in self.reads:
+            raise RuntimeError(f"a stage read '{name}' without declaring it in `after` (its key would miss it)")
         return self.build_dir / name
 
 
@@ -48,34 +57,88 @@ class StageContext:
 class Stage:
     name: str
     run: Callable[[StageContext], dict[str, Any] | None]  # returns headline metrics
-    params: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)  # the configuration it reads
     after: Sequence[str] = ()  # stages whose outputs this one reads (their keys feed this key)
+    files: dict[str, Path | None] = field(default_factory=dict)  # name -> input file or folder it reads (None: none)
+
+
+def content_digest(path: Path) -> str:
+    """sha256 of a file, or of a folder's visible files (their relative names and contents)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    listing = json.dumps(sorted((name, entry["sha256"]) for name, entry in file_entries(path).items()))
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def stage_key(stage: Stage, upstream_keys: dict[str, str]) -> str:
+    """The hash of what `stage` declares it reads, and of nothing else."""
+    files = {}
+    for name, path in stage.files.items():
+        if path is None:
+            continue
+        if not Path(path).exists():
+            raise CqilError(f"{name} '{path}' does not exist (read by the {stage.name} stage): fix the path")
+        files[name] = content_digest(path)
     payload = {
         "tool": __version__,
         "stage": stage.name,
         "params": stage.params,
         "after": {name: upstream_keys[name] for name in stage.after},
+        "files": files,
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def stage_keys(stages: Sequence[Stage]) -> dict[str, str]:
+    """Every stage's key, computed before any stage runs (a missing input file is refused here)."""
+    keys: dict[str, str] = {}
+    for stage in stages:
+        missing = [name for name in stage.after if name not in keys]
+        if missing:
+            raise CqilError(f"stage '{stage.name}' reads {missing} which do not run before it")
+        keys[stage.name] = stage_key(stage, keys)
+    return keys
+
+
 def read_record(directory: Path) -> dict[str, Any] | None:
+    """A stage's cached record, or None when absent, unreadable or not of the shape the runner writes."""
     try:
-        return json.loads((directory / RECORD).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        record = json.loads((directory / RECORD).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    needed = {"key": str, "files": dict, "seconds": (int, float), "metrics": dict}
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), t) for k, t in needed.items()):
+        return None
+    return record
 
 
-def file_hashes(directory: Path) -> dict[str, str]:
+def is_hidden(name: str) -> bool:
+    """cqil's bookkeeping (records, markers, the lock, checkpoints): never an artifact, never recorded."""
+    return name.startswith(".")
+
+
+def file_entries(directory: Path, only: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every visible file under `directory` (or of the files `only` names that exist)."""
+    paths = ([directory / name for name in only] if only is not None else sorted(directory.rglob("*")))
     return {
-        str(path.relative_to(directory)): sha256_file(path)
-        for path in sorted(directory.rglob("*"))
-        if path.is_file() and path.name != RECORD
+        path.relative_to(directory).as_posix(): {"sha256": sha256_file(path), "size": path.stat().st_size}
+        for path in paths
+        if path.is_file() and not any(is_hidden(part) for part in path.relative_to(directory).parts)
     }
+
+
+def _up_to_date(final: Path, key: str) -> dict[str, Any] | None:
+    """The stage's record when its folder holds exactly what the record lists under this key, else None.
+
+    The record is only a cache: the files are hashed again, so a stage whose output was edited,
+    truncated or deleted since it ran runs again instead of being trusted.
+    """
+    record = read_record(final)
+    if record is None or record["key"] != key:
+        return None
+    return record if file_entries(final) == record["files"] else None
 
 
 @contextmanager
@@ -144,53 +207,38 @@ def run_stages(stages: Sequence[Stage], build_dir: Path, force: Sequence[str] = 
         if name not in names:
             raise CqilError(f"unknown stage '{name}': the stages are {', '.join(names)}")
     results: list[StageResult] = []
-    keys: dict[str, str] = {}
+    keys = stage_keys(stages)
+    stopped = False
     claim_build_dir(build_dir)
     with build_lock(build_dir):
         remove_leftovers(build_dir)
         for stage in stages:
-            missing = [name for name in stage.after if name not in keys]
-            if missing:
-                raise CqilError(f"stage '{stage.name}' reads {missing} which do not run before it")
-            key = keys[stage.name] = stage_key(stage, keys)
+            key = keys[stage.name]
             final = build_dir / stage.name
-            record = read_record(final)
-            if record and record.get("key") == key and stage.name not in force:
+            record = _up_to_date(final, key) if stage.name not in force else None
+            if stopped:  # past --until: an earlier build's stage is part of this build only while up to date
+                if record is None:
+                    break
+                results.append(StageResult(stage.name, "skipped", record))
+            elif record is not None:
                 log(f"[{stage.name}] up to date (key {key})")
                 results.append(StageResult(stage.name, "skipped", record))
             else:
                 log(f"[{stage.name}] running ...")
                 start = time.perf_counter()
                 with atomic_dir(final, is_ours=_is_stage_dir) as tmp:
-                    metrics = stage.run(StageContext(out=tmp, build_dir=build_dir, params=stage.params, key=key)) or {}
+                    metrics = stage.run(StageContext(out=tmp, build_dir=build_dir, params=stage.params, key=key,
+                                                        reads=tuple(stage.after))) or {}
                     record = {
                         "stage": stage.name,
                         "key": key,
                         "params": stage.params,
                         "seconds": round(time.perf_counter() - start, 2),
                         "metrics": metrics,
-                        "files": file_hashes(tmp),
+                        "files": file_entries(tmp),
                     }
                     (tmp / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
                 log(f"[{stage.name}] done in {record['seconds']} s")
                 results.append(StageResult(stage.name, "ran", record))
-            if stage.name == until:
-                break
+            stopped = stopped or stage.name == until
     return results
-
-
-def verify_build(build_dir: Path) -> list[str]:
-    """Problems with a finished build: files changed, missing or added since their stage wrote them."""
-    problems = []
-    for directory in sorted(p for p in build_dir.iterdir() if p.is_dir()):
-        record = read_record(directory)
-        if record is None:
-            continue
-        actual = file_hashes(directory)
-        for name, digest in record["files"].items():
-            if name not in actual:
-                problems.append(f"{directory.name}/{name}: missing")
-            elif actual[name] != digest:
-                problems.append(f"{directory.name}/{name}: changed (sha256 {actual[name][:12]}, recorded {digest[:12]})")
-        problems += [f"{directory.name}/{name}: not in the record" for name in actual if name not in record["files"]]
-    return problems

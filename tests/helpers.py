@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 FAMILIES = ("llama", "mistral", "qwen2")
@@ -46,3 +48,20 @@ def tiny_tokenizer():
     tok.train_from_iterator([default_text()[:200_000]], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>", pad_token="</s>")
+
+
+# -- a tiny `cqil build` ------------------------------------------------------------------------------------
+
+# Small enough for seconds per stage on a tiny model, every stage still doing its real work.
+SMALL = ["--set", "data.seq_len=32", "--set", "analyze.max_chunks=4", "--set", "recover.steps=4",
+         "--set", "recover.seq_len=32", "--set", "validate.chunks=2", "--set", "validate.quality_chunks=4",
+         "--set", "bench.seq=8", "--set", "bench.past=8", "--set", "bench.repeats=3", "--set", "bench.decode_repeats=5",
+         "--set", "plan.uniform=\"1:5:2\"", "--set", "engines.opt_seq=16", "--set", "engines.max_seq=32",
+         "--set", "engines.opt_past=16", "--set", "engines.max_context=64"]
+
+# Files that carry wall-clock measurements, so two builds cannot share their bytes.
+TIMED = {("recover", "adapter/training_run.json"), ("bench", "latency.json"), ("bench", "latency.png")}
+
+
+def build_args(model: Path, out: Path, *extra: str) -> list[str]:
+    return ["build", "--model", str(model), "--out", str(out), *SMALL, *extra]

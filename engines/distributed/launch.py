@@ -141,9 +141,11 @@ def run_ranks(program: str, backend: str | None, body: Callable[[RankContext], i
     except RankAbort as exc:
         print(f"{program} [rank {rank}]: error: {exc}", file=sys.stderr)
         status = exc.status
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM under torchrun (cqil's launcher stops its ranks itself)
+        from cqil.model.signals import exit_code
+
         print(f"{program} [rank {rank}]: interrupted", file=sys.stderr)
-        status = ExitCode.INTERRUPTED
+        status = exit_code(exc)
     except Exception as exc:  # noqa: BLE001 - a lost peer, a timeout: one line, not a traceback per rank
         print(f"{program} [rank {rank}]: error: the run failed ({one_line(exc)})", file=sys.stderr)
         status = ExitCode.RUN_FAILED

@@ -39,8 +39,8 @@ def cmd_build(args: argparse.Namespace) -> int:
                          log=lambda message: print(message, file=sys.stderr))
     seconds = time.perf_counter() - start
     atomic_write_text(args.out / "build.toml", to_toml(config))
-    write_manifest(args.out, results)
     atomic_write_text(args.out / "report.md", render(args.out, results, seconds))
+    write_manifest(args.out, results)  # last: it records the files above
     ran = sum(r.status == "ran" for r in results)
     print(f"{args.out}: {ran} stage(s) ran, {len(results) - ran} up to date, {seconds:.0f} s; "
           f"report: {args.out / 'report.md'}")

@@ -16,13 +16,19 @@ from cqil.pipeline.commands.options import (
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from cqil.model.errors import CqilError
     from cqil.pipeline.comparison import LABELS, comparison_models
     from cqil.pipeline.data import load_split
     from cqil.pipeline.plan_choice import load_model_and_plan
     from cqil.pipeline.quality import evaluate
 
-    loaded, plan = load_model_and_plan(args, adapter=args.adapter)
+    loaded, plan = load_model_and_plan(args, adapter=args.adapter, strict=args.strict)
+    config = loaded.model.config
     original, candidates, provenance = comparison_models(loaded, plan, args.adapter, args.base_model)
+    context = getattr(config, "max_position_embeddings", None)
+    if context and args.seq_len > context:  # the rule of the Triton text model: within the model's positions
+        raise CqilError(f"--seq-len {args.seq_len} exceeds the model's context of {context} tokens: "
+                        f"use at most {context}")
     split = load_split(loaded.tokenizer, args.data, args.eval_data, args.seq_len)
     chunks = limit_chunks(split.held_out, args.max_chunks)
     result = evaluate(original, candidates, chunks, args.batch_size)
@@ -54,4 +60,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-model", type=MODEL, help="for a merged CQIL checkpoint: the model it was merged from "
                    "(default: the one recorded in its config)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse an adapter distilled for another plan (default: a warning)")
     p.set_defaults(func=cmd_eval)

@@ -41,8 +41,19 @@ def run(settings: GenerateSettings, loaded, plan) -> str:
 
     tokenizer = loaded.tokenizer
     ids, mask = encode_prompts(tokenizer, list(settings.prompts), settings.raw)
+    check_context(loaded.model.config, ids.shape[1], settings.max_new_tokens)
     new = greedy_generate(CqilModel(loaded.model, plan), ids, mask, settings.max_new_tokens, tokenizer.eos_token_id)
     return format_generations(tokenizer, list(settings.prompts), new)
+
+
+def check_context(config, prompt_tokens: int, new_tokens: int) -> None:
+    """The rule of the Triton text model: prompt + new tokens must fit the model's positions."""
+    from cqil.model.errors import CqilError
+
+    context = getattr(config, "max_position_embeddings", None)
+    if context and prompt_tokens + new_tokens > context:
+        raise CqilError(f"the prompt ({prompt_tokens} tokens) plus --max-new-tokens {new_tokens} exceeds the model's "
+                        f"context of {context} tokens: shorten one of them")
 
 
 def encode_prompts(tokenizer, prompts: list[str], raw: bool):

@@ -11,7 +11,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     from cqil.pipeline.merge import merge_adapter
     from cqil.pipeline.plan_choice import load_model_and_plan
 
-    loaded, plan = load_model_and_plan(args, adapter=args.adapter)
+    loaded, plan = load_model_and_plan(args, adapter=args.adapter, strict=args.strict)
     merge_adapter(loaded, plan, args.adapter, args.out)
     print(f"wrote {args.out}: {loaded.name} + {args.adapter}, {plan.describe()}")
 
@@ -22,4 +22,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_plan_options(p)
     p.add_argument("--adapter", type=INPUT_FOLDER, required=True, help="peft LoRA adapter directory")
     p.add_argument("--out", type=OUTPUT_DIR, default="model", help="output directory (default %(default)s)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse an adapter distilled for another plan (default: a warning)")
     p.set_defaults(func=cmd_merge)

@@ -70,7 +70,13 @@ def worker_argv(command: str, args: argparse.Namespace, path: Path, settings: An
 
 def launch_generate(args: argparse.Namespace, settings) -> int:
     """`cqil generate --ranks P`: the generation on P processes; rank 0 prints the text."""
-    return launch(args.ranks, worker_argv("generate", args, checked_model_and_plan(args), settings))
+    from cqil.pipeline.commands.generate import check_context, encode_prompts
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = checked_model_and_plan(args)
+    ids, _ = encode_prompts(AutoTokenizer.from_pretrained(path), list(settings.prompts), settings.raw)
+    check_context(AutoConfig.from_pretrained(path), ids.shape[1], settings.max_new_tokens)  # before any rank starts
+    return launch(args.ranks, worker_argv("generate", args, path, settings))
 
 
 def launch_bench(args: argparse.Namespace, settings, output) -> int:
@@ -84,18 +90,36 @@ def launch_bench(args: argparse.Namespace, settings, output) -> int:
 
 
 def launch(ranks: int, worker_argv: list[str]) -> int:
-    """Run `python -m cqil.pipeline.rank_worker ARGV` on `ranks` local processes; the worst exit status."""
-    import logging
+    """Run `python -m cqil.pipeline.rank_worker ARGV` on `ranks` local processes; the worst exit status.
 
+    A SIGINT or SIGTERM here stops every rank (torch's launcher sends them SIGTERM, which they take at
+    once, see model/signals.py) and ends this command with one line and 130 or 143; the ranks die with
+    this process even when it is killed with SIGKILL (they set a parent-death signal).
+    """
+    import logging
+    import os
+
+    from cqil.model.errors import Interrupted
+    from cqil.model.signals import LAUNCHER_ENV
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=ranks, run_id=f"cqil-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                          monitor_interval=0.1, start_method="spawn")
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the ranks print their own lines
+                          monitor_interval=0.1, start_method="spawn",
+                          # Ctrl-C stays cqil's (model/signals.py): it unwinds the launcher, whose shutdown sends
+                          # SIGTERM, which stops a rank at any point, even one still starting Python (where a
+                          # forwarded SIGINT would print a traceback).
+                          signals_to_handle="SIGTERM,SIGHUP,SIGQUIT")
+    for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]:  # the ranks print their own lines
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    os.environ[LAUNCHER_ENV] = str(os.getpid())  # the ranks inherit it
     try:
         elastic_launch(config, sys.executable)("-m", WORKER_MODULE, *worker_argv)
+    except SignalException as exc:  # the launcher has stopped every rank with the same signal
+        raise Interrupted(exc.sigval) from None
     except ChildFailedError as exc:
         codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
         if ExitCode.BAD_INPUT in codes.values():

@@ -55,6 +55,8 @@ def env(tmp_path_factory, tiny_model_dir):
     e["busy"] = root / "busy"  # a user's folder: nothing in it may be deleted
     e["busy"].mkdir()
     (e["busy"] / "precious.txt").write_text(PRECIOUS)
+    e["nested_plan"] = root / "nested-plan.json"  # a group that holds a list (issue 21)
+    e["nested_plan"].write_text(json.dumps({"groups": [[[0]], [1]], "bypass": 0}))
     e["not_utf8"] = root / "latin1.txt"
     e["not_utf8"].write_bytes("caf\xe9 au lait ".encode("latin-1") * 50)
     e["csv"] = root / "data.csv"
@@ -183,6 +185,10 @@ CASES: dict[str, Case] = {
     "gate rule missing": Case(["gate", "{bench}"], ("--baseline", "--max-ratio")),
     # -- empty values
     "generate empty prompt": Case(["generate", "--model", L, "--prompt", ""], ("--prompt", "must not be empty")),
+    "generate prompt not utf-8": Case(["generate", "--model", L, "--prompt", "abc \udcff\udcfe def"],
+                                      ("--prompt is not valid UTF-8", "0xff")),
+    "plan group holds a list": Case(["generate", "--model", L, "--plan", "{nested_plan}", "--prompt", "hi"],
+                                    ("plan 'groups' must be a list of lists of layer indices",)),
     "eval empty uniform": Case(["eval", "--model", L, "--uniform", " "], ("--uniform",)),
     "export empty groups": Case(["export", "--model", L, "--groups", "", "--out", "{out}"], ("--groups",)),
     "finetune empty targets": Case(["finetune", "--model", L, "--uniform", "0:2:2", "--steps", "1",
@@ -449,7 +455,8 @@ def test_help_documents_the_exit_codes(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    for line in ("0  success", "1  a check ran and failed", "2  bad input", "3  an internal error"):
+    for line in ("0  success", "1  a check ran and failed", "2  bad input", "3  an internal error",
+                 "130  interrupted (Ctrl-C", "143  terminated (SIGTERM)"):
         assert line in text
 
 

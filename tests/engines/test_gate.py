@@ -79,3 +79,12 @@ def test_rule_is_required(tmp_path):
     with pytest.raises(SystemExit) as exc:  # argparse usage error
         main(["gate", good])
     assert exc.value.code == 2
+
+
+def test_a_ratio_exactly_on_the_limit_passes(tmp_path):
+    on_limit = write(tmp_path, "on.json", bench({"prefill": 0.8, "decode": 0.75}))
+    assert main(["gate", on_limit, "--max-ratio", "0.8"]) == 0
+    assert main(["gate", on_limit, "--max-ratio", "0.7999"]) == 1
+    old = write(tmp_path, "old.json", bench({"prefill": 0.5, "decode": 0.5}))
+    assert main(["gate", write(tmp_path, "at.json", bench({"prefill": 0.625, "decode": 0.5})),
+                 "--baseline", old, "--tolerance", "0.25"]) == 0  # 0.5 x 1.25 = 0.625 exactly

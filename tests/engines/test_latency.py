@@ -85,3 +85,18 @@ def test_bench_json_round_trip_and_bad_fields():
         latency.bench_from_dict(broken)
     with pytest.raises(CqilError, match="scenarios"):
         latency.bench_from_dict({"ideal_depth_ratio": 0.5})
+
+
+def test_ratio_ci_is_a_95_percent_interval():
+    """Checked against an independent bootstrap (another generator, many more resamples): a 90 % interval
+    would be clearly narrower."""
+    rng = np.random.default_rng(123)
+    reference = rng.lognormal(0.0, 0.3, 40)
+    candidate = reference * rng.lognormal(-0.1, 0.3, 40)
+    rounds = np.random.default_rng(7).integers(0, 40, size=(40_000, 40))
+    ratios = np.median(candidate[rounds], axis=1) / np.median(reference[rounds], axis=1)
+    expected95, expected90 = np.percentile(ratios, (2.5, 97.5)), np.percentile(ratios, (5, 95))
+    low, high = latency.ratio_ci(reference, candidate, resamples=20_000)
+    width = expected95[1] - expected95[0]
+    assert abs(low - expected95[0]) < 0.05 * width and abs(high - expected95[1]) < 0.05 * width
+    assert (expected95[1] - expected95[0]) - (expected90[1] - expected90[0]) > 0.15 * width  # the test can tell

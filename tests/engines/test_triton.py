@@ -432,3 +432,22 @@ def test_pick_token_filters(monkeypatch):
     assert {module.pick_token(logits, 10.0, top_k=2, rng=rng) for _ in range(200)} == {1, 2}
     assert {module.pick_token(logits, 10.0, top_p=0.5, rng=rng) for _ in range(200)} == {1, 2, 4}
     assert {module.pick_token(logits, 10.0, rng=rng) for _ in range(400)} == {0, 1, 2, 3, 4}
+
+
+def test_text_model_streams_only_when_stream_is_true(text_repo, monkeypatch):
+    model, _ = load_text_model(text_repo / "cqil_text" / "1", monkeypatch)
+    prompt = np.array([TEXT_PROMPTS[1].encode()], dtype=object)
+
+    def request(stream=None, as_tensor=False):
+        inputs = {"text_input": prompt, "max_tokens": np.array([12], dtype=np.int32)}
+        if as_tensor:
+            inputs["stream"] = np.array([stream])
+        return FakeRequest(inputs, parameters={} if stream is None or as_tensor else {"stream": stream})
+
+    off = [request(), request(False), request("false"), request("False"), request(False, as_tensor=True)]
+    on = [request(True), request("true"), request(True, as_tensor=True)]
+    bad = request("maybe")
+    run_requests(model, [*off, *on, bad])
+    assert all(len(r.sender.texts()) == 1 for r in off)  # one response: the whole completion
+    assert all(len(r.sender.texts()) > 1 for r in on)
+    assert "stream 'maybe' is not true or false" in bad.sender.errors()[0]

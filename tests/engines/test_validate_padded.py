@@ -98,3 +98,15 @@ def test_mask_must_fit_the_chunks(tiny_cqil_onnx, reference):
     mask[0, -1] = 0
     with pytest.raises(CqilError, match="decoded tokens"):
         run(tiny_cqil_onnx[1], reference, chunks, mask)
+
+
+def test_decode_runs_on_the_engines_own_cache(tiny_cqil_onnx, reference, monkeypatch):
+    """An engine whose cache is wrong fails decode: it is fed its own presents, never the reference's."""
+    from cqil.engines.runner import ContractRunner
+
+    original = ContractRunner.__call__
+    monkeypatch.setattr(ContractRunner, "__call__", lambda self, *args, **kwargs: (
+        lambda out: (out[0], tuple(present * 0.5 for present in out[1])))(original(self, *args, **kwargs)))
+    chunks, mask = padded_batch()
+    ort = run(tiny_cqil_onnx[1], reference, chunks, mask)["engines"]["onnxruntime"]
+    assert ort["prefill"]["logits"]["passed"] and not ort["decode"]["logits"]["passed"]

@@ -185,3 +185,18 @@ def test_optimum_loads_the_default_cqil_export_with_its_tokenizer(default_cqil_e
     assert result.returncode == 0
     assert "transformers 4." in result.stdout and "PreTrainedTokenizerFast" in result.stdout
     assert result.stdout.count("new tokens same") == 2 and "DIFFER" not in result.stdout
+
+
+def test_end_of_text_comes_from_generation_config_first():
+    """Chat models end a turn on a token that only generation_config.json names (SmolLM2: <|im_end|>)."""
+    from cqil.export.genai_config import genai_config
+    from transformers import GenerationConfig
+
+    from tests.helpers import tiny_config
+
+    config = tiny_config("llama", 2)  # eos 2, pad 2
+    assert genai_config(config)["model"]["eos_token_id"] == 2
+    settings = genai_config(config, GenerationConfig(eos_token_id=[2, 7], pad_token_id=5))
+    assert settings["model"]["eos_token_id"] == [2, 7] and settings["model"]["pad_token_id"] == 5
+    unset = genai_config(config, GenerationConfig(max_length=9))  # names no ids: config.json's stand
+    assert unset["model"]["eos_token_id"] == 2 and unset["model"]["pad_token_id"] == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ import time
 
 import pytest
 from cqil.model.errors import CqilError
-from cqil.pipeline.stages import Stage, build_lock, run_stages, verify_build
+from cqil.pipeline.stages import Stage, build_lock, run_stages
 
 STAGES_SOURCE = textwrap.dedent('''
     import os, time
@@ -109,16 +110,24 @@ def test_a_concurrent_build_is_refused(tmp_path, stages_module):
     assert f"pid {os.getpid()}" in result.stderr
 
 
-def test_verify_finds_changed_missing_and_extra_files(tmp_path, stages_module):
+def test_a_record_is_a_cache_never_the_authority(tmp_path, stages_module):
+    """A stage whose files differ from its record, or whose record is broken, runs again (and only it)."""
     build = tmp_path / "build"
     _run(stages_module.make(VALUES), build)
-    assert verify_build(build) == []
     (build / "b" / "out.txt").write_text("tampered")
-    (build / "c" / "out.txt").unlink()
+    (build / "c" / ".stage.json").write_text("{}")
     (build / "d" / "extra.txt").write_text("new")
-    problems = verify_build(build)
-    assert any(p.startswith("b/out.txt: changed") for p in problems)
-    assert "c/out.txt: missing" in problems and "d/extra.txt: not in the record" in problems
+    assert _run(stages_module.make(VALUES), build) == {"a": "skipped", "b": "ran", "c": "ran", "d": "ran"}
+    assert (build / "b" / "out.txt").read_text() == "b:2|a:1|" and not (build / "d" / "extra.txt").exists()
+    record = json.loads((build / "a" / ".stage.json").read_text())
+    assert record["files"] == {"out.txt": {"sha256": hashlib.sha256(b"a:1|").hexdigest(), "size": 4}}
+
+
+def test_until_keeps_the_later_stages_that_are_still_up_to_date(tmp_path, stages_module):
+    build = tmp_path / "build"
+    _run(stages_module.make(VALUES), build)
+    assert _run(stages_module.make(VALUES), build, until="a") == dict.fromkeys("abcd", "skipped")
+    assert _run(stages_module.make({**VALUES, "b": 7}), build, until="a") == {"a": "skipped"}
 
 
 def test_a_stage_reading_a_later_stage_is_refused(tmp_path):
