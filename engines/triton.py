@@ -15,8 +15,9 @@ Every model declares the ONNX graph's own inputs and outputs (DESIGN.md section 
 and dims, -1 where the graph has a symbolic dim, and `max_batch_size: 0` because batch is already an
 explicit dynamic dim; so a client sends the same tensors to any of the three. The text model instead
 declares the inputs and output of Triton's generate extension (`text_input` -> `text_output`, as the
-vLLM and TensorRT-LLM backends do), keeps the KV cache inside and batches requests in flight. The configs are plain text here (no
-Triton import needed to write them); the tests parse them with Triton's ModelConfig schema.
+vLLM and TensorRT-LLM backends do), keeps the KV cache inside and batches requests in flight. The
+configs are plain text here (no Triton import needed to write them); the tests parse them with
+Triton's ModelConfig schema.
 """
 
 from __future__ import annotations

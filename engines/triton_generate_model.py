@@ -406,7 +406,8 @@ class TritonPythonModel:
         if self.context and len(prompt) + settings.max_tokens > self.context:
             raise RequestError(f"the prompt ({len(prompt)} tokens) plus max_tokens {settings.max_tokens} exceeds the "
                                f"model's context of {self.context} tokens: shorten one of them")
-        reply = Reply(sender, settings, TextStream(self.tokenizer, settings.stop), "" if settings.exclude_input else text)
+        prefix = "" if settings.exclude_input else text
+        reply = Reply(sender, settings, TextStream(self.tokenizer, settings.stop), prefix)
         return Job(prompt, settings.max_tokens, reply.on_token, reply.on_finish, settings.sampling, reply.cancelled,
                    submitted)
 
