@@ -250,7 +250,10 @@ class Scheduler:
                     self._wake.wait()
                 if self._closing and not self.waiting and not self.rows:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 -- a bug must not leave every client waiting forever
+                self._fail_rows(f"{type(exc).__name__}: {exc}")
 
     def step(self) -> None:
         """Retire cancelled rows, admit waiting jobs up to `max_batch`, then decode one token for every row."""
@@ -260,7 +263,7 @@ class Scheduler:
             self._delivered = 0
 
     def _step(self) -> None:
-        self._retire([i for i, row in enumerate(self.rows) if row.job.cancelled()], FINISH_CANCELLED)
+        self._retire({i: FINISH_CANCELLED for i, row in enumerate(self.rows) if row.job.cancelled()})
         self._admit()
         if not self.rows:
             return
@@ -270,10 +273,7 @@ class Scheduler:
         try:
             logits, presents = self.decoder.run(ids, mask, positions, self.cache.tensors)
         except Exception as exc:  # noqa: BLE001 -- the rows in this step fail with the error; the model goes on
-            message = f"{type(exc).__name__}: {exc}"
-            for row in self.rows:
-                row.job.on_finish(FINISH_STOP, message)
-            self.rows, self.cache = [], BatchCache()
+            self._fail_rows(f"{type(exc).__name__}: {exc}")
             return
         self.cache.advance(presents)
         finished: dict[int, str] = {}
@@ -283,8 +283,7 @@ class Scheduler:
             row.produced += 1
             if reason:
                 finished[i] = reason
-        for reason in set(finished.values()):
-            self._retire([i for i, r in finished.items() if r == reason], reason)
+        self._retire(finished)
 
     def _deliver(self, job: Job, token: int, produced_before: int) -> str | None:
         """Hand `token` to the job; the finish reason when it ends the job (EOS, stop string, max_tokens)."""
@@ -295,13 +294,18 @@ class Scheduler:
             return FINISH_STOP
         return FINISH_LENGTH if produced_before + 1 >= job.max_tokens else None
 
-    def _retire(self, indices: Sequence[int], reason: str) -> None:
-        if not indices:
+    def _fail_rows(self, message: str) -> None:
+        for row in self.rows:
+            row.job.on_finish(FINISH_STOP, message)
+        self.rows, self.cache = [], BatchCache()
+
+    def _retire(self, reasons: dict[int, str]) -> None:
+        """Remove the rows `reasons` names (row index -> finish reason), telling each job, in one cache copy."""
+        if not reasons:
             return
-        gone = set(indices)
-        for i in sorted(gone):
+        for i, reason in sorted(reasons.items()):
             self.rows[i].job.on_finish(reason, None)
-        keep = [i for i in range(len(self.rows)) if i not in gone]
+        keep = [i for i in range(len(self.rows)) if i not in reasons]
         self.rows = [self.rows[i] for i in keep]
         self.cache.keep(keep)
 

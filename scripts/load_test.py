@@ -40,8 +40,8 @@ from cqil.model.fsutil import cache_dir
 AIPERF = "aiperf==0.13.0"
 TEMPLATE = ('{"text_input": {{ text|tojson }}, "max_tokens": {{ max_tokens }}, "stream": true, '
             '"sampling_parameters": "{\\"ignore_eos\\": true}"}')
-FULL = {"concurrency": [1, 4, 16, 32], "input_tokens": 64, "output_tokens": 64, "requests_per_slot": 3}
-QUICK = {"concurrency": [1, 4], "input_tokens": 16, "output_tokens": 8, "requests_per_slot": 2}
+FULL = {"concurrency": [1, 4, 16, 32], "input_tokens": 64, "output_tokens": 64, "requests_per_slot": 2}
+QUICK = {"concurrency": [1, 4], "input_tokens": 16, "output_tokens": 8, "requests_per_slot": 1}
 SOAK_PROMPTS = ("The object model of Python", "A for statement iterates over", "Lambda expressions create")
 
 
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             for concurrency in levels:
                 before = scrape(args.metrics_url)
                 summary = run_aiperf(python, args, concurrency, work,
-                                     requests=max(concurrency * args.requests_per_slot, 4))
+                                     requests=max(concurrency * args.requests_per_slot, 8))
                 result["records"].append(record(summary, concurrency, before, scrape(args.metrics_url), args.model))
                 print(json.dumps(result["records"][-1]), file=sys.stderr, flush=True)
     result["load_average_after"] = load()

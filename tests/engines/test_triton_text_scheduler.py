@@ -177,10 +177,17 @@ def test_queue_and_batch_limits(session):
 def test_a_stop_from_the_job_and_a_failing_graph_call(session):
     scheduler, _ = make(session)
     stopped = Collect(PROMPTS[0], 10, Sampling(ignore_eos=True), stop_after=3)
-    scheduler.submit(stopped.job)
+    ended = Collect(PROMPTS[1], 3, Sampling(ignore_eos=True))
+    going = Collect(PROMPTS[3], 8, Sampling(ignore_eos=True))
+    for collect in (stopped, ended, going):
+        scheduler.submit(collect.job)
+    scheduler.step()
+    scheduler.step()  # the first two leave in the same step, for different reasons
+    assert stopped.finish == [("stop", None)] and ended.finish == [(FINISH_LENGTH, None)]
+    assert len(stopped.tokens) == 3 and len(ended.tokens) == 3 and len(scheduler.rows) == 1
     while not scheduler.idle():
         scheduler.step()
-    assert len(stopped.tokens) == 3 and stopped.finish == [("stop", None)]
+    assert going.tokens == alone(session, PROMPTS[3], 8, stop_at_eos=False)
 
     broken, fine = Collect(PROMPTS[0], 5), Collect(PROMPTS[1], 5)
     real_run = scheduler.decoder.run
