@@ -292,9 +292,11 @@ class TritonMetrics(Metrics):
 
     def __init__(self, labels: dict[str, str]):
         family = pb_utils.MetricFamily
+        self._families = []  # a Metric fails once its MetricFamily is garbage-collected: keep them
 
         def metric(name, description, kind, **kwargs):
-            return family(name=name, description=description, kind=kind).Metric(labels=labels, **kwargs)
+            self._families.append(family(name=name, description=description, kind=kind))
+            return self._families[-1].Metric(labels=labels, **kwargs)
 
         self._tokens = metric("cqil_text_generated_tokens_total", "Tokens generated", family.COUNTER)
         self._rejected = metric("cqil_text_rejected_requests_total", "Requests refused: the queue was full",

@@ -123,6 +123,7 @@ def record(summary: dict, concurrency: int, before: dict, after: dict, model: st
         "ttft_p99_ms": round(stat(summary, "time_to_first_token", "p99"), 1),
         "itl_p50_ms": round(stat(summary, "inter_token_latency", "p50"), 1),
         "itl_p99_ms": round(stat(summary, "inter_token_latency", "p99"), 1),
+        "inter_chunk_p99_ms": round(stat(summary, "inter_chunk_latency", "p99"), 1),  # every gap, not a mean
         "request_latency_p50_ms": round(stat(summary, "request_latency", "p50"), 1),
         "requests": int(stat(summary, "request_count", "avg")),
         "failed": failed,
