@@ -42,6 +42,7 @@ TEMPLATE = ('{"text_input": {{ text|tojson }}, "max_tokens": {{ max_tokens }}, "
             '"sampling_parameters": "{\\"ignore_eos\\": true}"}')
 FULL = {"concurrency": [1, 4, 16, 32], "input_tokens": 64, "output_tokens": 64, "requests_per_slot": 2}
 QUICK = {"concurrency": [1, 4], "input_tokens": 16, "output_tokens": 8, "requests_per_slot": 1}
+MAX_REQUESTS = 48  # per concurrency level: three waves of 16 rows at the top levels, ~3 min on the 2-core CPU
 SOAK_PROMPTS = ("The object model of Python", "A for statement iterates over", "Lambda expressions create")
 
 
@@ -96,17 +97,17 @@ def run_aiperf(python: Path, args, concurrency: int, work: Path, requests: int |
                "--concurrency", str(concurrency), "--random-seed", "0", "--ui-type", "none",
                "--artifact-dir", str(artifacts), *extra]
     command += ["--benchmark-duration", str(duration)] if duration else \
-        ["--request-count", str(requests), "--warmup-request-count", str(concurrency)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        ["--request-count", str(requests), "--warmup-request-count", str(min(concurrency, 4))]
     print("$ " + shlex.join(command), file=sys.stderr, flush=True)
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    # No HF_HUB_OFFLINE: AIPerf's offline mode looks a local folder up in the hub cache and fails;
+    # an absolute folder path is read locally without it.
+    result = subprocess.run(command, capture_output=True, text=True)
     (artifacts / "aiperf.log").parent.mkdir(parents=True, exist_ok=True)
     (artifacts / "aiperf.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         raise SystemExit(f"aiperf failed (exit {result.returncode}), log in {artifacts / 'aiperf.log'}:\n"
                          + (result.stdout + result.stderr)[-3000:])
-    [summary] = artifacts.rglob("profile_export_aiperf.json")
-    return json.loads(summary.read_text())
+    return json.loads((artifacts / "profile_export_aiperf.json").read_text())  # phases/ hold per-phase copies
 
 
 def stat(summary: dict, metric: str, key: str) -> float:
@@ -114,8 +115,13 @@ def stat(summary: dict, metric: str, key: str) -> float:
     return float(value.get(key) or 0.0)
 
 
+CANCELLED_BY_CLIENT = "RequestCancellationError"  # AIPerf's error type for its deliberate cancellations (499)
+
+
 def record(summary: dict, concurrency: int, before: dict, after: dict, model: str) -> dict:
-    failed = int(stat(summary, "error_request_count", "avg"))
+    errors = [(e.get("error_details") or {}, int(e.get("count", 0))) for e in summary.get("error_summary") or []]
+    cancelled = sum(count for details, count in errors if details.get("type") == CANCELLED_BY_CLIENT)
+    failed = sum(count for details, count in errors if details.get("type") != CANCELLED_BY_CLIENT)
     return {
         "concurrency": concurrency,
         "output_tokens_per_s": round(stat(summary, "output_token_throughput", "avg"), 2),
@@ -127,6 +133,8 @@ def record(summary: dict, concurrency: int, before: dict, after: dict, model: st
         "request_latency_p50_ms": round(stat(summary, "request_latency", "p50"), 1),
         "requests": int(stat(summary, "request_count", "avg")),
         "failed": failed,
+        "cancelled_by_client": cancelled,
+        "errors": [{**details, "count": count} for details, count in errors],
         "server_failures": int(counter(after, "nv_inference_request_failure", model)
                                - counter(before, "nv_inference_request_failure", model)),
         "rejected_queue_full": int(counter(after, "cqil_text_rejected_requests_total", model)
@@ -198,8 +206,8 @@ def soak(args, work: Path, server, python: Path) -> dict:
         thread.start()
     before = scrape(args.metrics_url)
     summary = run_aiperf(python, args, 16, work, duration=args.soak,
-                         extra=["--request-cancellation-rate", "10", "--request-cancellation-delay", "1",
-                                "--benchmark-grace-period", "60"])
+                         extra=["--request-cancellation-rate", "10", "--request-cancellation-delay", "10",
+                                "--benchmark-grace-period", "120"])
     after = scrape(args.metrics_url)
     stop.set()
     for thread in threads:
@@ -208,12 +216,9 @@ def soak(args, work: Path, server, python: Path) -> dict:
     expected = {prompt: cqil_generate(args, prompt, 24) for prompt in SOAK_PROMPTS}
     return {
         "seconds": args.soak, "concurrency": 16, "record": record(summary, 16, before, after, args.model),
-        "cancelled_by_clients": int(stat(summary, "cancelled_request_count", "avg")) if summary else 0,
         "rss_mb_samples": samples, "rss_growth_after_warmup": round(warm[-1] / warm[0] - 1, 4) if warm else None,
         "greedy_samples": [{"prompt": p, "served": a, "cqil_generate": expected[p], "equal": a.strip() == expected[p]}
                            for p, a in answers],
-        "aiperf_summary": {k: summary.get(k) for k in ("error_request_count", "request_count",
-                                                       "cancelled_request_count") if k in summary},
     }
 
 
@@ -221,6 +226,16 @@ def cqil_generate(args, prompt: str, tokens: int) -> str:
     command = ["cqil", "generate", "--model", str(args.hf_model), *shlex.split(args.plan_args), "--raw",
                "--prompt", prompt, "--max-new-tokens", str(tokens)]
     return subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def markdown(records: list[dict]) -> str:
+    """The table docs/serving.md shows."""
+    lines = ["| concurrency | output tokens/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | inter-chunk p99 ms "
+             "| requests | failed |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['concurrency']} | {r['output_tokens_per_s']:.2f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} "
+              f"| {r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f} | {r['inter_chunk_p99_ms']:.0f} | {r['requests']} "
+              f"| {r['failed']} |" for r in records]
+    return "\n".join(lines)
 
 
 def plot(result: dict, path: Path) -> Path:
@@ -269,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="concurrency 1 and 4, short requests (the slow test)")
     parser.add_argument("--concurrency", help="comma-separated levels (default 1,4,16,32)")
     parser.add_argument("--input-tokens", type=int)
-    parser.add_argument("--input-stddev", type=int, default=0)
+    parser.add_argument("--input-stddev", type=int, help="spread of prompt lengths (default 0, soak: 32)")
     parser.add_argument("--output-tokens", type=int)
     parser.add_argument("--requests-per-slot", type=int, help="requests per concurrency slot at each level")
     parser.add_argument("--soak", type=int, default=0, help="seconds of the soak at concurrency 16 instead")
@@ -284,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("input_tokens", "output_tokens", "requests_per_slot"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
-    args.tokenizer = args.tokenizer or args.onnx
+    if args.input_stddev is None:
+        args.input_stddev = 32 if args.soak else 0
+    args.tokenizer = (args.tokenizer or args.onnx).resolve() if (args.tokenizer or args.onnx) else None
     if args.tokenizer is None:
         parser.error("--url needs --tokenizer (a folder with the model's tokenizer.json)")
     if args.soak and not (args.onnx and args.hf_model):
@@ -306,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             for concurrency in levels:
                 before = scrape(args.metrics_url)
                 summary = run_aiperf(python, args, concurrency, work,
-                                     requests=max(concurrency * args.requests_per_slot, 8))
+                                     requests=min(max(concurrency * args.requests_per_slot, 8), MAX_REQUESTS))
                 result["records"].append(record(summary, concurrency, before, scrape(args.metrics_url), args.model))
                 print(json.dumps(result["records"][-1]), file=sys.stderr, flush=True)
     result["load_average_after"] = load()
@@ -315,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out}", file=sys.stderr)
     if "records" in result:
         print(f"wrote {plot(result, out.with_suffix('.png'))}", file=sys.stderr)
+        print(markdown(result["records"]))
     return 0
 
 
