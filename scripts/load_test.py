@@ -213,7 +213,7 @@ def soak(args, work: Path, server, python: Path) -> dict:
     before = scrape(args.metrics_url)
     summary = run_aiperf(python, args, 16, work, duration=args.soak,
                          extra=["--request-cancellation-rate", "10", "--request-cancellation-delay", "10",
-                                "--benchmark-grace-period", "120"])
+                                "--benchmark-grace-period", "60"])
     after = scrape(args.metrics_url)
     stop.set()
     for thread in threads:
