@@ -7,15 +7,17 @@
     <repo>/<name>_python/config.pbtxt     backend "python": ONNX Runtime on CPU inside Triton
                          1/model.py       + model.onnx and its data (hard links to the _onnx copy)
     <repo>/<name>_text/config.pbtxt       backend "python", decoupled: text in, text out (generate extension)
-                       1/model.py         + model.onnx, its data, the tokenizer and generation config
+                       1/model.py         + triton_text_scheduler.py (in-flight batching), model.onnx,
+                                          its data, the tokenizer and generation config
                                           (only when the export folder holds its tokenizer files)
 
 Every model declares the ONNX graph's own inputs and outputs (DESIGN.md section 4) with their dtypes
 and dims, -1 where the graph has a symbolic dim, and `max_batch_size: 0` because batch is already an
 explicit dynamic dim; so a client sends the same tensors to any of the three. The text model instead
 declares the inputs and output of Triton's generate extension (`text_input` -> `text_output`, as the
-vLLM and TensorRT-LLM backends do) and keeps the KV cache inside. The configs are plain text here (no
-Triton import needed to write them); the tests parse them with Triton's ModelConfig schema.
+vLLM and TensorRT-LLM backends do), keeps the KV cache inside and batches requests in flight. The
+configs are plain text here (no Triton import needed to write them); the tests parse them with
+Triton's ModelConfig schema.
 """
 
 from __future__ import annotations
@@ -47,16 +49,24 @@ ONNX_TO_TRITON = {"INT64": "TYPE_INT64", "INT32": "TYPE_INT32", "FLOAT": "TYPE_F
 ENGINE_PROFILES = ("0", "1")
 PYTHON_MODEL_SOURCE = Path(__file__).with_name("triton_python_model.py")
 TEXT_MODEL_SOURCE = Path(__file__).with_name("triton_generate_model.py")
+# Copied beside the text model's model.py, which imports it (the backend runs without the cqil package).
+TEXT_SCHEDULER_SOURCE = Path(__file__).with_name("triton_text_scheduler.py")
 VERSION = "1"
 # What the text model reads beside model.onnx: the tokenizer (both files needed) and the configs.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 TEXT_SIDE_FILES = (*TOKENIZER_FILES, "special_tokens_map.json", "chat_template.jinja", "config.json",
                    "generation_config.json")
 # The generate extension's tensors, as the vLLM and TensorRT-LLM backends name and type them.
-TEXT_INPUTS = (("text_input", "TYPE_STRING", False), ("max_tokens", "TYPE_INT32", True),
-               ("stream", "TYPE_BOOL", True), ("temperature", "TYPE_FP32", True), ("top_k", "TYPE_INT32", True),
-               ("top_p", "TYPE_FP32", True), ("random_seed", "TYPE_UINT64", True))
-MAX_IN_FLIGHT = 4
+TEXT_INPUTS = (("text_input", "TYPE_STRING", 1, False), ("max_tokens", "TYPE_INT32", 1, True),
+               ("stream", "TYPE_BOOL", 1, True), ("temperature", "TYPE_FP32", 1, True),
+               ("top_p", "TYPE_FP32", 1, True), ("top_k", "TYPE_INT32", 1, True),
+               ("random_seed", "TYPE_UINT64", 1, True), ("stop", "TYPE_STRING", -1, True),
+               ("exclude_input_in_output", "TYPE_BOOL", 1, True), ("sampling_parameters", "TYPE_STRING", 1, True),
+               ("return_finish_reason", "TYPE_BOOL", 1, True), ("return_num_output_tokens", "TYPE_BOOL", 1, True))
+TEXT_OUTPUTS = (("text_output", "TYPE_STRING"), ("finish_reason", "TYPE_STRING"), ("num_output_tokens", "TYPE_UINT32"))
+# The in-flight batching limits (model.py's DEFAULT_PARAMETERS): rows per graph call, waiting requests,
+# the largest max_tokens a request may ask, ONNX Runtime intra-op threads (0: its default, every core).
+TEXT_PARAMETERS = {"max_batch": 16, "max_queue": 64, "max_tokens_limit": 512, "onnxruntime_threads": 0}
 
 
 @dataclass(frozen=True)
@@ -173,15 +183,17 @@ def config_text(name: str, kind: str, io: GraphIO) -> str:
 
 
 def text_config_text(name: str, io: GraphIO) -> str:
-    """The text model: decoupled (it streams), the generate extension's tensors, requests on a thread pool."""
-    entries = [f'  {{ name: "{tensor}" data_type: {dtype} dims: [ 1 ]{" optional: true" if optional else ""} }}'
-               for tensor, dtype, optional in TEXT_INPUTS]
+    """The text model: decoupled (it streams), the generate extension's tensors, in-flight batching limits."""
+    entries = [f'  {{ name: "{tensor}" data_type: {dtype} dims: [ {dim} ]{" optional: true" if optional else ""} }}'
+               for tensor, dtype, dim, optional in TEXT_INPUTS]
+    outputs = [f'  {{ name: "{tensor}" data_type: {dtype} dims: [ -1 ] }}' for tensor, dtype in TEXT_OUTPUTS]
     lines = [f'name: "{name}"', 'backend: "python"', "max_batch_size: 0",
              "model_transaction_policy { decoupled: true }",
              "input [", ",\n".join(entries), "]",
-             'output [ { name: "text_output" data_type: TYPE_STRING dims: [ -1 ] } ]',
+             "output [", ",\n".join(outputs), "]",
              "instance_group [ { kind: KIND_CPU count: 1 } ]",
-             f'parameters {{ key: "max_in_flight" value {{ string_value: "{MAX_IN_FLIGHT}" }} }}',
+             *(f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}'
+               for key, value in TEXT_PARAMETERS.items()),
              *_plan_parameter(io)]
     return "\n".join(lines) + "\n"
 
@@ -236,7 +248,9 @@ def write_model_repository(onnx: Path, repo_dir: Path, model_name: str = "cqil",
             for side in TEXT_SIDE_FILES:
                 if (io.onnx.parent / side).is_file():
                     shutil.copyfile(io.onnx.parent / side, text_version / side)
-            (text_version / "model.py").write_text(inline_contract(TEXT_MODEL_SOURCE.read_text()))  # runs without cqil
+            # model.py with the contract's names written in (export/standalone.py), so it runs without cqil
+            (text_version / "model.py").write_text(inline_contract(TEXT_MODEL_SOURCE.read_text()))
+            shutil.copyfile(TEXT_SCHEDULER_SOURCE, text_version / TEXT_SCHEDULER_SOURCE.name)
             models[names["text"]] = "Python backend, text in / text out (generate extension)"
 
         if engine_plan is not None:

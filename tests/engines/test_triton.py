@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from cqil.engines.triton import TEXT_MODEL_SOURCE, write_model_repository
+from cqil.engines.triton import write_model_repository
 from cqil.export.contract import PLAN_KEY
 from cqil.model.errors import CqilError
 from cqil.pipeline.cli import main
@@ -253,9 +253,9 @@ TEXT_PROMPTS = ("The object model of Python", "Lambda expressions", "A for state
 
 
 class FakeRequest:
-    def __init__(self, inputs: dict, parameters: dict | None = None):
+    def __init__(self, inputs: dict, parameters: dict | None = None, cancel_after: int | None = None):
         self.inputs = {name: FakeTensor(name, np.asarray(value)) for name, value in inputs.items()}
-        self._parameters, self.sender = parameters or {}, FakeSender()
+        self._parameters, self.sender = parameters or {}, FakeSender(cancel_after)
 
     def get_response_sender(self):
         return self.sender
@@ -265,10 +265,10 @@ class FakeRequest:
 
 
 class FakeSender:
-    """Records what the model sends, and on which thread."""
+    """Records what the model sends, and on which thread; `cancel_after` responses, the client goes away."""
 
-    def __init__(self):
-        self.sent, self.threads, self.done = [], set(), False
+    def __init__(self, cancel_after: int | None = None):
+        self.sent, self.threads, self.done, self.cancel_after = [], set(), False, cancel_after
 
     def send(self, response=None, flags=0):
         assert not self.done, "a response after the final flag"
@@ -276,11 +276,18 @@ class FakeSender:
         self.threads.add(threading.current_thread().name)
         self.done = bool(flags & FINAL)
 
+    def is_cancelled(self):
+        return self.cancel_after is not None and len(self.sent) >= self.cancel_after
+
+    def outputs(self, name: str = "text_output") -> list:
+        return [t.as_numpy()[0] for r in self.sent if r is not None and r.error is None
+                for t in r.output_tensors if t.name() == name]
+
     def texts(self) -> list[str]:
-        return [r.output_tensors[0].as_numpy()[0].decode() for r in self.sent if r is not None and r.error is None]
+        return [value.decode() for value in self.outputs()]
 
     def errors(self) -> list[str]:
-        return [r.error for r in self.sent if r is not None and r.error]
+        return [r.error.message for r in self.sent if r is not None and r.error]
 
 
 FINAL = 1
@@ -290,11 +297,46 @@ class ModelException(Exception):
     pass
 
 
+class FakeError:
+    INTERNAL, INVALID_ARG, UNAVAILABLE, CANCELLED = "INTERNAL", "INVALID_ARG", "UNAVAILABLE", "CANCELLED"
+
+    def __init__(self, message, code="INTERNAL"):
+        self.message, self.code = message, code
+
+
+class FakeMetricFamily:
+    """pb_utils.MetricFamily over plain numbers: `FakeMetricFamily.values[name]` after the fact."""
+
+    COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+    values: dict = {}
+
+    def __init__(self, name, description, kind):
+        self.name, self.kind = name, kind
+
+    def Metric(self, labels=None, buckets=None):  # noqa: N802 -- the backend's name
+        family, store = self, FakeMetricFamily.values
+
+        class Metric:
+            def increment(self, value):
+                store[family.name] = store.get(family.name, 0) + value
+
+            def set(self, value):
+                store[family.name] = value
+
+            def observe(self, value):
+                store.setdefault(family.name, []).append(value)
+
+        return Metric()
+
+
 def fake_text_backend_utils(misread: bool = False) -> types.ModuleType:
     module = fake_backend_utils()
     module.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
     module.TRITONSERVER_RESPONSE_COMPLETE_FINAL = FINAL
     module.TritonModelException = ModelException
+    module.TritonError = FakeError
+    FakeMetricFamily.values = {}
+    module.MetricFamily = FakeMetricFamily
     module.using_decoupled_model_transaction_policy = lambda config: config["model_transaction_policy"]["decoupled"]
 
     class Tensor(FakeTensor):
@@ -309,16 +351,19 @@ def fake_text_backend_utils(misread: bool = False) -> types.ModuleType:
     return module
 
 
-def load_text_model(version: Path, monkeypatch, misread: bool = False):
+def load_text_model(version: Path, monkeypatch, misread: bool = False, parameters: dict | None = None):
     from google.protobuf import json_format
 
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_text_backend_utils(misread))
     spec = importlib.util.spec_from_file_location("cqil_triton_text_model", version / "model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = json_format.MessageToJson(parse_config(version.parent / "config.pbtxt"), preserving_proto_field_name=True)
+    config = parse_config(version.parent / "config.pbtxt")
+    for key, value in (parameters or {}).items():
+        config.parameters[key].string_value = value
     model = module.TritonPythonModel()
-    model.initialize({"model_repository": str(version.parent), "model_version": version.name, "model_config": config})
+    model.initialize({"model_repository": str(version.parent), "model_version": version.name,
+                      "model_config": json_format.MessageToJson(config, preserving_proto_field_name=True)})
     return model, module
 
 
@@ -343,6 +388,20 @@ def run_requests(model, requests: list[FakeRequest]) -> list[FakeRequest]:
     return requests
 
 
+def text_request(prompt: str = TEXT_PROMPTS[0], parameters: dict | None = None, cancel_after: int | None = None,
+                 **fields) -> FakeRequest:
+    """A request with `fields` as input tensors of the config's types."""
+    kinds = {"max_tokens": np.int32, "temperature": np.float32, "top_k": np.int32, "top_p": np.float32,
+             "random_seed": np.uint64, "stream": np.bool_, "exclude_input_in_output": np.bool_,
+             "return_finish_reason": np.bool_, "return_num_output_tokens": np.bool_}
+    inputs = {"text_input": np.array([prompt.encode()], dtype=object)}
+    for name, value in fields.items():
+        values = value if isinstance(value, list) else [value]
+        inputs[name] = np.array([v.encode() if isinstance(v, str) else v for v in values],
+                                dtype=kinds.get(name, object))
+    return FakeRequest(inputs, parameters, cancel_after)
+
+
 def test_text_model_config_parses_as_a_decoupled_generate_model(text_repo, onnx_dir, tmp_path):
     assert sorted(p.name for p in text_repo.iterdir()) == ["cqil_onnx", "cqil_python", "cqil_text"]
     config = parse_config(text_repo / "cqil_text" / "config.pbtxt")
@@ -351,12 +410,17 @@ def test_text_model_config_parses_as_a_decoupled_generate_model(text_repo, onnx_
     inputs = {i.name: (model_config_pb2.DataType.Name(i.data_type), list(i.dims), i.optional) for i in config.input}
     assert inputs["text_input"] == ("TYPE_STRING", [1], False)
     assert inputs["max_tokens"] == ("TYPE_INT32", [1], True) and inputs["stream"] == ("TYPE_BOOL", [1], True)
-    assert {"temperature", "top_k", "top_p", "random_seed"} <= set(inputs)
-    [output] = config.output
-    assert (output.name, model_config_pb2.DataType.Name(output.data_type)) == ("text_output", "TYPE_STRING")
-    assert int(config.parameters["max_in_flight"].string_value) > 1
+    assert inputs["stop"] == ("TYPE_STRING", [-1], True) and inputs["sampling_parameters"] == ("TYPE_STRING", [1], True)
+    assert {"temperature", "top_k", "top_p", "random_seed", "exclude_input_in_output", "return_finish_reason",
+            "return_num_output_tokens"} <= set(inputs)
+    outputs = {o.name: model_config_pb2.DataType.Name(o.data_type) for o in config.output}
+    assert outputs == {"text_output": "TYPE_STRING", "finish_reason": "TYPE_STRING", "num_output_tokens": "TYPE_UINT32"}
+    parameters = {key: int(value.string_value) for key, value in config.parameters.items() if key != PLAN_KEY}
+    assert parameters["max_batch"] > 1 and parameters["max_queue"] >= parameters["max_batch"]
+    assert {"max_tokens_limit", "onnxruntime_threads"} <= set(parameters)
     version = text_repo / "cqil_text" / "1"
-    for name in ("model.py", "model.onnx", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    for name in ("model.py", "triton_text_scheduler.py", "model.onnx", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json"):
         assert (version / name).is_file(), name
     write_model_repository(onnx_dir, tmp_path / "toy")  # no tokenizer beside the graph: no text model
     assert not (tmp_path / "toy" / "cqil_text").exists()
@@ -367,53 +431,116 @@ def test_text_model_answers_what_cqil_generate_prints(text_repo, tiny_cqil_onnx,
     expected = {prompt: cqil_generate(model_dir, prompt, 10, capsys) for prompt in TEXT_PROMPTS}
     assert len(set(expected.values())) == len(TEXT_PROMPTS)  # different prompts, different texts
     model, _ = load_text_model(text_repo / "cqil_text" / "1", monkeypatch)
-    requests = [FakeRequest({"text_input": np.array([p.encode()], dtype=object),
-                             "max_tokens": np.array([10], dtype=np.int32)}) for p in TEXT_PROMPTS]
-    requests.append(FakeRequest({"text_input": np.array([TEXT_PROMPTS[0].encode()], dtype=object)},
-                                parameters={"max_tokens": 10}))  # settings as request parameters (vLLM's curl)
-    for request, prompt in zip(run_requests(model, requests), [*TEXT_PROMPTS, TEXT_PROMPTS[0]]):
+    requests = [text_request(p, max_tokens=10) for p in TEXT_PROMPTS]
+    requests.append(text_request(TEXT_PROMPTS[0], parameters={"max_tokens": 10}))  # as request parameters (curl)
+    requests.append(text_request(TEXT_PROMPTS[1], sampling_parameters=json.dumps({"max_tokens": 10})))  # vLLM's JSON
+    for request, prompt in zip(run_requests(model, requests), [*TEXT_PROMPTS, *TEXT_PROMPTS[:2]]):
         assert request.sender.done and not request.sender.errors()
         [text] = request.sender.texts()  # not streamed: one response with the whole completion
         assert text.strip() == expected[prompt]
-    assert len(set().union(*(r.sender.threads for r in requests))) > 1  # several requests were in flight
+    assert max(FakeMetricFamily.values["cqil_text_step_rows"]) == len(requests)  # one graph call for all of them
+    assert FakeMetricFamily.values["cqil_text_generated_tokens_total"] > 0
+    assert len(FakeMetricFamily.values["cqil_text_time_to_first_token_seconds"]) == len(requests)
 
 
 def test_text_model_streams_pieces_of_the_same_text(text_repo, tiny_cqil_onnx, monkeypatch, capsys):
     expected = cqil_generate(tiny_cqil_onnx[0], TEXT_PROMPTS[1], 12, capsys)
     model, _ = load_text_model(text_repo / "cqil_text" / "1", monkeypatch)
-    [request] = run_requests(model, [FakeRequest({"text_input": np.array([TEXT_PROMPTS[1].encode()], dtype=object),
-                                                  "max_tokens": np.array([12], dtype=np.int32),
-                                                  "stream": np.array([True])})])
-    pieces = request.sender.texts()
+    streamed, counted, as_text = (text_request(TEXT_PROMPTS[1], max_tokens=12, stream=True),
+                                  text_request(TEXT_PROMPTS[1], max_tokens=12, stream=True, return_finish_reason=True,
+                                               return_num_output_tokens=True, sampling_parameters='{"ignore_eos": 1}'),
+                                  text_request(TEXT_PROMPTS[1], parameters={"stream": "false", "max_tokens": 12}))
+    run_requests(model, [streamed, counted, as_text])
+    pieces = streamed.sender.texts()
     assert len(pieces) > 1 and "".join(pieces).strip() == expected
-    assert request.sender.sent[-1] is None and request.sender.done  # the final flag closes the stream
+    assert streamed.sender.done and streamed.sender.sent[-1] is not None  # the last piece carries the final flag
+    assert "".join(counted.sender.texts()).startswith("".join(pieces))
+    reasons = [r.decode() for r in counted.sender.outputs("finish_reason")]
+    assert reasons == [""] * (len(reasons) - 1) + ["length"]  # set on every response, the reason on the last
+    assert sum(counted.sender.outputs("num_output_tokens")) == 12  # tokens per response add up
+    assert len(as_text.sender.texts()) == 1  # "false" as a string is false: one response
+    assert as_text.sender.texts()[0].strip() == expected
 
 
-def test_text_model_sampling_and_bad_requests(text_repo, monkeypatch):
+def test_text_model_fields(text_repo, monkeypatch):
     model, _ = load_text_model(text_repo / "cqil_text" / "1", monkeypatch)
-    prompt = np.array([TEXT_PROMPTS[0].encode()], dtype=object)
+    greedy = text_request(max_tokens=8, return_finish_reason=True, return_num_output_tokens=True)
+    run_requests(model, [greedy])
+    [whole] = greedy.sender.texts()
+    [tokens] = greedy.sender.outputs("num_output_tokens")
+    stop = whole.strip().split()[1] if len(whole.split()) > 1 else whole.strip()[1:3]
 
-    def request(**settings):
-        inputs = {"text_input": prompt, "max_tokens": np.array([8], dtype=np.int32)}
-        kinds = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "random_seed": np.uint64}
-        inputs.update({k: np.array([v], dtype=kinds[k]) for k, v in settings.items()})
-        return FakeRequest(inputs)
+    model, _ = load_text_model(text_repo / "cqil_text" / "1", monkeypatch)
+    cases = {
+        "top1": text_request(max_tokens=8, temperature=5.0, top_k=1, random_seed=1),  # top_k 1: greedy at any T
+        "seeded": text_request(max_tokens=8, temperature=5.0, random_seed=7),
+        "same_seed": text_request(max_tokens=8, sampling_parameters=json.dumps({"temperature": 5.0, "seed": 7})),
+        "hot": text_request(max_tokens=8, temperature=5.0, random_seed=8),
+        "stop": text_request(max_tokens=8, stop=[stop], return_finish_reason=True),
+        "stop_stream": text_request(max_tokens=8, stop=[stop], stream=True),
+        "echo": text_request(max_tokens=8, exclude_input_in_output=False),
+    }
+    run_requests(model, list(cases.values()))
+    texts = {name: r.sender.texts() for name, r in cases.items()}
+    assert texts["top1"] == [whole]
+    assert texts["seeded"] == texts["same_seed"] != texts["hot"] and texts["seeded"] != [whole]
+    assert texts["stop"] == [whole[:whole.index(stop)]]  # ends before the stop string, which is left out
+    assert cases["stop"].sender.outputs("finish_reason") == [b"stop"]
+    assert "".join(texts["stop_stream"]) == texts["stop"][0]  # no piece sent the stop string's start
+    assert texts["echo"] == [TEXT_PROMPTS[0] + whole]
+    assert greedy.sender.outputs("finish_reason") in ([b"length"], [b"stop"]) and 1 <= tokens <= 8
 
-    greedy, top1, seeded, same_seed, hot = (request(), request(temperature=5.0, top_k=1, random_seed=1),
-                                            request(temperature=5.0, random_seed=7),
-                                            request(temperature=5.0, random_seed=7),
-                                            request(temperature=5.0, random_seed=8))
-    bad = [FakeRequest({"max_tokens": np.array([4], dtype=np.int32)}),
-           FakeRequest({"text_input": prompt, "max_tokens": np.array([0], dtype=np.int32)}),
-           FakeRequest({"text_input": prompt, "max_tokens": np.array([10_000], dtype=np.int32)})]
-    run_requests(model, [greedy, top1, seeded, same_seed, hot, *bad])
-    assert top1.sender.texts() == greedy.sender.texts()  # top_k=1 is greedy at any temperature
-    assert seeded.sender.texts() == same_seed.sender.texts() != hot.sender.texts()
-    assert seeded.sender.texts() != greedy.sender.texts()
-    messages = [r.sender.errors() for r in bad]
-    assert all(r.sender.done and r.sender.sent == [r.sender.sent[0]] for r in bad)  # one final error each
-    assert "no text_input" in messages[0][0] and "max_tokens 0" in messages[1][0]
-    assert "exceeds the model's context of 512 tokens" in messages[2][0]
+
+BAD_FIELDS = [  # (fields, parameters, what the one error says)
+    ({}, {}, "no text_input"),
+    ({"max_tokens": 0}, {}, "max_tokens 0 must be between 1 and 512"),
+    ({"max_tokens": 10_000}, {}, "max_tokens 10000 must be between 1 and 512"),
+    ({}, {"stream": "maybe"}, "stream 'maybe' is not a boolean"),
+    ({}, {"temperature": "hot"}, "temperature 'hot' is not a number"),
+    ({"top_p": 1.5}, {}, "top_p 1.5 must be between 0 and 1"),
+    ({"temperature": -1.0}, {}, "temperature -1.0 must be at least 0"),
+    ({"sampling_parameters": "{not json"}, {}, "sampling_parameters is not JSON"),
+    ({"sampling_parameters": '{"beam_width": 4}'}, {}, "unknown keys beam_width"),
+    ({"sampling_parameters": '["temperature"]'}, {}, "one JSON object"),
+    ({}, {"stop": [""]}, "list of non-empty strings"),
+    ({}, {"max_tokens": 2.5}, "max_tokens 2.5 is not an integer"),
+]
+
+
+def test_text_model_answers_every_bad_field_with_one_error(text_repo, monkeypatch):
+    model, _ = load_text_model(text_repo / "cqil_text" / "1", monkeypatch)
+    bad = []
+    for fields, parameters, _ in BAD_FIELDS:
+        request = text_request(parameters=parameters, **fields)
+        if not fields and not parameters:
+            request.inputs.pop("text_input")
+        bad.append(request)
+    long = text_request(" ".join(["lambda"] * 400), max_tokens=400)  # past the tiny model's 512 positions
+    good = text_request(max_tokens=4)
+    run_requests(model, [*bad, long, good])
+    for request, (_, _, message) in zip(bad + [long], BAD_FIELDS + [(None, None, "exceeds the model's context")]):
+        assert request.sender.done and len(request.sender.sent) == 1, message  # one final error each
+        [error] = request.sender.errors()
+        assert message in error, error
+        assert request.sender.sent[0].error.code == "INVALID_ARG"
+    assert good.sender.done and not good.sender.errors() and good.sender.texts()  # the model serves the next
+
+
+def test_text_model_full_queue_and_cancelled_client(text_repo, monkeypatch):
+    model, _ = load_text_model(text_repo / "cqil_text" / "1", monkeypatch, parameters={"max_queue": "0"})
+    refused = text_request(max_tokens=4)
+    run_requests(model, [refused])
+    assert refused.sender.errors() and "queue is full" in refused.sender.errors()[0]
+    assert refused.sender.sent[0].error.code == "UNAVAILABLE"  # HTTP 503: the client may retry
+    assert FakeMetricFamily.values["cqil_text_rejected_requests_total"] == 1
+
+    model, _ = load_text_model(text_repo / "cqil_text" / "1", monkeypatch)
+    leaving = text_request(max_tokens=40, stream=True, sampling_parameters='{"ignore_eos": true}', cancel_after=2)
+    staying = text_request(max_tokens=20, sampling_parameters='{"ignore_eos": true}', return_num_output_tokens=True)
+    run_requests(model, [leaving, staying])
+    assert leaving.sender.done and leaving.sender.sent[-1].error.code == "CANCELLED"
+    assert len(leaving.sender.sent) < 10  # it left the batch at once, long before its 40 tokens
+    assert staying.sender.outputs("num_output_tokens") == [20] and not staying.sender.errors()
 
 
 def test_text_model_refuses_a_stub_that_misreads_numpy(text_repo, monkeypatch):
@@ -421,17 +548,15 @@ def test_text_model_refuses_a_stub_that_misreads_numpy(text_repo, monkeypatch):
         load_text_model(text_repo / "cqil_text" / "1", monkeypatch, misread=True)
 
 
-def test_pick_token_filters(monkeypatch):
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_text_backend_utils())
-    spec = importlib.util.spec_from_file_location("cqil_triton_text_module", TEXT_MODEL_SOURCE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_pick_token_filters():
+    from cqil.engines.triton_text_scheduler import Sampling, pick_token
+
     logits = np.array([0.0, 3.0, 2.9, -1.0, 2.8])
-    assert module.pick_token(logits) == 1 and module.pick_token(logits, temperature=0) == 1
     rng = np.random.default_rng(0)
-    assert {module.pick_token(logits, 10.0, top_k=2, rng=rng) for _ in range(200)} == {1, 2}
-    assert {module.pick_token(logits, 10.0, top_p=0.5, rng=rng) for _ in range(200)} == {1, 2, 4}
-    assert {module.pick_token(logits, 10.0, rng=rng) for _ in range(400)} == {0, 1, 2, 3, 4}
+    assert pick_token(logits, Sampling(), rng) == 1 and pick_token(logits, Sampling(temperature=0), rng) == 1
+    assert {pick_token(logits, Sampling(10.0, top_k=2), rng) for _ in range(200)} == {1, 2}
+    assert {pick_token(logits, Sampling(10.0, top_p=0.5), rng) for _ in range(200)} == {1, 2, 4}
+    assert {pick_token(logits, Sampling(10.0), rng) for _ in range(400)} == {0, 1, 2, 3, 4}
 
 
 def test_text_model_streams_only_when_stream_is_true(text_repo, monkeypatch):
@@ -450,4 +575,4 @@ def test_text_model_streams_only_when_stream_is_true(text_repo, monkeypatch):
     run_requests(model, [*off, *on, bad])
     assert all(len(r.sender.texts()) == 1 for r in off)  # one response: the whole completion
     assert all(len(r.sender.texts()) > 1 for r in on)
-    assert "stream 'maybe' is not true or false" in bad.sender.errors()[0]
+    assert "stream 'maybe' is not a boolean" in bad.sender.errors()[0]

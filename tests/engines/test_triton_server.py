@@ -11,15 +11,8 @@ presents over gRPC. It fails, never skips, when the server cannot be found, star
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
-import os
-import shutil
-import socket
 import subprocess
-import sys
-import sysconfig
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -30,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cqil.engines.triton_server import run_server, stub_python_bin
 from cqil.export.contract import input_names, output_names
+from cqil.model.errors import CqilError
 from cqil.model.cqil import CqilModel
 from cqil.model.plan import Plan
 from cqil.pipeline.cli import main
@@ -43,97 +38,30 @@ pytestmark = pytest.mark.slow
 MODEL = "cqil_python"
 LAYERS = 4
 PLAN = Plan(((0,), (1, 2), (3,)), bypass=1)
-READY_TIMEOUT_S = 180
 TOLERANCE = 1e-4
 
 
-def pytriton_server() -> tuple[Path, Path]:
-    """The tritonserver folder and the bundled libraries folder inside the installed nvidia-pytriton."""
-    spec = importlib.util.find_spec("pytriton")  # finds the package without importing its Python API
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("nvidia-pytriton is not installed: `pip install --no-deps nvidia-pytriton` (docs/triton.md)")
-    root = Path(spec.submodule_search_locations[0])
-    server, libs = root / "tritonserver", root.parent / "nvidia_pytriton.libs"
-    if not (server / "bin" / "tritonserver").is_file() or not libs.is_dir():
-        pytest.fail(f"no tritonserver binary under {server} (or no {libs}): reinstall nvidia-pytriton")
-    return server, libs
-
-
-def python_backend_dir(server: Path, root: Path) -> Path:
-    """A backend directory whose python/ holds the backend and the stub built for this interpreter."""
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = server / "python_backend_stubs" / version / "triton_python_backend_stub"
-    if not stub.is_file():
-        pytest.fail(f"nvidia-pytriton has no Python-backend stub for Python {version} ({stub})")
-    backend = root / "backends" / "python"
-    backend.mkdir(parents=True)
-    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
-        (backend / name).symlink_to(server / "backends" / "python" / name)
-    (backend / "triton_python_backend_stub").symlink_to(stub)
-    return backend.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
-def triton_server(repo: Path, work: Path, model: str = MODEL, python_bin: Path | None = None):
-    """Start tritonserver with only `model` loaded; yield a gRPC client, the HTTP port and the log file.
-
-    `python_bin`: the bin/ of the Python environment the backend's stub runs in (default: this venv's).
-    """
+def triton_server(repo: Path, work: Path, model: str = MODEL, python_bin: Path | None = None, metrics: bool = False):
+    """The server of engines/triton_server.py with a gRPC client; any failure to start fails the test."""
     import tritonclient.grpc as grpcclient
 
-    server, libs = pytriton_server()
-    backends = python_backend_dir(server, work)
-    grpc_port, http_port = free_port(), free_port()
-    env = dict(os.environ)
-    # The stub embeds libpython: prefer this interpreter's own, and put this venv's python first on PATH
-    # so the embedded interpreter finds the venv's site-packages (numpy, onnxruntime), as pytriton does.
-    env["LD_LIBRARY_PATH"] = ":".join(filter(None, (sysconfig.get_config_var("LIBDIR"), str(libs),
-                                                   env.get("LD_LIBRARY_PATH"))))
-    env["PATH"] = f"{python_bin or Path(sys.executable).parent}:{env.get('PATH', '')}"
-    command = [str(server / "bin" / "tritonserver"), "--model-repository", str(repo),
-               "--model-control-mode", "explicit", "--load-model", model,
-               "--backend-directory", str(backends), "--grpc-port", str(grpc_port),
-               "--http-port", str(http_port), "--allow-metrics", "false"]
-    log_path = work / "tritonserver.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
-
-    def log_tail() -> str:
-        return "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
-
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"tritonserver exited with status {process.returncode}:\n{log_tail()}")
-            with contextlib.suppress(Exception):
-                if client.is_model_ready(model):
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(f"{model} not ready after {READY_TIMEOUT_S} s:\n{log_tail()}")
-            time.sleep(0.5)
-        yield Server(client, http_port, log_path)
-    finally:
-        client.close()
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        with run_server(repo, work, model, python_bin, metrics) as server:
+            client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+            try:
+                yield Served(client, server.http_port, server.metrics_port, server.log)
+            finally:
+                client.close()
+    except CqilError as exc:
+        pytest.fail(str(exc))
 
 
 @dataclass
-class Server:
+class Served:
     client: object  # tritonclient.grpc.InferenceServerClient
     http_port: int
+    metrics_port: int | None
     log: Path
 
 
@@ -196,28 +124,10 @@ TEXT_TOKENS = 12
 
 
 def numpy1_python_bin() -> Path:
-    """bin/ of a virtualenv with numpy < 2, for the stub of the nvidia-pytriton 0.7 wheel (built against numpy 1,
-    it misreads numpy 2 arrays, and strings cannot avoid its numpy path: docs/triton.md). Made once, with pip,
-    with this venv's onnxruntime and transformers."""
-    from importlib import metadata
-
-    from cqil.model.fsutil import cache_dir
-
-    venv = cache_dir() / "venvs" / "triton-numpy1"
-    if (venv / "bin" / "python").is_file():
-        return venv / "bin"
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{venv.name}.", dir=venv.parent))
-    packages = ["numpy<2", *(f"{name}=={metadata.version(name)}" for name in ("onnxruntime", "transformers"))]
     try:
-        subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True)
-        subprocess.run([str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", *packages], check=True,
-                       capture_output=True, text=True)
-    except subprocess.CalledProcessError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        pytest.fail(f"could not make the numpy<2 environment for the Triton stub ({' '.join(packages)}):\n{exc.stderr}")
-    tmp.rename(venv)
-    return venv / "bin"
+        return stub_python_bin()
+    except CqilError as exc:
+        pytest.fail(str(exc))
 
 
 def post(port: int, path: str, body: dict) -> tuple[int, str]:
@@ -249,24 +159,61 @@ def test_triton_generate_endpoints_answer_what_cqil_generate_prints(tmp_path, ti
         expected[prompt] = capsys.readouterr().out.strip()
     assert len(set(expected.values())) > 1
 
-    with triton_server(tmp_path / "repo", tmp_path, TEXT_MODEL, numpy1_python_bin()) as server:
+    with triton_server(tmp_path / "repo", tmp_path, TEXT_MODEL, numpy1_python_bin(), metrics=True) as server:
         port = server.http_port
         single, _, _ = generate(port, TEXT_PROMPTS[0])
         status, stream = post(port, f"/v2/models/{TEXT_MODEL}/generate_stream",
-                              {"text_input": TEXT_PROMPTS[1], "max_tokens": TEXT_TOKENS, "stream": True})
+                              {"text_input": TEXT_PROMPTS[1], "max_tokens": TEXT_TOKENS, "stream": True,
+                               "return_finish_reason": True, "return_num_output_tokens": True})
         with ThreadPoolExecutor(4) as pool:  # four requests at once
             together = list(pool.map(lambda prompt: generate(port, prompt), TEXT_PROMPTS))
+        fields_status, fields_body = post(port, f"/v2/models/{TEXT_MODEL}/generate", {
+            "text_input": TEXT_PROMPTS[2], "exclude_input_in_output": False,
+            "sampling_parameters": json.dumps({"max_tokens": TEXT_TOKENS, "temperature": 0})})
         bad_status, bad_body = post(port, f"/v2/models/{TEXT_MODEL}/generate", {"max_tokens": 4})
+        field_status, field_body = post(port, f"/v2/models/{TEXT_MODEL}/generate",
+                                        {"text_input": "x", "sampling_parameters": "{\"beam_width\": 2}"})
+        after_status, _ = post(port, f"/v2/models/{TEXT_MODEL}/generate", {"text_input": "x", "max_tokens": 2})
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=30) as response:
+            metrics = response.read().decode()
         log = server.log.read_text(errors="replace")
 
     assert single.strip() == expected[TEXT_PROMPTS[0]]
     assert status == 200, stream
     events = [json.loads(line[len("data: "):]) for line in stream.splitlines() if line.startswith("data: ")]
     assert len(events) > 1 and "".join(e["text_output"] for e in events).strip() == expected[TEXT_PROMPTS[1]]
+    assert events[-1]["finish_reason"] in ("stop", "length") and all(e["finish_reason"] == "" for e in events[:-1])
+    assert 0 < sum(e["num_output_tokens"] for e in events) <= TEXT_TOKENS
     for prompt, (text, _, _) in zip(TEXT_PROMPTS, together):
         assert text.strip() == expected[prompt]
-    overlap = min(end for _, _, end in together) - max(start for _, start, _ in together)
-    print(f"\nfour requests at once: {'all in flight together' if overlap > 0 else 'not all overlapping'} "
-          f"(overlap {overlap:.3f} s, longest {max(end - start for _, start, end in together):.3f} s)")
+    assert fields_status == 200, fields_body
+    echoed = json.loads(fields_body)["text_output"]  # the prompt, then the greedy continuation
+    assert echoed.startswith(TEXT_PROMPTS[2]) and echoed[len(TEXT_PROMPTS[2]):].strip() == expected[TEXT_PROMPTS[2]]
     assert bad_status == 400 and "no text_input" in bad_body
+    assert field_status == 400 and "unknown keys beam_width" in field_body and after_status == 200
+    # Triton's own metrics stay on, beside the model's custom ones; some step ran more than one row.
+    assert "nv_inference_request_success" in metrics
+    for name in ("cqil_text_generated_tokens_total", "cqil_text_queue_length", "cqil_text_rejected_requests_total",
+                 "cqil_text_time_to_first_token_seconds_count"):
+        assert name in metrics, name
+    rows = {line.split('le="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines() if line.startswith("cqil_text_step_rows_bucket")}
+    assert rows["+Inf"] > rows["1"], rows  # batched: steps with more than one active row
     assert "Traceback" not in log, log
+
+
+def test_quick_load_test_with_aiperf(tmp_path, tiny_model_dir):
+    """scripts/load_test.sh --quick: AIPerf against a real server at two concurrencies, no failed request."""
+    model_dir = tiny_model_dir("llama", LAYERS)
+    assert main(["export", "--model", str(model_dir), "--groups", "1-2", "--bypass", "1",
+                 "--out", str(tmp_path / "onnx")]) == 0
+    script = Path(__file__).resolve().parents[2] / "scripts" / "load_test.sh"
+    result = subprocess.run([str(script), "--quick", "--onnx", str(tmp_path / "onnx"), "--work", str(tmp_path / "work"),
+                             "--out", str(tmp_path / "load.json")], capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = json.loads((tmp_path / "load.json").read_text())["records"]
+    assert [r["concurrency"] for r in records] == [1, 4]
+    for record in records:
+        assert record["requests"] > 0 and record["failed"] == 0, record
+        assert record["output_tokens_per_s"] > 0 and 0 < record["ttft_p50_ms"] <= record["ttft_p99_ms"]
+        assert 0 < record["itl_p50_ms"] <= record["itl_p99_ms"]

@@ -1,0 +1,232 @@
+"""In-flight batching (engines/triton_text_scheduler.py) without a server: the scheduler stepped by hand over
+the tiny CQIL export, held to a plain batch-1 greedy loop over the same graph written here."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime
+import pytest
+from cqil.engines.triton_text_scheduler import (
+    FINISH_CANCELLED,
+    FINISH_LENGTH,
+    BatchCache,
+    Decoder,
+    Job,
+    Metrics,
+    QueueFull,
+    Sampling,
+    Scheduler,
+)
+
+EOS = 2  # tests/helpers.py: eos_token_id of the tiny models
+# Prompts of different lengths (token ids of the tiny vocabulary), joining at different steps.
+PROMPTS = ([5, 17, 200, 33], [9, 9, 40, 41, 42, 43, 44, 45, 46, 47, 300], [120], [7, 8, 250, 251, 252, 31, 60])
+
+
+@pytest.fixture(scope="module")
+def session(tiny_cqil_onnx):
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    return onnxruntime.InferenceSession(str(tiny_cqil_onnx[1] / "model.onnx"), sess_options=options,
+                                        providers=["CPUExecutionProvider"])
+
+
+def alone(session, prompt: list[int], max_tokens: int, stop_at_eos: bool = True) -> list[int]:
+    """Greedy tokens of one prompt, batch 1, feeding each step's presents back (the contract's own loop)."""
+    past_inputs = [v for v in session.get_inputs() if v.name.startswith("past_key_values.")]
+    outputs = [v.name for v in session.get_outputs()]
+    kv, dim = past_inputs[0].shape[1], past_inputs[0].shape[3]
+    past = {v.name: np.zeros((1, kv, 0, dim), dtype=np.float32) for v in past_inputs}
+    ids, done, tokens = list(prompt), 0, []
+    while len(tokens) < max_tokens:
+        total = done + len(ids)
+        result = dict(zip(outputs, session.run(outputs, {
+            "input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, total), dtype=np.int64),
+            "position_ids": np.arange(done, total, dtype=np.int64)[None], **past})))
+        token = int(np.argmax(result["logits"][0, -1]))
+        if token == EOS and stop_at_eos:
+            break
+        tokens.append(token)
+        past = {name: result[name.replace("past_key_values.", "present.")] for name in past}
+        ids, done = [token], total
+    return tokens
+
+
+class Record(Metrics):
+    def __init__(self):
+        self.rows, self.generated, self.queued, self.first, self.refused = [], 0, [], [], 0
+
+    def step(self, rows):
+        self.rows.append(rows)
+
+    def tokens(self, count):
+        self.generated += count
+
+    def queue(self, length):
+        self.queued.append(length)
+
+    def first_token(self, seconds):
+        self.first.append(seconds)
+
+    def rejected(self):
+        self.refused += 1
+
+
+class Collect:
+    """A job's callbacks: the tokens it got and how it ended."""
+
+    def __init__(self, prompt, max_tokens, sampling=Sampling(), stop_after: int | None = None):
+        self.tokens, self.finish, self.cancel = [], [], False
+        self.stop_after = stop_after
+        self.job = Job(prompt, max_tokens, self.on_token, self.on_finish, sampling, lambda: self.cancel)
+
+    def on_token(self, token):
+        self.tokens.append(token)
+        return self.stop_after is None or len(self.tokens) < self.stop_after
+
+    def on_finish(self, reason, error):
+        self.finish.append((reason, error))
+
+
+def make(session, **kwargs) -> tuple[Scheduler, Record]:
+    record = Record()
+    return Scheduler(Decoder(session, {EOS}), metrics=record, **kwargs), record
+
+
+def test_batched_steps_give_every_request_its_tokens_alone(session):
+    scheduler, record = make(session, max_batch=8)
+    limits = (12, 7, 15, 9)
+    jobs = [Collect(prompt, limit) for prompt, limit in zip(PROMPTS, limits)]
+    ignore = Collect(PROMPTS[0], 10, Sampling(ignore_eos=True))
+    scheduler.submit(jobs[0].job)
+    for step in range(40):  # requests join at steps 0, 2, 3, 6 and 6: different lengths, different times
+        if step == 2:
+            scheduler.submit(jobs[1].job)
+        if step == 3:
+            scheduler.submit(jobs[2].job)
+        if step == 6:
+            scheduler.submit(jobs[3].job)
+            scheduler.submit(ignore.job)
+        scheduler.step()
+    assert scheduler.idle() and scheduler.cache.tensors == []  # every row left and freed its cache
+    for collect, prompt, limit in zip(jobs, PROMPTS, limits):
+        assert collect.tokens == alone(session, prompt, limit)
+        assert len(collect.finish) == 1 and collect.finish[0][1] is None
+    assert ignore.tokens == alone(session, PROMPTS[0], 10, stop_at_eos=False) and len(ignore.tokens) == 10
+    assert max(record.rows) == 5  # all five were in one graph call
+    assert record.generated == sum(len(c.tokens) for c in (*jobs, ignore))
+    assert len(record.first) == 5
+
+
+def test_rows_leave_at_once_and_the_cache_shrinks(session):
+    scheduler, _ = make(session)
+    long, short = Collect(PROMPTS[1], 20, Sampling(ignore_eos=True)), Collect(PROMPTS[2], 3, Sampling(ignore_eos=True))
+    scheduler.submit(long.job)
+    scheduler.submit(short.job)
+    scheduler.step()  # both prefilled (first tokens sent), one decode step
+    assert len(scheduler.rows) == 2 and scheduler.cache.lengths == [12, 2]
+    assert scheduler.cache.width == 12  # the short row is padded on the left
+    scheduler.step()  # the short row's third token: it finishes and leaves
+    assert short.finish == [(FINISH_LENGTH, None)] and len(short.tokens) == 3
+    assert len(scheduler.rows) == 1 and scheduler.cache.tensors[0].shape[0] == 1
+    assert scheduler.cache.width == scheduler.cache.lengths[0] == 13
+    while not scheduler.idle():
+        scheduler.step()
+    assert long.tokens == alone(session, PROMPTS[1], 20, stop_at_eos=False)
+
+
+def test_cancellation_frees_the_row_and_the_others_go_on(session):
+    scheduler, _ = make(session)
+    kept, gone = Collect(PROMPTS[0], 10, Sampling(ignore_eos=True)), Collect(PROMPTS[3], 30, Sampling(ignore_eos=True))
+    scheduler.submit(gone.job)
+    scheduler.submit(kept.job)
+    for _ in range(3):
+        scheduler.step()
+    gone.cancel = True
+    scheduler.step()
+    assert gone.finish == [(FINISH_CANCELLED, None)] and len(gone.tokens) == 4
+    assert len(scheduler.rows) == 1 and scheduler.cache.tensors[0].shape[0] == 1
+    assert scheduler.cache.width == scheduler.cache.lengths[0]  # its padding went with it
+    waiting = Collect(PROMPTS[1], 5)
+    waiting.cancel = True  # cancelled while it waited: never prefilled
+    scheduler.submit(waiting.job)
+    while not scheduler.idle():
+        scheduler.step()
+    assert waiting.finish == [(FINISH_CANCELLED, None)] and waiting.tokens == []
+    assert kept.tokens == alone(session, PROMPTS[0], 10, stop_at_eos=False)
+
+
+def test_queue_and_batch_limits(session):
+    scheduler, record = make(session, max_batch=2, max_queue=2)
+    jobs = [Collect(prompt, 4, Sampling(ignore_eos=True)) for prompt in PROMPTS]
+    scheduler.submit(jobs[0].job)
+    scheduler.submit(jobs[1].job)
+    with pytest.raises(QueueFull, match="queue is full"):
+        scheduler.submit(jobs[2].job)
+    assert record.refused == 1 and jobs[2].finish == []
+    scheduler.step()  # both admitted: the queue has room again
+    scheduler.submit(jobs[2].job)
+    scheduler.submit(jobs[3].job)
+    while not scheduler.idle():
+        scheduler.step()
+    assert max(record.rows) == 2  # never more rows than max_batch
+    for collect, prompt in zip(jobs, PROMPTS):
+        assert collect.tokens == alone(session, prompt, 4, stop_at_eos=False)
+
+
+def test_a_stop_from_the_job_and_a_failing_graph_call(session):
+    scheduler, _ = make(session)
+    stopped = Collect(PROMPTS[0], 10, Sampling(ignore_eos=True), stop_after=3)
+    ended = Collect(PROMPTS[1], 3, Sampling(ignore_eos=True))
+    going = Collect(PROMPTS[3], 8, Sampling(ignore_eos=True))
+    for collect in (stopped, ended, going):
+        scheduler.submit(collect.job)
+    scheduler.step()
+    scheduler.step()  # the first two leave in the same step, for different reasons
+    assert stopped.finish == [("stop", None)] and ended.finish == [(FINISH_LENGTH, None)]
+    assert len(stopped.tokens) == 3 and len(ended.tokens) == 3 and len(scheduler.rows) == 1
+    while not scheduler.idle():
+        scheduler.step()
+    assert going.tokens == alone(session, PROMPTS[3], 8, stop_at_eos=False)
+
+    broken, fine = Collect(PROMPTS[0], 5), Collect(PROMPTS[1], 5)
+    real_run = scheduler.decoder.run
+    scheduler.submit(broken.job)
+    scheduler.step()  # prefilled; now the decode step fails
+    scheduler.decoder.run = lambda *args: (_ for _ in ()).throw(RuntimeError("out of memory"))
+    scheduler.step()
+    assert broken.finish == [("stop", "RuntimeError: out of memory")] and scheduler.cache.tensors == []
+    scheduler.decoder.run = real_run
+    scheduler.submit(fine.job)  # the model serves the next one
+    while not scheduler.idle():
+        scheduler.step()
+    assert fine.tokens == alone(session, PROMPTS[1], 5) and fine.finish[0][1] is None
+
+
+def test_the_thread_serves_until_close(session):
+    scheduler, record = make(session)
+    scheduler.start()
+    jobs = [Collect(prompt, 6) for prompt in PROMPTS]
+    for collect in jobs:
+        scheduler.submit(collect.job)
+    scheduler.close()  # finishes what was accepted
+    for collect, prompt in zip(jobs, PROMPTS):
+        assert collect.tokens == alone(session, prompt, 6) and len(collect.finish) == 1
+    with pytest.raises(QueueFull, match="shutting down"):
+        scheduler.submit(Collect(PROMPTS[0], 2).job)
+
+
+def test_batch_cache_alignment():
+    cache = BatchCache()
+    row = lambda length, value: [np.full((1, 1, length, 2), value, dtype=np.float32)]  # noqa: E731
+    cache.add(row(2, 1.0))
+    cache.add(row(4, 2.0))  # longer: the first row is padded on the left
+    cache.add(row(1, 3.0))
+    assert cache.lengths == [2, 4, 1] and cache.width == 4
+    np.testing.assert_array_equal(cache.tensors[0][:, 0, :, 0], [[0, 0, 1, 1], [2, 2, 2, 2], [0, 0, 0, 3]])
+    mask, positions = cache.step_inputs()
+    np.testing.assert_array_equal(mask, [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1]])
+    np.testing.assert_array_equal(positions, [[2], [4], [1]])
+    cache.keep([0, 2])  # the longest row left: two columns only padding used go
+    assert cache.width == 2 and cache.lengths == [2, 1]
+    np.testing.assert_array_equal(cache.tensors[0][:, 0, :, 0], [[1, 1], [0, 3]])
