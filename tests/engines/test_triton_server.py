@@ -25,8 +25,8 @@ import pytest
 import torch
 from cqil.engines.triton_server import run_server, stub_python_bin
 from cqil.export.contract import input_names, output_names
-from cqil.model.errors import CqilError
 from cqil.model.cqil import CqilModel
+from cqil.model.errors import CqilError
 from cqil.model.plan import Plan
 from cqil.pipeline.cli import main
 
