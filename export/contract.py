@@ -126,7 +126,10 @@ LAYOUT_KEY = "cqil.layout"  # branches | fused
 DTYPE_KEY = "cqil.dtype"  # fp32 | fp16: activations and cache (int8/int4 weights run in fp32)
 TARGET_KEY = "cqil.target"  # portable (standard operators) | onnxruntime (its contrib operators, the GenAI builder's graph)
 PRECISION_KEY = "cqil.precision"  # fp32 | fp16 | int8 | int4: the weights (export.precision)
-SOURCE_KEY = "cqil.source_model"  # JSON: name and path of the model that was exported
+SOURCE_KEY = "cqil.source_model"  # JSON: the name of the model that was exported
+# Beside model.onnx: the exported model's name and resolved path, kept out of the ONNX so that its bytes do not
+# depend on where the model folder lies (commands read the path back to find the PyTorch reference).
+SOURCE_FILE = "cqil_source.json"
 VERSION_KEY = "cqil.tool_version"  # cqil-pipeline version that wrote the file
 KV_SHAPE_KEY = "cqil.kv_shape"  # JSON: layers, kv_heads, head_dim of the past/present tensors
 
@@ -160,14 +163,15 @@ class ContractSpec:
     inputs: tuple[str, ...]  # the contract inputs the graph declares, in contract order
     metadata: dict[str, str] = field(default_factory=dict)  # the model's metadata_props (cqil.* keys)
     vocab_size: int | None = None  # the logits' last dim, when the graph fixes it
+    source: dict = field(default_factory=dict)  # SOURCE_FILE beside the ONNX, when there is one
 
     def source_model(self) -> dict:
-        """The `cqil.source_model` record (name, path) of the exported model; {} when absent."""
+        """The exported model's record (name, path): `cqil.source_model` updated by SOURCE_FILE; {} when absent."""
         try:
             record = json.loads(self.metadata.get(SOURCE_KEY, "{}"))
         except json.JSONDecodeError:
-            return {}
-        return record if isinstance(record, dict) else {}
+            record = {}
+        return {**(record if isinstance(record, dict) else {}), **self.source}
 
     @property
     def cache_dtype(self) -> type:
@@ -238,7 +242,17 @@ def read_contract(onnx_path: Path) -> ContractSpec:
     logits = [_dims(value) for value in model.graph.output if value.name == "logits"]
     vocab = logits[0][-1] if logits and logits[0] and isinstance(logits[0][-1], int) else None
     return ContractSpec(num_layers, shape[1], shape[3], onnx.TensorProto.DataType.Name(elem),
-                        plan_from_metadata(metadata, num_layers, onnx_path), declared, metadata, vocab)
+                        plan_from_metadata(metadata, num_layers, onnx_path), declared, metadata, vocab,
+                        _source_file(onnx_path.parent / SOURCE_FILE))
+
+
+def _source_file(path: Path) -> dict:
+    """SOURCE_FILE's record; {} when the file is absent or not a JSON object (the metadata's name still holds)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _dims(value) -> list[int | str]:

@@ -107,19 +107,18 @@ def _metadata(model: CqilModel, layout: str, precision: str, source: dict, targe
         contract.LAYOUT_KEY: layout,
         contract.DTYPE_KEY: "fp16" if precision == "fp16" else "fp32",
         contract.PRECISION_KEY: precision,
-        contract.SOURCE_KEY: json.dumps(_resolved(source), sort_keys=True),
+        contract.SOURCE_KEY: json.dumps({key: value for key, value in source.items() if key != "path"}, sort_keys=True),
         contract.VERSION_KEY: f"cqil-pipeline {__version__}",
         contract.KV_SHAPE_KEY: json.dumps(kv_shape, sort_keys=True),
         contract.TARGET_KEY: target,
     }
 
 
-def _resolved(source: dict) -> dict:
-    """The source record with its path absolute and resolved: the same model gives the same bytes
-    however its path was typed."""
+def _write_source_file(folder: Path, source: dict) -> None:
+    """contract.SOURCE_FILE: the source record with its path absolute and resolved (not in the ONNX bytes)."""
     if source.get("path"):
-        return {**source, "path": str(Path(source["path"]).expanduser().resolve())}
-    return source
+        record = {**source, "path": str(Path(source["path"]).expanduser().resolve())}
+        (folder / contract.SOURCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def _write_side_files(folder: Path, model: CqilModel, precision: str, tokenizer, genai: bool = True) -> None:
@@ -167,6 +166,7 @@ def _export_onnxruntime(model: CqilModel, out: Path, precision: str, block_size:
         nodes = ort_target.finish(tmp, model.plan, _metadata(model, "branches", precision, source, "onnxruntime"),
                                    model.head_dim)
         _write_side_files(tmp, model, precision, tokenizer, genai=False)
+        _write_source_file(tmp, source)
         _loads_in_onnxruntime(tmp / MODEL_FILE)  # onnx.checker knows no ORT operators (SimplifiedLayerNormalization)
         structure = check_branch_structure(tmp / MODEL_FILE)
         if not structure.ok:
@@ -217,6 +217,7 @@ def export_model(model: CqilModel, out: Path, layout: str = "branches", precisio
                 size_threshold_bytes=1024)
         del ir_model
         _write_side_files(tmp, model, precision, tokenizer)
+        _write_source_file(tmp, source or {})
         steps.update()
         steps.set_postfix_str("onnx.checker + shape inference")
         onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from cqil.model.errors import CqilError
@@ -162,7 +162,8 @@ def model_record(config: Any) -> dict[str, Any]:
         "architecture": (getattr(config, "architectures", None) or ["?"])[0],
         "num_layers": config.num_hidden_layers,
         "hidden_size": config.hidden_size,
-        "name": getattr(config, "name_or_path", "") or "",
+        # the folder's name, not its path: a plan (and an ONNX that carries it) must not depend on where it lies
+        "name": PurePath(getattr(config, "name_or_path", "") or "").name,
     }
 
 

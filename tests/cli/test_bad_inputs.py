@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import stat
 import subprocess
 import tempfile
@@ -515,4 +516,20 @@ def test_onnx_bytes_do_not_depend_on_how_the_model_path_is_typed(tiny_model_dir,
         assert run(capsys, ["export", "--model", spelling, "--groups", "0-1", "--out", str(out)])[0] == 0
         outputs.append(snapshot(out))
     assert outputs[0] == outputs[1]
-    assert str(model.resolve()).encode() in outputs[0]["model.onnx"]  # recorded, resolved and absolute
+    assert str(model.resolve()) in outputs[0]["cqil_source.json"].decode()  # recorded, resolved and absolute
+
+
+def test_onnx_bytes_do_not_depend_on_where_the_model_folder_lies(tiny_model_dir, tmp_path, capsys):
+    """The same model in two places exports the same model.onnx; each folder records its own source path."""
+    from cqil.export.contract import read_contract
+
+    here = tiny_model_dir("llama", 2)
+    there = Path(shutil.copytree(here, tmp_path / "elsewhere" / here.name))  # same name, another place
+    outputs = []
+    for index, model in enumerate((here, there)):
+        out = tmp_path / f"onnx{index}"
+        assert run(capsys, ["export", "--model", str(model), "--groups", "0-1", "--out", str(out)])[0] == 0
+        outputs.append(snapshot(out))
+        assert read_contract(out / "model.onnx").source_model()["path"] == str(model.resolve())
+    assert outputs[0]["model.onnx"] == outputs[1]["model.onnx"]
+    assert {name for name in outputs[0] if outputs[0][name] != outputs[1][name]} == {"cqil_source.json"}

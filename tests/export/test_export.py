@@ -217,7 +217,8 @@ def test_folder_is_self_describing(exported, model_dir, tokenizer):
     plan = json.loads(meta[contract.PLAN_KEY])
     assert plan["groups"] == [[0], [1, 2, 3]] and plan["bypass"] == 2
     assert meta[contract.LAYOUT_KEY] == "branches" and meta[contract.DTYPE_KEY] == "fp32"
-    assert json.loads(meta[contract.SOURCE_KEY])["path"] == str(model_dir("llama"))
+    assert "path" not in json.loads(meta[contract.SOURCE_KEY])  # the path is beside the ONNX, not in its bytes
+    assert contract.read_contract(folder / "model.onnx").source_model()["path"] == str(model_dir("llama"))
     assert meta[contract.VERSION_KEY] == f"cqil-pipeline {__version__}"
     assert json.loads(meta[contract.KV_SHAPE_KEY]) == {"layers": 4, "kv_heads": 2, "head_dim": 16}
     config = AutoConfig.from_pretrained(folder)
