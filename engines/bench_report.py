@@ -89,9 +89,17 @@ def plot_bench(result: dict[str, Any], path: Path) -> Path:
                 median, p90 = rows[row]["p50_ms"], rows[row]["p90_ms"]
                 ax.text(median + max(p50) * 0.02, y, f"{median:.2f} ms · p90 {p90:.2f}", va="center",
                         color="#222222", fontsize=8.5)
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
-        plt.close(fig)
+        return write_png(fig, path)
+
+
+def write_png(fig, path: Path) -> Path:
+    """Save a matplotlib figure as PNG bytes that depend only on its content (no software tag), atomically;
+    the bench chart and scripts/load_test.py's chart use it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
     atomic_write_bytes(Path(path), buffer.getvalue())
     return Path(path)

@@ -156,11 +156,11 @@ def measure_cost_model(original: Any, target: str, settings: CostSettings, workd
     with ONNX Runtime interleaved, and derive base, per-layer and per-group costs (medians)."""
     import numpy as np
     import torch
-    from cqil.engines.bench import ort_calls
     from cqil.engines.latency import interleaved_times
     from cqil.engines.onnxruntime import OrtRunner
     from cqil.export.writer import export_model
     from cqil.model.cqil import CqilModel
+    from cqil.model.steps import timing_calls
 
     plans = cut_plans(original.plan.num_layers, settings, dict(original.plan.model))
     runners = {}
@@ -169,7 +169,7 @@ def measure_cost_model(original: Any, target: str, settings: CostSettings, workd
         export_model(CqilModel(original.hf, plan), folder, layout, progress=progress)
         runners[name] = OrtRunner(folder, None, settings.threads, spin=False)
     ids = torch.randint(0, 100, (1, settings.past + 1), generator=torch.Generator().manual_seed(0))
-    calls = {name: ort_calls(runner, ids, settings.past)[1] for name, runner in runners.items()}
+    calls = {name: timing_calls(runner, ids, settings.past)[1] for name, runner in runners.items()}
     times = interleaved_times(calls, settings.repeats, settings.warmup, progress="cost model" if progress else None)
     median = {name: float(np.median(seconds)) for name, seconds in times.items()}
     layer = max((median["n"] - median["1"]) / (settings.singles - 1), 1e-9)

@@ -253,7 +253,7 @@ def plot(result: dict, path: Path) -> Path:
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-    from cqil.engines.bench_chart import write_png
+    from cqil.engines.bench_report import write_png
 
     records = result["records"]
     levels = [r["concurrency"] for r in records]
