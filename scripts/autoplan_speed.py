@@ -27,7 +27,7 @@ from cqil.model.divergence import token_kl  # noqa: E402
 from cqil.model.plan import identity_plan  # noqa: E402
 from cqil.pipeline.autoplan import (  # noqa: E402
     SearchRequest,
-    _original_pass,
+    original_pass,
     parse_bypass_choices,
     score_candidates,
     scored_positions,
@@ -69,7 +69,7 @@ def timed_scoring(original, chunks, choices, head_every, batch_size):
 @torch.no_grad()
 def unit_costs(original: CqilModel, batch: torch.Tensor, head_every: int, repeats: int = 3) -> dict[str, float]:
     """Seconds for one decoder layer, and for the LM head + KL at every / every k-th position, on `batch`."""
-    hidden, step, reference = _original_pass(original, batch)
+    hidden, step, reference = original_pass(original, batch)
     x = hidden[original.num_layers // 2]
 
     def best(fn) -> float:
