@@ -65,3 +65,15 @@ TIMED = {("recover", "adapter/training_run.json"), ("bench", "latency.json"), ("
 
 def build_args(model: Path, out: Path, *extra: str) -> list[str]:
     return ["build", "--model", str(model), "--out", str(out), *SMALL, *extra]
+
+
+def original_on_default_text(model_dir: Path, layers: int, seq_len: int):
+    """(loaded model, its original CqilModel, the default text's split): what the plan-search tests start from."""
+    from cqil.model.cqil import CqilModel
+    from cqil.model.plan import identity_plan
+    from cqil.pipeline.data import load_split
+    from cqil.pipeline.sources import load_model
+
+    loaded = load_model(model_dir)
+    return loaded, CqilModel(loaded.model, identity_plan(layers)), load_split(loaded.tokenizer, seq_len=seq_len)
+

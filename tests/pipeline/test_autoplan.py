@@ -35,17 +35,15 @@ from cqil.pipeline.cli import main
 from cqil.pipeline.data import load_split
 from cqil.pipeline.quality import evaluate
 
+from tests.helpers import original_on_default_text
+
 LAYERS = 6
 SEQ = 32
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir):
-    from cqil.pipeline.sources import load_model
-
-    loaded = load_model(tiny_model_dir("llama", LAYERS))
-    split = load_split(loaded.tokenizer, seq_len=SEQ)
-    original = CqilModel(loaded.model, identity_plan(LAYERS))
+    loaded, original, split = original_on_default_text(tiny_model_dir("llama", LAYERS), LAYERS, SEQ)
     return original, split.train[:4], split.held_out[:6], model_record(loaded.model.config)
 
 

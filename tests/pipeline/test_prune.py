@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from cqil.model.cqil import CqilModel
-from cqil.model.plan import identity_plan, load_plan, pruned_plan
+from cqil.model.plan import load_plan, pruned_plan
 from cqil.pipeline.cli import main
-from cqil.pipeline.data import load_split
 from cqil.pipeline.prune import block_influence, choose, greedy_kl
 from cqil.pipeline.quality import evaluate
+
+from tests.helpers import original_on_default_text
 
 LAYERS = 6
 SEQ = 32
@@ -21,11 +21,8 @@ SEQ = 32
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir):
-    from cqil.pipeline.sources import load_model
-
-    loaded = load_model(tiny_model_dir("llama", LAYERS))
-    split = load_split(loaded.tokenizer, seq_len=SEQ)
-    return CqilModel(loaded.model, identity_plan(LAYERS)), split.train[:4]
+    _, original, split = original_on_default_text(tiny_model_dir("llama", LAYERS), LAYERS, SEQ)
+    return original, split.train[:4]
 
 
 def test_block_influence_is_one_minus_mean_cosine_of_each_layers_input_and_output(setup):
