@@ -1,11 +1,13 @@
-"""A recovery step of the default model on an idle and on a busy machine, before and after cqil's
-OpenMP wait policy (cqil/__init__.py), each in a fresh process.
+"""A recovery step of the default model on an idle and on a busy machine, under three thread policies,
+each in a fresh process.
 
     flock /tmp/cqil-bench.lock nice -n -15 python scripts/busy_recovery.py [--steps 3] [--out FILE]
 
 "busy" is one other CPU-bound process (`python -c 'while True: pass'`) at the same priority for the
 whole run. "before" imports PyTorch before cqil, so OpenMP starts with its own defaults (threads that
-spin while they wait); "after" imports cqil first, as every cqil entry point does. The step is the
+spin while they wait); "passive" imports cqil first (passive wait); both fix the thread count at the
+cores (OMP_NUM_THREADS), so no step adapts; "after" is what every cqil entry point does: passive wait
+and, before each step, threads on the cores other processes leave free (cqil/model/threads.py). The step is the
 default build's: LoRA rank 32 on every projection, 4 x 256 tokens, on the uniform plan S15:30:2 d=1
 (the automatic plan's depth; a plan changes little in the step's cost). Prints a Markdown table.
 """
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+POLICIES = ("before", "passive", "after")
 
 
 def child(policy: str, steps: int) -> None:
@@ -45,13 +48,15 @@ def child(policy: str, steps: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:  # the median step, the first (warm-up) one included
         record = finetune(loaded.model, plan, split.train, split.held_out, settings, Path(tmp) / "adapter",
                           progress=False)
-    print(json.dumps({"policy": policy, "threads": torch.get_num_threads(),
+    print(json.dumps({"policy": policy, "threads": sorted(set(record["threads_per_step"])),
                       "omp_wait_policy": at_torch_import,
                       "seconds_per_step": record["seconds_per_step"]}))
 
 
 def measure(policy: str, busy: bool, steps: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "OMP_NUM_THREADS")}
+    if policy != "after":  # a fixed thread count: no step adapts to the load
+        env["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)))
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
         started = time.perf_counter()
@@ -68,19 +73,20 @@ def measure(policy: str, busy: bool, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="steps per run besides a first, warm-up one")
-    parser.add_argument("--child", choices=("before", "after"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=POLICIES, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help="write the rows as JSON")
-    parser.add_argument("--policies", nargs="+", choices=("after", "before"), default=["after", "before"])
+    parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     args = parser.parse_args()
     if args.child:
         child(args.child, args.steps)
         return
     rows = [measure(policy, busy, args.steps) for policy in args.policies for busy in (False, True)]
-    print("| OpenMP wait policy | threads | idle: s/step | busy: s/step | busy / idle |")
-    print("|---|---:|---:|---:|---:|")
-    for policy in sorted(args.policies):
+    print("| policy (OpenMP wait) | threads idle / busy | idle: s/step | busy: s/step | busy / idle |")
+    print("|---|---|---:|---:|---:|")
+    for policy in args.policies:
         idle, busy = (next(r for r in rows if r["policy"] == policy and r["busy"] is b) for b in (False, True))
-        print(f"| {policy} ({idle['omp_wait_policy']}) | {idle['threads']} | {idle['seconds_per_step']:.2f} | "
+        threads = "/".join(",".join(map(str, r["threads"])) for r in (idle, busy))
+        print(f"| {policy} ({idle['omp_wait_policy']}) | {threads} | {idle['seconds_per_step']:.2f} | "
               f"{busy['seconds_per_step']:.2f} | {busy['seconds_per_step'] / idle['seconds_per_step']:.2f} |")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2) + "\n")
