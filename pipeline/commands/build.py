@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from cqil.export.choices import LAYOUTS, PRECISIONS
+from cqil.pipeline.build_config import STAGE_ORDER, load_config, to_toml
 from cqil.pipeline.commands.options import NON_NEGATIVE, TEXT, input_file, output_dir
 
 
@@ -17,8 +19,7 @@ def _build_dir():
 
 def cmd_build(args: argparse.Namespace) -> int:
     from cqil.model.fsutil import atomic_write_text
-    from cqil.pipeline.build import STAGE_ORDER, make_stages
-    from cqil.pipeline.build_config import load_config, to_toml
+    from cqil.pipeline.build import make_stages
     from cqil.pipeline.manifest import write_manifest
     from cqil.pipeline.report import render
     from cqil.pipeline.stages import run_stages
@@ -52,8 +53,6 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from cqil.pipeline.build import STAGE_ORDER
-
     p = sub.add_parser("build", help="the staged build-once pipeline: source -> ... -> package (report.md)")
     p.add_argument("--config", type=input_file(), help="build.toml: [section] key = value for any stage parameter")
     p.add_argument("--out", type=_build_dir(), default="artifacts",
@@ -64,8 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--uniform", type=TEXT, metavar="S:E:P", help="shortcut for --set plan.uniform=...")
     p.add_argument("--bypass", type=NON_NEGATIVE, help="shortcut for --set plan.bypass=...")
     p.add_argument("--steps", type=NON_NEGATIVE, help="shortcut for --set recover.steps=... (0 = no recovery)")
-    p.add_argument("--layout", choices=("branches", "fused"), help="shortcut for --set export.layout=...")
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"),
+    p.add_argument("--layout", choices=LAYOUTS, help="shortcut for --set export.layout=...")
+    p.add_argument("--precision", choices=PRECISIONS,
                    help="shortcut for --set export.precision=...")
     p.add_argument("--force", action="append", choices=STAGE_ORDER, metavar="STAGE", help="rerun this stage (repeatable)")
     p.add_argument("--until", choices=STAGE_ORDER, metavar="STAGE", help="stop after this stage")

@@ -16,6 +16,7 @@ from cqil.model.errors import CqilError
 from cqil.model.settings import (  # noqa: F401 - the checks every command uses, declared in the ground
     NON_NEGATIVE,
     NON_NEGATIVE_NUMBER,
+    OUTPUT_FILE,
     POSITIVE,
     POSITIVE_NUMBER,
     TEXT,
@@ -23,20 +24,15 @@ from cqil.model.settings import (  # noqa: F401 - the checks every command uses,
     at_least,
     number,
     one_of,
+    option_path,
     setting,
 )
 from cqil.pipeline.data import DEFAULT_SEQ_LEN
 
 
-def _path(text: str, option: str) -> Path:
-    if not text.strip():
-        raise CqilError(f"{option} is empty: name a file or folder, or leave the option out for its default")
-    return Path(text).expanduser()
-
-
 def _existing(kind: str, hint: str = "") -> Callable[[str, str], Path]:
     def convert(text: str, option: str) -> Path:
-        path = _path(text, option)
+        path = option_path(text, option)
         if not path.exists():
             raise CqilError(f"{option} '{text}' does not exist{': ' + hint if hint else ''}")
         if kind == "file" and not path.is_file():
@@ -73,7 +69,7 @@ def _text_source(text: str, option: str) -> str:
     """A --data/--eval-data value: readable UTF-8 text of a supported kind (pipeline/data.py)."""
     from cqil.pipeline.data import read_text
 
-    _path(text, option)
+    option_path(text, option)
     try:
         read_text(text)
     except CqilError as exc:
@@ -88,7 +84,7 @@ def _model(text: str, option: str) -> str:
     """--model: a directory with a supported config and weights, or a .gguf file (converted later)."""
     from cqil.pipeline.sources import check_model_spec
 
-    _path(text, option)
+    option_path(text, option)
     if text != "default":
         check_model_spec(text)  # its messages name the model path
     return text
@@ -102,22 +98,13 @@ def output_dir(is_ours: Callable[[Path], bool] | None = None) -> Check:
     def convert(text: str, option: str) -> Path:
         from cqil.model.fsutil import check_output_dir
 
-        path = _path(text, option)
+        path = option_path(text, option)
         check_output_dir(path, option, is_ours)
         return path
     return Check(convert, "a folder", named=True)
 
 
-def _output_file(text: str, option: str) -> Path:
-    from cqil.model.fsutil import check_output_file
-
-    path = _path(text, option)
-    check_output_file(path, option)
-    return path
-
-
 OUTPUT_DIR = output_dir()
-OUTPUT_FILE = Check(_output_file, "a file", named=True)
 
 
 # -- option groups shared by several commands -----------------------------------------------------------

@@ -13,7 +13,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cqil.pipeline.build import STAGE_ORDER, make_stages
+from cqil.pipeline.build import make_stages
+from cqil.pipeline.build_config import STAGE_ORDER
 from cqil.pipeline.build_config import DEFAULTS, load_config
 from cqil.pipeline.stages import Stage, StageContext, stage_keys
 
