@@ -46,7 +46,6 @@ from cqil.pipeline.sources import SOURCE_RECORD, load_model, model_name, resolve
 from cqil.pipeline.stages import Stage, StageContext, read_record
 from transformers import AutoConfig
 
-
 # -- helpers shared by the stages --------------------------------------------------------------------
 
 def _text(config: dict, key: str) -> str | None:
@@ -152,7 +151,7 @@ def _auto_plan(ctx: StageContext, config: dict, model_config):
     except CqilError as exc:
         raise CqilError(f"[plan] {exc} (in the build: --set plan.target_depth=N, plan.max_kl=X, ...)") from None
     loaded = _source_model(ctx)
-    result = plan_command.search(settings, loaded, _split(loaded, config))
+    result = plan_command.run(settings, loaded, _split(loaded, config))
     return result.plan, result.report, result.seconds
 
 

@@ -7,14 +7,19 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from cqil.engines.bench_report import plot_bench, report_lines
 from cqil.engines.bench_settings import BenchSettings
-from cqil.model.errors import CqilError
+from cqil.engines.cost_model import CostSettings, measure_cost_model, save_cost_model
 from cqil.export.choices import LAYOUTS
+from cqil.model.errors import CqilError
+from cqil.model.fsutil import check_output_file
+from cqil.model.plan import identity_plan, model_record
 from cqil.model.settings import Check, at_least, check_fields, setting
 from cqil.pipeline.commands.onnx_source import load_source, onnx_and_plan, write_json
 from cqil.pipeline.commands.options import INPUT_PATH, JSON_FILE, OUTPUT_FILE, add_model_options
-from cqil.pipeline.commands.ranks import add_rank_options
+from cqil.pipeline.commands.ranks import add_rank_options, launch_bench
 from cqil.pipeline.settings import add_flags, from_args
+from cqil.pipeline.sources import load_model
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,6 @@ def cmd_bench(args: argparse.Namespace) -> int | None:
         return _cost_model(args, cost)
     settings, output = from_args(BenchSettings, args), from_args(BenchOutput, args)
     if args.ranks is not None:  # --ranks P: one process vs TP vs CQIL on P processes (pipeline/commands/ranks.py)
-        from cqil.pipeline.commands.ranks import launch_bench
 
         if settings.schedule != "sequential":
             raise CqilError(f"--schedule {settings.schedule} is for the one-process PyTorch rows; --ranks runs "
@@ -69,8 +73,6 @@ def cmd_bench(args: argparse.Namespace) -> int | None:
     if args.onnx is None:
         raise CqilError("--onnx is required (or --ranks P for the multi-process bench of the PyTorch model)")
     from cqil.engines.bench import schedule_models
-    from cqil.engines.bench_report import report_lines
-    from cqil.model.fsutil import check_output_file
     from cqil.pipeline.reference import cached_reference
 
     if output.chart_path() is not None:
@@ -95,7 +97,6 @@ def run(settings: BenchSettings, onnx_path: Path, reference: Path, torch_models:
     """Time the candidate ONNX against the reference (and the eager models, when given); write the JSON and
     the chart that `output` names. What both `cqil bench` and the build's bench stage run."""
     from cqil.engines.bench import run_bench
-    from cqil.engines.bench_report import plot_bench
 
     result = run_bench(onnx_path, reference, settings, torch_models)
     chart = output.chart_path()
@@ -110,10 +111,7 @@ def _cost_model(args: argparse.Namespace, cost: CostModelOutput) -> None:
     """`--cost-model COST.json`: per-layer and per-group decode cost on ONNX Runtime (engines/cost_model.py)."""
     import tempfile
 
-    from cqil.engines.cost_model import CostSettings, measure_cost_model, save_cost_model
     from cqil.model.cqil import CqilModel
-    from cqil.model.plan import identity_plan, model_record
-    from cqil.pipeline.sources import load_model
 
     if args.ranks is not None or args.onnx is not None:
         raise CqilError("--cost-model measures the ONNX Runtime CPU costs of --model: drop --ranks / --onnx")

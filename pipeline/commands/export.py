@@ -10,6 +10,7 @@ from cqil.export.choices import LAYOUTS, PRECISIONS, TARGETS
 from cqil.model.errors import CqilError
 from cqil.model.settings import POSITIVE, check_fields, one_of, setting
 from cqil.pipeline.commands.options import OUTPUT_DIR, add_model_options, add_plan_options
+from cqil.pipeline.plan_choice import load_model_and_plan
 from cqil.pipeline.settings import add_flags, from_args
 
 
@@ -40,7 +41,6 @@ class ExportSettings:
 def cmd_export(args: argparse.Namespace) -> None:
     from cqil.export.precision import TRACE_DTYPES
     from cqil.export.writer import check_options
-    from cqil.pipeline.plan_choice import load_model_and_plan
 
     if args.dtype is not None:
         raise CqilError(f"--dtype is now --precision (fp32, fp16, int8, int4): use --precision {args.dtype}")

@@ -7,11 +7,10 @@ from pathlib import Path
 
 from cqil.pipeline.commands.options import INPUT_FOLDER, OUTPUT_DIR, add_model_options, add_plan_options
 from cqil.pipeline.merge import merge_adapter
+from cqil.pipeline.plan_choice import load_model_and_plan
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from cqil.pipeline.plan_choice import load_model_and_plan
-
     loaded, plan = load_model_and_plan(args, adapter=args.adapter, strict=args.strict)
     run(loaded, plan, args.adapter, args.out)
     print(f"wrote {args.out}: {loaded.name} + {args.adapter}, {plan.describe()}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cqil.model.errors import CqilError
+from cqil.model.fsutil import check_output_dir, read_json
 from cqil.model.settings import (  # noqa: F401 - the checks every command uses, declared in the ground
     NON_NEGATIVE,
     NON_NEGATIVE_NUMBER,
@@ -27,7 +28,9 @@ from cqil.model.settings import (  # noqa: F401 - the checks every command uses,
     option_path,
     setting,
 )
-from cqil.pipeline.data import DEFAULT_SEQ_LEN
+from cqil.pipeline.data import DEFAULT_SEQ_LEN, read_text
+from cqil.pipeline.settings import add_flags
+from cqil.pipeline.sources import check_model_spec
 
 
 def _existing(kind: str, hint: str = "") -> Callable[[str, str], Path]:
@@ -54,8 +57,6 @@ INPUT_PATH = Check(_existing("path"), "a file or folder", named=True)
 
 
 def _json_file(text: str, option: str) -> Path:
-    from cqil.model.fsutil import read_json
-
     path = _existing("file")(text, option)
     if not isinstance(read_json(path, f"{option} file", ""), dict):
         raise CqilError(f"{option} '{text}' must hold a JSON object")
@@ -67,8 +68,6 @@ JSON_FILE = Check(_json_file, "a JSON file", named=True)
 
 def _text_source(text: str, option: str) -> str:
     """A --data/--eval-data value: readable UTF-8 text of a supported kind (pipeline/data.py)."""
-    from cqil.pipeline.data import read_text
-
     option_path(text, option)
     try:
         read_text(text)
@@ -82,8 +81,6 @@ TEXT_SOURCE = Check(_text_source, "a text source", named=True)
 
 def _model(text: str, option: str) -> str:
     """--model: a directory with a supported config and weights, or a .gguf file (converted later)."""
-    from cqil.pipeline.sources import check_model_spec
-
     option_path(text, option)
     if text != "default":
         check_model_spec(text)  # its messages name the model path
@@ -96,8 +93,6 @@ MODEL = Check(_model, "a model", named=True)
 def output_dir(is_ours: Callable[[Path], bool] | None = None) -> Check:
     """A folder the command writes as a whole (fsutil.check_output_dir)."""
     def convert(text: str, option: str) -> Path:
-        from cqil.model.fsutil import check_output_dir
-
         path = option_path(text, option)
         check_output_dir(path, option, is_ours)
         return path
@@ -114,8 +109,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_plan_options(parser: argparse.ArgumentParser) -> None:
-    from cqil.pipeline.plan_choice import PlanChoice
-    from cqil.pipeline.settings import add_flags
+    from cqil.pipeline.plan_choice import PlanChoice  # it imports this module: its fields use the checks above
 
     group = parser.add_argument_group("plan (one of; a merged CQIL checkpoint carries its own)")
     add_flags(group, PlanChoice, only=PLAN_FLAGS)
@@ -139,8 +133,6 @@ class DataSettings:
 
 
 def add_data_options(parser: argparse.ArgumentParser, batch_size: int = 4) -> None:
-    from cqil.pipeline.settings import add_flags
-
     add_flags(parser, DataSettings, defaults={"batch_size": batch_size})
 
 

@@ -7,8 +7,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from cqil.engines.cost_model import load_cost_model
 from cqil.export.choices import LAYOUTS
 from cqil.model.errors import CqilError
+from cqil.model.fsutil import atomic_write_text, check_output_file
+from cqil.model.plan import identity_plan, model_record, pruned_plan
 from cqil.model.settings import POSITIVE, TEXT, at_least, check_fields, number, one_of, setting
 from cqil.pipeline.commands.options import (
     JSON_FILE,
@@ -18,8 +21,10 @@ from cqil.pipeline.commands.options import (
     add_plan_options,
     limit_chunks,
 )
-from cqil.pipeline.plan_choice import PlanChoice
+from cqil.pipeline.data import load_split
+from cqil.pipeline.plan_choice import PlanChoice, config_and_plan, resolve_plan
 from cqil.pipeline.settings import add_flags, from_args
+from cqil.pipeline.sources import load_model
 
 
 @dataclass(frozen=True)
@@ -87,8 +92,6 @@ class PruneSettings:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from cqil.pipeline.plan_choice import config_and_plan
-
     latency = from_args(LatencySettings, args)
     if not args.auto and (args.target_depth is not None or args.max_kl is not None
                           or latency.latency_budget is not None):
@@ -108,11 +111,10 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(f"{args.out}: {plan.describe()}")
 
 
-def search(settings: AutoPlanSettings, loaded, split, batch_size: int | None = None):
+def run(settings: AutoPlanSettings, loaded, split, batch_size: int | None = None):
     """The automatic search on the loaded model's calibration and held-out text: autoplan's SearchResult.
     What both `cqil plan --auto` and the build's plan stage run."""
     from cqil.model.cqil import CqilModel
-    from cqil.model.plan import identity_plan, model_record
     from cqil.pipeline import autoplan
 
     config = loaded.model.config
@@ -126,18 +128,13 @@ def search(settings: AutoPlanSettings, loaded, split, batch_size: int | None = N
 
 
 def _auto_plan(args: argparse.Namespace) -> None:
-    from cqil.model.fsutil import atomic_write_text, check_output_file
-    from cqil.pipeline.data import load_split
-    from cqil.pipeline.plan_choice import resolve_plan
-    from cqil.pipeline.sources import load_model
-
     table = args.out.with_suffix(".search.json")
     check_output_file(table, "--out")
     settings = from_args(AutoPlanSettings, args, calibration_chunks=args.max_chunks)
     loaded = load_model(args.model)
     settings.request().check(loaded.model.config.num_hidden_layers)  # before the text is read
     split = load_split(loaded.tokenizer, args.data, args.eval_data, args.seq_len)
-    result = search(settings, loaded, split, args.batch_size)
+    result = run(settings, loaded, split, args.batch_size)
     plan = resolve_plan(PlanChoice.from_args(args), loaded.model.config, search=lambda: result.plan)
     report = {"model": loaded.name, "data": split.source, **result.report}
     atomic_write_text(table, json.dumps(report, indent=2) + "\n")
@@ -158,14 +155,9 @@ def _auto_plan(args: argparse.Namespace) -> None:
 
 
 def _latency_plan(args: argparse.Namespace, latency: LatencySettings) -> None:
-    from cqil.engines.cost_model import load_cost_model
     from cqil.model.cqil import CqilModel
-    from cqil.model.fsutil import atomic_write_text, check_output_file
-    from cqil.model.plan import identity_plan, model_record
     from cqil.pipeline.autoplan import parse_bypass_choices
-    from cqil.pipeline.data import load_split
     from cqil.pipeline.hybrid import save_frontier_chart, search
-    from cqil.pipeline.sources import load_model
 
     if args.target_depth is not None or args.max_kl is not None:
         raise CqilError("--latency-budget is the budget of this search: drop --target-depth / --max-kl")
@@ -202,12 +194,8 @@ def _latency_plan(args: argparse.Namespace, latency: LatencySettings) -> None:
 
 def _pruned_plan(args: argparse.Namespace, pruning: PruneSettings) -> None:
     from cqil.model.cqil import CqilModel
-    from cqil.model.fsutil import atomic_write_text, check_output_file
-    from cqil.model.plan import identity_plan, model_record, pruned_plan
-    from cqil.pipeline.data import load_split
     from cqil.pipeline.prune import check_count, choose
     from cqil.pipeline.quality import evaluate
-    from cqil.pipeline.sources import load_model
 
     table = args.out.with_suffix(".prune.json")
     check_output_file(table, "--out")

@@ -19,7 +19,7 @@ class TritonSettings:
 
 
 def cmd_triton(args: argparse.Namespace) -> None:
-    from cqil.engines import triton
+    from cqil.engines import triton  # torch and onnx: not at `cqil --help`
 
     settings = from_args(TritonSettings, args)
     repo = run(settings, args.onnx, args.out, args.engine)

@@ -17,6 +17,7 @@ from cqil.pipeline.commands.options import (
     add_model_options,
     input_file,
 )
+from cqil.pipeline.data import load_split
 from cqil.pipeline.settings import add_flags, from_args
 
 
@@ -33,7 +34,6 @@ class ValidateSettings:
 def cmd_validate(args: argparse.Namespace) -> int:
     from cqil.engines.validate import summary_lines
     from cqil.model.cqil import CqilModel
-    from cqil.pipeline.data import load_split
 
     onnx_path, spec, plan = onnx_and_plan(args)
     loaded = load_source(args, spec, onnx_path, plan)
