@@ -21,7 +21,7 @@ class EngineOptions:
     """`cqil engine`'s options (the build's [engines] section: all but the per-machine ones)."""
 
     precision: str = setting("fp32", f"engine precision: {', '.join(PRECISIONS)} (default %(default)s)",
-                             check=one_of(*PRECISIONS))
+                             check=one_of(*PRECISIONS), metavar="{" + ",".join(PRECISIONS) + "}")
     aux_streams: int | None = setting(None, "max_aux_streams (default: largest group size - 1, from the ONNX plan "
                                       "metadata)", check=NON_NEGATIVE, toml=False)
     opt_batch: int = setting(1, "rows the engine is tuned for (default %(default)s)", check=POSITIVE)

@@ -65,7 +65,7 @@ class LatencySettings:
     cost_model: Path | None = setting(None, "the target's costs, measured by `cqil bench --cost-model`",
                                       check=JSON_FILE, metavar="COST.json", toml=False)
     layout: str = setting(LAYOUTS[0], "export layout whose group costs the search uses (default %(default)s)",
-                          check=one_of(*LAYOUTS), toml=False)
+                          check=one_of(*LAYOUTS), metavar="{" + ",".join(LAYOUTS) + "}", toml=False)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -83,7 +83,8 @@ class PruneSettings:
                                 metavar="K", toml=False)
     method: str | None = setting(None, "block-influence: ShortGPT's least-changing layers; greedy: SLEB-style, one "
                                  "layer at a time by calibration KL (default greedy)",
-                                 check=one_of("block-influence", "greedy"), toml=False)
+                                 check=one_of("block-influence", "greedy"), metavar="{block-influence,greedy}",
+                                 toml=False)
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -36,7 +36,7 @@ from cqil.pipeline.commands import (
 from cqil.pipeline.commands import build as build_command
 from cqil.pipeline.commands import eval as eval_command
 from cqil.pipeline.commands.options import DataSettings
-from cqil.pipeline.data import load_split
+from cqil.pipeline.data import chunk_tokens, load_split
 from cqil.pipeline.recovery_settings import FinetuneSettings
 from cqil.pipeline.reference import cached_reference
 from cqil.pipeline.sources import load_model
@@ -147,14 +147,14 @@ def test_export_run_writes_the_bytes_of_the_build_export_stage(built, tmp_path):
 
 def test_engine_run_writes_the_scripts_the_command_writes(built, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails even where TensorRT exists
-    onnx = _copy(built[1] / "export" / "onnx", tmp_path / "onnx")
-    assert main(["engine", "--onnx", str(onnx), "--out", str(tmp_path / "cli.plan"), "--precision", "fp16"]) == 0
+    cli, ours = (_copy(built[1] / "export" / "onnx", tmp_path / name / "onnx") for name in ("cli", "run"))
+    assert main(["engine", "--onnx", str(cli), "--out", str(cli.parent / "model.plan"), "--precision", "fp16"]) == 0
     assert "NOT built" in capsys.readouterr().out
-    cli = {name: (onnx / name).read_text() for name in ("build_engine.sh", "check_engine.sh", "data_loader.py")}
-    result = engine.run(EngineOptions(precision="fp16"), onnx, tmp_path / "cli.plan", scripts=tmp_path / "run")
+    result = engine.run(EngineOptions(precision="fp16"), ours, ours.parent / "model.plan")
     assert not result.built and result.settings.aux_streams == 1  # groups of 2 (1:5:2)
-    assert {name: path.read_text() for name, path in result.scripts.items()} == cli
-    assert all(path.parent == tmp_path / "run" for path in result.scripts.values())
+    assert sorted(result.scripts) == ["build_engine.sh", "check_engine.sh", "data_loader.py"]
+    for name, path in result.scripts.items():
+        assert path == ours / name and path.read_text() == (cli / name).read_text(), name
 
 
 def test_triton_run_writes_the_repository_the_command_writes(built, tmp_path, capsys):
@@ -184,13 +184,14 @@ def test_validate_run_compares_as_the_command_does(built, tmp_path, capsys):
 
 
 def test_bench_run_times_what_the_command_times(built, cache_env, tmp_path, capsys):
-    onnx = find_onnx(built[1] / "export" / "onnx")
+    onnx, merged = find_onnx(built[1] / "export" / "onnx"), str(built[1] / "merge" / "model")
     fast = ["--seq", "4", "--past", "4", "--prefill-repeats", "2", "--decode-repeats", "2", "--warmup", "0",
             "--threads", "1"]
-    assert main(["bench", "--onnx", str(onnx), *fast, "--no-torch", "--out", str(tmp_path / "cli.json")]) == 0
+    assert main(["bench", "--onnx", str(onnx), "--model", merged, *fast, "--no-torch",
+                 "--out", str(tmp_path / "cli.json")]) == 0
     capsys.readouterr()
     cli = json.loads((tmp_path / "cli.json").read_text())
-    reference = cached_reference(read_contract(onnx), onnx)  # exported into the cache by the command
+    reference = cached_reference(read_contract(onnx), onnx, merged)  # exported into the cache by the command
     settings = BenchSettings(seq=4, past=4, prefill_repeats=2, decode_repeats=2, warmup=0, threads=1)
     result = bench.run(settings, onnx, reference, None, bench.BenchOutput(out=tmp_path / "run.json"))
     assert json.loads((tmp_path / "run.json").read_text())["scenarios"].keys() == result["scenarios"].keys()
@@ -215,21 +216,25 @@ def test_verify_run_is_what_the_command_prints(built, capsys):
 
 def test_compare_run_reports_what_the_command_reports(built, tmp_path, capsys):
     model, build = built
-    plan_file = build / "plan" / "plan.json"
-    assert main(["compare", "--model", str(model), "--plans", f"uniform={plan_file}", "--second-eval", "",
+    plan_file, second = build / "plan" / "plan.json", tmp_path / "second.txt"
+    second.write_text("def second(text):\n    return text.upper() + ' of another kind'\n" * 40)
+    assert main(["compare", "--model", str(model), "--plans", f"uniform={plan_file}", "--second-eval", str(second),
                  "--eval-chunks", "1", "--seq-len", "32", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     loaded = load_model(model)
     split = load_split(loaded.tokenizer, seq_len=32)
-    report = compare.run(model, {"uniform": load_plan(plan_file, 6)}, split.train, {"held_out": split.held_out[:1]},
-                         None, 4)
-    assert report["before"] == pytest.approx(printed["before"])
+    texts = {"held_out": split.held_out[:1], str(second): chunk_tokens(loaded.tokenizer, second.read_text(), 32)[:1]}
+    report = compare.run(model, {"uniform": load_plan(plan_file, 6)}, split.train, texts, None, 4)
+    assert report["before"].keys() == {"held_out", str(second)}
+    for text, rows in report["before"].items():
+        for name, row in rows.items():
+            assert row == pytest.approx(printed["before"][text][name]), (text, name)
 
 
 def test_build_run_finds_the_command_build_up_to_date(built, tmp_path, capsys):
     model, build = built
     out = _copy(build, tmp_path / "artifacts")
-    overrides = [*build_args(model, out)[5::2], f'source.model="{model}"']  # the --set values, --model
+    overrides = [*build_args(model, out)[6::2], f'source.model="{model}"']  # the --set values, --model
     results, _ = build_command.run(load_config(None, overrides), out)
     assert [result.name for result in results] == list(STAGE_ORDER)
     assert {result.status for result in results} == {"skipped"}  # up to date
