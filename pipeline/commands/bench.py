@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +66,6 @@ def cmd_bench(args: argparse.Namespace) -> int | None:
         return _cost_model(args, cost)
     settings, output = from_args(BenchSettings, args), from_args(BenchOutput, args)
     if args.ranks is not None:  # --ranks P: one process vs TP vs CQIL on P processes (pipeline/commands/ranks.py)
-
         if settings.schedule != "sequential":
             raise CqilError(f"--schedule {settings.schedule} is for the one-process PyTorch rows; --ranks runs "
                             "CQIL's per-rank schedule: drop one of them")
@@ -109,8 +109,6 @@ def run(settings: BenchSettings, onnx_path: Path, reference: Path, torch_models:
 
 def _cost_model(args: argparse.Namespace, cost: CostModelOutput) -> None:
     """`--cost-model COST.json`: per-layer and per-group decode cost on ONNX Runtime (engines/cost_model.py)."""
-    import tempfile
-
     from cqil.model.cqil import CqilModel
 
     if args.ranks is not None or args.onnx is not None:

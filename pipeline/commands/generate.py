@@ -27,7 +27,6 @@ class GenerateSettings:
 def cmd_generate(args: argparse.Namespace) -> int | None:
     settings = from_args(GenerateSettings, args)
     if args.ranks is not None:  # --ranks P: the same generation on P processes (pipeline/commands/ranks.py)
-
         return launch_generate(args, settings)
 
     loaded, plan = load_model_and_plan(args, required=False)
