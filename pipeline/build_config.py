@@ -17,7 +17,7 @@ from typing import Any
 
 import tomllib
 from cqil.engines.bench_settings import BenchSettings
-from cqil.engines.tensorrt.settings import EngineOptions
+from cqil.engines.tensorrt.options import EngineOptions
 from cqil.model.errors import CqilError
 from cqil.model.settings import NON_NEGATIVE, TEXT, at_least, check_value, setting, spelled_fields
 from cqil.pipeline.commands.export import ExportSettings
@@ -27,6 +27,12 @@ from cqil.pipeline.commands.triton import TritonSettings
 from cqil.pipeline.commands.validate import ValidateSettings
 from cqil.pipeline.recovery_settings import FinetuneSettings
 from cqil.pipeline.settings import toml_keys, toml_section
+
+# The build's stages in order (DESIGN.md section 2; pipeline/build.py runs them): each section below is
+# named after the stage that reads it, but [source] and [data] which several read.
+STAGE_ORDER = ("source", "analyze", "plan", "recover", "merge", "export", "engines", "validate", "bench",
+               "package")
+
 
 # -- what only the build has (the rest are the commands' own settings) ------------------------------------
 

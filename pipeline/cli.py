@@ -13,6 +13,7 @@ import traceback
 from typing import NoReturn
 
 from cqil.model.errors import CqilError, ExitCode
+from cqil.model.settings import Check
 
 # The exit codes, documented in `cqil --help` and the README.
 OK, CHECK_FAILED, BAD_INPUT, INTERNAL_ERROR, INTERRUPTED = (ExitCode.OK, ExitCode.CHECK_FAILED, ExitCode.BAD_INPUT,
@@ -35,6 +36,8 @@ COMMAND_MODULES = (
     "analyze", "plan", "eval", "generate", "finetune", "merge", "export", "engine", "triton", "validate",
     "bench", "gate", "build", "verify", "compare",
 )
+from cqil.model import signals
+from cqil.model.version import __version__
 
 
 class OptionError(CqilError):
@@ -52,8 +55,6 @@ class Parser(argparse.ArgumentParser):
         self.exit(BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
     def _get_value(self, action: argparse.Action, arg_string: str):
-        from cqil.pipeline.commands.options import Check
-
         if not isinstance(action.type, Check):
             return super()._get_value(action, arg_string)
         option = action.option_strings[-1] if action.option_strings else action.metavar or action.dest
@@ -69,7 +70,6 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    from cqil.model.version import __version__
 
     parser = Parser(prog="cqil", description="CQIL: concurrent quasi-independent layers for LLaMA-family LLMs",
                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,8 +126,6 @@ def _os_error_line(exc: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit code (argparse usage errors exit 2 through SystemExit)."""
-    from cqil.model import signals
-
     signals.install()
     try:
         args = build_parser().parse_args(argv)

@@ -15,7 +15,10 @@ from typing import Any
 import torch
 from cqil.model.cqil import CqilModel
 from cqil.model.plan import Plan, identity_plan
-from cqil.pipeline.recovery import FinetuneSettings
+from cqil.pipeline.comparison import comparison_models
+from cqil.pipeline.quality import evaluate
+from cqil.pipeline.recovery import FinetuneSettings, finetune
+from cqil.pipeline.sources import load_model
 
 COMPARE_FORMAT = "cqil-compare/1"
 METRICS = ("kl", "top1", "ppl")
@@ -24,8 +27,6 @@ METRICS = ("kl", "top1", "ppl")
 def evaluate_all(original: CqilModel, plans: Mapping[str, Plan], texts: Mapping[str, torch.Tensor],
                  batch_size: int, progress: bool) -> dict[str, dict[str, dict[str, float]]]:
     """{text: {"original" | plan name: metrics}}: one evaluation pass per text over every plan."""
-    from cqil.pipeline.quality import evaluate
-
     results = {}
     for text, chunks in texts.items():
         result = evaluate(original, {name: original.with_plan(plan) for name, plan in plans.items()}, chunks,
@@ -43,11 +44,6 @@ def compare(model_path: Path, plans: Mapping[str, Plan], train: torch.Tensor, te
     The recovery's own held-out monitor reads the first text; the reported numbers come from one
     evaluation of each recovered plan on every text, against the original with adapters off.
     """
-    from cqil.pipeline.comparison import comparison_models
-    from cqil.pipeline.quality import evaluate
-    from cqil.pipeline.recovery import finetune
-    from cqil.pipeline.sources import load_model
-
     loaded = load_model(model_path)
     layers = loaded.model.config.num_hidden_layers
     original = CqilModel(loaded.model, identity_plan(layers))

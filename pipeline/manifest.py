@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cqil.model.errors import CqilError
+from cqil.model.fsutil import atomic_write_text, sha256_file
 from cqil.model.version import __version__
 from cqil.pipeline.stages import StageResult, file_entries, is_hidden
 
@@ -56,8 +57,6 @@ def manifest(build_dir: Path, results: list[StageResult]) -> dict[str, Any]:
 
 
 def write_manifest(build_dir: Path, results: list[StageResult]) -> Path:
-    from cqil.model.fsutil import atomic_write_text
-
     path = Path(build_dir) / NAME
     atomic_write_text(path, json.dumps(manifest(build_dir, results), indent=2) + "\n")
     return path
@@ -141,8 +140,6 @@ def _present_files(build_dir: Path) -> set[str]:
 
 def verify(build_dir: Path) -> tuple[list[Problem], int]:
     """Every mismatch between `build_dir` and its manifest, and how many recorded files were checked."""
-    from cqil.model.fsutil import sha256_file
-
     build_dir = Path(build_dir)
     data = load_manifest(build_dir)
     recorded: dict[str, dict[str, Any]] = dict(data["files"])

@@ -16,7 +16,9 @@ from typing import Any
 from cqil.model import plan as plans
 from cqil.model.errors import CqilError
 from cqil.model.settings import NON_NEGATIVE, TEXT, setting
+from cqil.pipeline.adapters import adapter_plan, check_adapter_plan
 from cqil.pipeline.commands.options import JSON_FILE
+from cqil.pipeline.sources import check_model_dir, load_model, resolve_model_dir
 
 SOURCES = ("plan", "uniform", "groups", "official", "auto", "original")
 
@@ -107,8 +109,6 @@ def resolve_plan(choice: PlanChoice, config: Any, search: Callable[[], plans.Pla
 def adapter_fallback(adapter: Path | None, config: Any) -> Callable[[], plans.Plan | None]:
     """The plan an adapter of ours was trained for, as a `resolve_plan` fallback."""
     def plan() -> plans.Plan | None:
-        from cqil.pipeline.adapters import adapter_plan
-
         if adapter is None:
             return None
         try:
@@ -129,9 +129,6 @@ def load_model_and_plan(args: Any, *, adapter: Path | None = None, strict: bool 
     the plan an adapter of ours was trained for is the fallback (`cqil eval`, `cqil merge`), and an adapter
     trained for another plan is warned about (refused when `strict`).
     """
-    from cqil.pipeline.adapters import check_adapter_plan
-    from cqil.pipeline.sources import load_model
-
     choice = PlanChoice.from_args(args)
     choice.check()  # before the model loads
     loaded = load_model(args.model, **({"dtype": dtype} if dtype else {}))
@@ -145,7 +142,6 @@ def load_model_and_plan(args: Any, *, adapter: Path | None = None, strict: bool 
 
 def config_and_plan(args: Any, search: Callable[[], plans.Plan] | None = None):
     """The prologue of commands that need the model's config only (`cqil plan`, `--ranks`): (model dir, plan)."""
-    from cqil.pipeline.sources import check_model_dir, resolve_model_dir
     from transformers import AutoConfig
 
     choice = PlanChoice.from_args(args)

@@ -10,22 +10,35 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 
+import torch
+import torch.distributed as dist
+from cqil.engines.bench_report import plot_bench, report_lines
+from cqil.engines.bench_settings import RankBenchSettings
+from cqil.engines.distributed.bench import run_rank_bench
+from cqil.engines.distributed.launch import DEFAULT_TIMEOUT_S, run_ranks, together
+from cqil.engines.distributed.per_rank import AgreedTokens, Placement, load_rank_model, parameter_count, rank_model
+from cqil.engines.distributed.tensor_parallel import apply_tensor_parallel
+from cqil.model import signals
+from cqil.model.errors import ExitCode
+from cqil.model.fsutil import atomic_write_text
+from cqil.model.steps import greedy_generate
+from cqil.pipeline.cli import OptionError, Parser, quiet_libraries
+from cqil.pipeline.commands.bench import BenchOutput
+from cqil.pipeline.commands.generate import GenerateSettings, encode_prompts, format_generations
+from cqil.pipeline.commands.options import add_model_options, add_plan_options
+from cqil.pipeline.commands.ranks import RankOptions
+from cqil.pipeline.plan_choice import config_and_plan
 from cqil.pipeline.settings import add_flags, from_args
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 PROGRAM = "cqil-ranks"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The worker's options: those of `cqil generate` / `cqil bench`, made from the same settings classes."""
-    from cqil.engines.bench_settings import RankBenchSettings
-    from cqil.pipeline.cli import Parser
-    from cqil.pipeline.commands.bench import BenchOutput
-    from cqil.pipeline.commands.generate import GenerateSettings
-    from cqil.pipeline.commands.options import add_model_options, add_plan_options
-    from cqil.pipeline.commands.ranks import RankOptions
-
     parser = Parser(prog="torchrun --nproc-per-node P -m cqil.pipeline.rank_worker",
                     description="CQIL with rank r running the r-th layer of every group")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,11 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cqil.engines.distributed.launch import DEFAULT_TIMEOUT_S, run_ranks
-    from cqil.model import signals
-    from cqil.model.errors import ExitCode
-    from cqil.pipeline.cli import OptionError, quiet_libraries
-
     if not signals.as_launched_rank():  # started by torchrun: Ctrl-C and SIGTERM are this rank's to report
         signals.install()
     try:
@@ -65,11 +73,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _rank_model(args: argparse.Namespace, ctx):
     """This rank's CQIL share, loaded with only its own weights, and the tokenizer."""
-    import torch
-    from cqil.engines.distributed.per_rank import Placement, load_rank_model, rank_model
-    from cqil.pipeline.plan_choice import config_and_plan
-    from transformers import AutoTokenizer
-
     path, plan = config_and_plan(args)
     placement = Placement(plan, ctx.rank, ctx.world)
     model = rank_model(load_rank_model(path, placement, torch.float32).to(ctx.device), placement)
@@ -77,12 +80,6 @@ def _rank_model(args: argparse.Namespace, ctx):
 
 
 def _generate(args: argparse.Namespace, ctx) -> int:
-    import torch
-    from cqil.engines.distributed.launch import together
-    from cqil.engines.distributed.per_rank import AgreedTokens
-    from cqil.model.steps import greedy_generate
-    from cqil.pipeline.commands.generate import GenerateSettings, encode_prompts, format_generations
-
     if "OMP_NUM_THREADS" not in os.environ and ctx.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world))
     settings = from_args(GenerateSettings, args)
@@ -98,11 +95,6 @@ def _generate(args: argparse.Namespace, ctx) -> int:
 
 def _report_memory(ctx, model) -> None:
     """One stderr line per rank, in rank order: parameters held and resident memory (now and peak)."""
-    import resource
-
-    import torch.distributed as dist
-    from cqil.engines.distributed.per_rank import parameter_count
-
     params = parameter_count(model)
     size = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -116,15 +108,6 @@ def _report_memory(ctx, model) -> None:
 
 
 def _bench(args: argparse.Namespace, ctx) -> int:
-    import torch
-    from cqil.engines.bench_report import plot_bench, report_lines
-    from cqil.engines.distributed.bench import RankBenchSettings, run_rank_bench
-    from cqil.engines.distributed.launch import together
-    from cqil.engines.distributed.tensor_parallel import apply_tensor_parallel
-    from cqil.model.fsutil import atomic_write_text
-    from cqil.pipeline.commands.bench import BenchOutput
-    from transformers import AutoModelForCausalLM
-
     parsed = from_args(RankBenchSettings, args)
     settings = from_args(RankBenchSettings, args,
                          one_process_threads=parsed.one_process_threads or ctx.world * parsed.threads)

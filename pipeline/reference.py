@@ -11,14 +11,17 @@ import json
 from pathlib import Path
 
 from cqil.export.contract import DTYPE_KEY, PRECISION_KEY, ContractSpec
+from cqil.export.writer import export_model
+from cqil.model.cqil import CqilModel
 from cqil.model.errors import CqilError
 from cqil.model.fsutil import cache_dir, sha256_file
+from cqil.model.plan import identity_plan, model_record
+from cqil.model.version import __version__
+from cqil.pipeline.sources import load_model, resolve_model_dir
 
 
 def reference_key(source_path: Path, dtype: str) -> str:
     """Hash of the source model's config and weights, the dtype and the tool version."""
-    from cqil.model.version import __version__
-
     files = sorted(p for p in Path(source_path).iterdir()
                    if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
     record = {"files": {p.name: sha256_file(p) for p in files}, "dtype": dtype, "tool": __version__}
@@ -28,11 +31,6 @@ def reference_key(source_path: Path, dtype: str) -> str:
 def cached_reference(spec: ContractSpec, onnx_path: Path, model: str | Path | None = None,
                      progress: bool = True) -> Path:
     """The original model as ONNX, exported once into the cache (identity plan, same dtype)."""
-    from cqil.export.writer import export_model
-    from cqil.model.cqil import CqilModel
-    from cqil.model.plan import identity_plan, model_record
-    from cqil.pipeline.sources import load_model, resolve_model_dir
-
     source = spec.source_model()
     if model is None and not source.get("path"):
         raise CqilError(f"'{onnx_path}' does not record its source model (cqil.source_model): pass "

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cqil.pipeline.manifest import library_versions
 from cqil.pipeline.stages import StageResult
 
 
@@ -147,8 +148,6 @@ def _search_line(search: dict, metrics: dict) -> str:
 
 def skipped_notes(build_dir: Path) -> list[str]:
     """What this build could not do, in plain words."""
-    from cqil.pipeline.manifest import library_versions
-
     notes = []
     versions = library_versions()
     if versions["tensorrt"] == "not installed":

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cqil.model.errors import CqilError
-from cqil.model.fsutil import MARKER, atomic_dir, has_marker, sha256_file
+from cqil.model.fsutil import MARKER, MARKER_TEXT, atomic_dir, check_output_dir, has_marker, sha256_file
 from cqil.model.version import __version__
 
 RECORD = ".stage.json"
@@ -176,8 +176,6 @@ def _is_stage_dir(path: Path) -> bool:
 
 def claim_build_dir(build_dir: Path) -> None:
     """Mark `build_dir` as cqil's before writing into it; refuse a folder that holds anything else."""
-    from cqil.model.fsutil import MARKER_TEXT, check_output_dir
-
     check_output_dir(build_dir, "--out", is_ours=is_build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
     if not has_marker(build_dir):

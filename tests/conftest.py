@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import tiny_model, tiny_tokenizer
+from tests.helpers import build_args, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +61,14 @@ def tiny_cqil_onnx(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("cqil-onnx") / "onnx"
     assert main(["export", "--model", str(model_dir), "--groups", "1-3", "--bypass", "1", "--out", str(out)]) == 0
     return model_dir, out
+
+
+@pytest.fixture(scope="session")
+def built(tiny_model_dir, tmp_path_factory):
+    """(model dir, build dir) of one tiny build; read it, or copy it before changing anything."""
+    from cqil.pipeline.cli import main
+
+    model = tiny_model_dir("llama")
+    out = tmp_path_factory.mktemp("build") / "artifacts"
+    assert main(build_args(model, out)) == 0
+    return model, out

@@ -18,6 +18,6 @@ Two optimization profiles, in this order (the runner picks by the past length):
 Auxiliary streams: a group of p layers is p independent branches, so `max_aux_streams` defaults to
 the largest group size minus one, read from the plan in the ONNX metadata.
 
-By role: `settings` (options, profiles, aux streams), `build` (the loaders and the build), `script`
+By role: `options` (what the user asks), `settings` (profiles, aux streams), `build` (the loaders and the build), `script`
 (the files for a GPU host), `runner` (running a built engine).
 """

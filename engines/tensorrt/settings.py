@@ -1,4 +1,5 @@
-"""What an engine is built with: the user's options, and the profiles and aux-stream count read from the ONNX.
+"""What an engine is built with: the user's options (options.py), and the profiles and aux-stream count read
+from the ONNX.
 
 Pure: nothing here imports TensorRT, so settings are made and checked on any machine.
 """
@@ -8,11 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cqil.engines.tensorrt.options import EngineOptions
 from cqil.export.contract import TOKEN_INPUTS, ContractSpec, find_onnx, past_pair, read_contract
 from cqil.model.errors import CqilError
-from cqil.model.settings import NON_NEGATIVE, POSITIVE, one_of, setting
 
-PRECISIONS = ("fp32", "fp16", "bf16")
 PREFILL, DECODE = 0, 1  # optimization profile indices
 Shape = tuple[int, ...]
 
@@ -22,37 +22,6 @@ class ShapeRange:
     min: Shape
     opt: Shape
     max: Shape
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """What a user asks of an engine: precision, shape ranges, builder limits (`cqil engine` options)."""
-
-    precision: str = setting("fp32", "engine precision", check=one_of(*PRECISIONS))
-    aux_streams: int | None = setting(None, "max_aux_streams (default: largest group size - 1, from the ONNX plan "
-                                      "metadata)", check=NON_NEGATIVE, toml=False)
-    opt_batch: int = setting(1, "rows the engine is tuned for", check=POSITIVE)
-    max_batch: int = setting(1, "most rows", check=POSITIVE)
-    opt_seq: int = setting(128, "prefill tokens the engine is tuned for", check=POSITIVE)
-    max_seq: int = setting(512, "most prefill tokens", check=POSITIVE)
-    opt_past: int = setting(256, "decode cache length the engine is tuned for", check=POSITIVE)
-    max_context: int = setting(1024, "most past + new tokens: the attention window the engine accepts",
-                               check=POSITIVE)
-    workspace_mib: int | None = setting(None, "builder workspace limit", check=POSITIVE, toml=False)
-    timing_cache: Path | None = None  # None: timing.cache beside the engine
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise CqilError(f"--precision {self.precision} is not one of {', '.join(PRECISIONS)}")
-        if self.aux_streams is not None and self.aux_streams < 0:
-            raise CqilError(f"--aux-streams {self.aux_streams} must be 0 or more")
-        for low, high, what in ((self.opt_batch, self.max_batch, "batch"), (self.opt_seq, self.max_seq, "seq"),
-                                (self.opt_past, self.max_context - 1, "past")):
-            if not 1 <= low <= high:
-                raise CqilError(f"{what} range: need 1 <= opt {low} <= max {high} "
-                                "(check --opt-/--max- options; max past is --max-context minus 1)")
-        if self.max_seq > self.max_context:
-            raise CqilError(f"--max-seq {self.max_seq} exceeds --max-context {self.max_context}")
 
 
 @dataclass(frozen=True)

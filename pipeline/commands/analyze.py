@@ -6,15 +6,15 @@ import argparse
 import json
 from pathlib import Path
 
+from cqil.model.fsutil import atomic_dir
+from cqil.model.plan import identity_plan
 from cqil.pipeline.commands.options import OUTPUT_DIR, DataSettings, add_data_options, add_model_options, limit_chunks
+from cqil.pipeline.data import load_split
 from cqil.pipeline.settings import from_args
+from cqil.pipeline.sources import load_model
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from cqil.model.fsutil import atomic_dir
-    from cqil.pipeline.data import load_split
-    from cqil.pipeline.sources import load_model
-
     settings = from_args(DataSettings, args)
     loaded = load_model(args.model)
     split = load_split(loaded.tokenizer, settings.data, settings.eval_data, settings.seq_len)
@@ -31,7 +31,6 @@ def run(settings: DataSettings, loaded, split, folder: Path) -> dict:
     """Layer-input similarity of the loaded model on the first `max_chunks` training chunks, written into
     `folder` as similarity.json and similarity.png: what `cqil analyze` and the build's analyze stage run."""
     from cqil.model.cqil import CqilModel
-    from cqil.model.plan import identity_plan
     from cqil.pipeline.analysis import layer_input_similarity, save_heatmap, similarity_report
 
     chunks = limit_chunks(split.train, settings.max_chunks)

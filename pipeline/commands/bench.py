@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from cqil.engines.bench_report import plot_bench, report_lines
 from cqil.engines.bench_settings import BenchSettings
+from cqil.engines.cost_model import CostSettings, measure_cost_model, save_cost_model
+from cqil.export.choices import LAYOUTS
 from cqil.model.errors import CqilError
-from cqil.model.settings import setting
+from cqil.model.fsutil import check_output_file
+from cqil.model.plan import identity_plan, model_record
+from cqil.model.settings import Check, at_least, check_fields, setting
 from cqil.pipeline.commands.onnx_source import load_source, onnx_and_plan, write_json
-from cqil.pipeline.commands.options import INPUT_PATH, JSON_FILE, OUTPUT_FILE, TEXT, add_model_options, at_least
-from cqil.pipeline.commands.ranks import add_rank_options
+from cqil.pipeline.commands.options import INPUT_PATH, JSON_FILE, OUTPUT_FILE, add_model_options
+from cqil.pipeline.commands.ranks import add_rank_options, launch_bench
 from cqil.pipeline.settings import add_flags, from_args
+from cqil.pipeline.sources import load_model
 
 
 @dataclass(frozen=True)
@@ -29,13 +36,36 @@ class BenchOutput:
         return self.chart or (self.out.with_suffix(".png") if self.out else None)
 
 
+def _layouts(text: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+
+
+LAYOUT_LIST = Check(_layouts, "a list of layouts", lambda v: bool(v) and set(v) <= set(LAYOUTS),
+                    f"must list {' and/or '.join(LAYOUTS)}")
+
+
+@dataclass(frozen=True)
+class CostModelOutput:
+    """`cqil bench --cost-model COST.json`: what the cost model of `cqil plan --auto --latency-budget` measures.
+    Not build keys: the build's plan stage does not run the latency-budget search."""
+
+    cost_model: Path | None = setting(None, "measure per-layer and per-group decode costs of --model on ONNX Runtime "
+                                      "CPU into this file", check=OUTPUT_FILE, metavar="COST.json", toml=False)
+    cost_max_group_size: int = setting(4, "largest group measured (default %(default)s)", check=at_least(2),
+                                       metavar="P", toml=False)
+    cost_layouts: tuple[str, ...] = setting(LAYOUTS, "export layouts measured (default %(default)s)",
+                                            check=LAYOUT_LIST, metavar="L,...", toml=False)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
 def cmd_bench(args: argparse.Namespace) -> int | None:
-    if args.cost_model is not None:
-        return _cost_model(args)
+    cost = from_args(CostModelOutput, args)
+    if cost.cost_model is not None:
+        return _cost_model(args, cost)
     settings, output = from_args(BenchSettings, args), from_args(BenchOutput, args)
     if args.ranks is not None:  # --ranks P: one process vs TP vs CQIL on P processes (pipeline/commands/ranks.py)
-        from cqil.pipeline.commands.ranks import launch_bench
-
         if settings.schedule != "sequential":
             raise CqilError(f"--schedule {settings.schedule} is for the one-process PyTorch rows; --ranks runs "
                             "CQIL's per-rank schedule: drop one of them")
@@ -43,8 +73,6 @@ def cmd_bench(args: argparse.Namespace) -> int | None:
     if args.onnx is None:
         raise CqilError("--onnx is required (or --ranks P for the multi-process bench of the PyTorch model)")
     from cqil.engines.bench import schedule_models
-    from cqil.engines.bench_report import report_lines
-    from cqil.model.fsutil import check_output_file
     from cqil.pipeline.reference import cached_reference
 
     if output.chart_path() is not None:
@@ -69,7 +97,6 @@ def run(settings: BenchSettings, onnx_path: Path, reference: Path, torch_models:
     """Time the candidate ONNX against the reference (and the eager models, when given); write the JSON and
     the chart that `output` names. What both `cqil bench` and the build's bench stage run."""
     from cqil.engines.bench import run_bench
-    from cqil.engines.bench_report import plot_bench
 
     result = run_bench(onnx_path, reference, settings, torch_models)
     chart = output.chart_path()
@@ -80,32 +107,23 @@ def run(settings: BenchSettings, onnx_path: Path, reference: Path, torch_models:
     return result
 
 
-def _cost_model(args: argparse.Namespace) -> None:
+def _cost_model(args: argparse.Namespace, cost: CostModelOutput) -> None:
     """`--cost-model COST.json`: per-layer and per-group decode cost on ONNX Runtime (engines/cost_model.py)."""
-    import tempfile
-
-    from cqil.engines.cost_model import CostSettings, measure_cost_model, save_cost_model
     from cqil.model.cqil import CqilModel
-    from cqil.model.errors import CqilError
-    from cqil.model.plan import identity_plan, model_record
-    from cqil.pipeline.sources import load_model
 
     if args.ranks is not None or args.onnx is not None:
         raise CqilError("--cost-model measures the ONNX Runtime CPU costs of --model: drop --ranks / --onnx")
-    layouts = tuple(dict.fromkeys(part.strip() for part in args.cost_layouts.split(",") if part.strip()))
-    if not layouts or set(layouts) - {"branches", "fused"}:
-        raise CqilError(f"--cost-layouts '{args.cost_layouts}' must list branches and/or fused")
     settings = CostSettings(past=args.past, repeats=args.decode_repeats, warmup=args.warmup,
-                            max_group_size=args.cost_max_group_size, layouts=layouts, threads=args.threads)
+                            max_group_size=cost.cost_max_group_size, layouts=cost.cost_layouts, threads=args.threads)
     loaded = load_model(args.model)
     config = loaded.model.config
     original = CqilModel(loaded.model, identity_plan(config.num_hidden_layers, model_record(config)))
     threads = f"{args.threads} threads" if args.threads else "default threads"
     with tempfile.TemporaryDirectory(prefix="cqil-cost-") as workdir:
         model = measure_cost_model(original, f"onnxruntime-cpu ({threads})", settings, Path(workdir))
-    save_cost_model(model, args.cost_model)
+    save_cost_model(model, cost.cost_model)
     original_step = model.original(config.num_hidden_layers)
-    print(f"{args.cost_model}: {loaded.name} on {model.target}, decode step over {args.past} past tokens: "
+    print(f"{cost.cost_model}: {loaded.name} on {model.target}, decode step over {args.past} past tokens: "
           f"base {model.base * 1e3:.3f} ms, layer {model.layer * 1e3:.3f} ms, original {original_step * 1e3:.2f} ms")
     for layout, sizes in model.groups.items():
         row = ", ".join(f"p={p}: {s * 1e3:.3f} ms (saves {(p * model.layer - s) / original_step:.1%})"
@@ -123,12 +141,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_flags(b, BenchSettings)
     b.add_argument("--no-torch", action="store_true", help="skip the eager PyTorch rows")
     add_flags(b, BenchOutput)
-    cost = b.add_argument_group("cost model (for `cqil plan --auto --latency-budget`; not a build key)")
-    cost.add_argument("--cost-model", type=OUTPUT_FILE, metavar="COST.json",
-                      help="measure per-layer and per-group decode costs of --model on ONNX Runtime CPU into this file")
-    cost.add_argument("--cost-max-group-size", type=at_least(2), default=4, metavar="P",
-                      help="largest group measured (default %(default)s)")
-    cost.add_argument("--cost-layouts", type=TEXT, default="branches,fused", metavar="L,...",
-                      help="export layouts measured (default %(default)s)")
+    add_flags(b.add_argument_group("cost model (for `cqil plan --auto --latency-budget`; not a build key)"),
+              CostModelOutput)
     add_rank_options(b, plan_options=True)
     b.set_defaults(func=cmd_bench)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
+from pathlib import Path
 
 from cqil.model.errors import CqilError
+from cqil.model.fsutil import atomic_write_text
+from cqil.model.plan import load_plan
 from cqil.pipeline.commands.options import (
     NON_NEGATIVE,
     OUTPUT_FILE,
@@ -16,6 +20,9 @@ from cqil.pipeline.commands.options import (
     limit_chunks,
     number,
 )
+from cqil.pipeline.data import chunk_tokens, load_split, read_text
+from cqil.pipeline.recovery_settings import FinetuneSettings
+from cqil.pipeline.sources import load_model, resolve_model_dir
 
 
 def parse_plans(spec: str) -> dict[str, str]:
@@ -34,16 +41,6 @@ def parse_plans(spec: str) -> dict[str, str]:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    import tempfile
-    from pathlib import Path
-
-    from cqil.model.fsutil import atomic_write_text
-    from cqil.model.plan import load_plan
-    from cqil.pipeline.data import chunk_tokens, load_split, read_text
-    from cqil.pipeline.equal_budget import compare
-    from cqil.pipeline.recovery import FinetuneSettings
-    from cqil.pipeline.sources import load_model, resolve_model_dir
-
     files = parse_plans(args.plans)
     model_dir = resolve_model_dir(args.model)
     loaded = load_model(model_dir)
@@ -63,9 +60,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
                                     warmup_steps=min(3, args.recover_steps - 1), eval_every=0, save_every=0,
                                     eval_chunks=min(len(texts["held_out"]), 8))
         settings.check(len(train))
-    with tempfile.TemporaryDirectory(prefix="cqil-compare-") as workdir:
-        report = compare(model_dir, plans, train, texts, settings, Path(workdir), args.batch_size)
-    report = {"model": loaded.name, "data": split.source, **report}
+    report = {"model": loaded.name, "data": split.source,
+              **run(model_dir, plans, train, texts, settings, args.batch_size)}
     if args.out:
         atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     if args.json:
@@ -81,6 +77,15 @@ def cmd_compare(args: argparse.Namespace) -> None:
                 rec = report["after"][text][name]
                 line += f"  | recovered KL {rec['kl']:.4f}  top-1 {rec['top1']:.3f}  PPL {rec['ppl']:.3f}"
             print(line)
+
+
+def run(model_dir: Path, plans: dict, train, texts: dict, settings: FinetuneSettings | None, batch_size: int) -> dict:
+    """The `plans` of the model at `model_dir` on each held-out text of `texts`, before and (with `settings`)
+    after the same recovery on `train`: `cqil compare`'s report, less the model and text names."""
+    from cqil.pipeline.equal_budget import compare
+
+    with tempfile.TemporaryDirectory(prefix="cqil-compare-") as workdir:
+        return compare(model_dir, plans, train, texts, settings, Path(workdir), batch_size)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
+from cqil.model.errors import CqilError
 from cqil.pipeline.commands.options import (
     INPUT_FOLDER,
     MODEL,
@@ -13,29 +15,24 @@ from cqil.pipeline.commands.options import (
     add_plan_options,
     limit_chunks,
 )
+from cqil.pipeline.data import load_split
+from cqil.pipeline.plan_choice import load_model_and_plan
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from cqil.model.errors import CqilError
-    from cqil.pipeline.comparison import LABELS, comparison_models
-    from cqil.pipeline.data import load_split
-    from cqil.pipeline.plan_choice import load_model_and_plan
-    from cqil.pipeline.quality import evaluate
+    from cqil.pipeline.comparison import LABELS
 
     loaded, plan = load_model_and_plan(args, adapter=args.adapter, strict=args.strict)
     config = loaded.model.config
-    original, candidates, provenance = comparison_models(loaded, plan, args.adapter, args.base_model)
     context = getattr(config, "max_position_embeddings", None)
     if context and args.seq_len > context:  # the rule of the Triton text model: within the model's positions
         raise CqilError(f"--seq-len {args.seq_len} exceeds the model's context of {context} tokens: "
                         f"use at most {context}")
     split = load_split(loaded.tokenizer, args.data, args.eval_data, args.seq_len)
     chunks = limit_chunks(split.held_out, args.max_chunks)
-    result = evaluate(original, candidates, chunks, args.batch_size)
-    result["plan"] = plan.to_dict()
-    result["model"] = loaded.name
+    result, candidates = run(loaded, plan, chunks, args.batch_size, args.adapter, args.base_model)
     result["data"] = split.source
-    result.update(provenance)
+    provenance = "adapter" in result or "base_model" in result
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -49,6 +46,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
         label = LABELS[name] if provenance else name
         print(f"{label:<13} {row['ppl']:>9.3f} {kl:>9} {top1:>7}")
     print(f"{result['tokens_per_s']} tokens/s ({result['seconds']} s)")
+
+
+def run(loaded, plan, chunks, batch_size: int, adapter: Path | None = None, base_model: str | None = None):
+    """Perplexity, KL and top-1 of the original and the loaded model under `plan` (with `adapter`, or against
+    `base_model` for a merged checkpoint) on `chunks`: `cqil eval`'s result and the names of its candidates."""
+    from cqil.pipeline.comparison import comparison_models
+    from cqil.pipeline.quality import evaluate
+
+    original, candidates, provenance = comparison_models(loaded, plan, adapter, base_model)
+    result = evaluate(original, candidates, chunks, batch_size)
+    return {**result, "plan": plan.to_dict(), "model": loaded.name, **provenance}, list(candidates)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

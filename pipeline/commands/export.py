@@ -6,9 +6,11 @@ import argparse
 import json
 from dataclasses import dataclass
 
+from cqil.export.choices import LAYOUTS, PRECISIONS, TARGETS
 from cqil.model.errors import CqilError
 from cqil.model.settings import POSITIVE, check_fields, one_of, setting
 from cqil.pipeline.commands.options import OUTPUT_DIR, add_model_options, add_plan_options
+from cqil.pipeline.plan_choice import load_model_and_plan
 from cqil.pipeline.settings import add_flags, from_args
 
 
@@ -17,13 +19,13 @@ class ExportSettings:
     """How the model is written as ONNX (`cqil export`, the build's [export] section)."""
 
     layout: str = setting("branches", "branches (one branch per layer of a group, default) or fused (wide "
-                          "operations)", check=one_of("branches", "fused"))
+                          "operations)", check=one_of(*LAYOUTS))
     target: str = setting("portable", "portable (standard operators: TensorRT and any runtime; default) or "
                           "onnxruntime (its fused GroupQueryAttention, SkipSimplifiedLayerNormalization, MatMulNBits: "
                           "the GenAI model builder's graph with the CQIL groups)",
-                          check=one_of("portable", "onnxruntime"))
+                          check=one_of(*TARGETS))
     precision: str = setting("fp32", "fp32 (default), fp16, or int8 / int4 weights (MatMulNBits)",
-                             check=one_of("fp32", "fp16", "int8", "int4"), toml_aliases=("dtype",))
+                             check=one_of(*PRECISIONS), toml_aliases=("dtype",))
     block_size: int = setting(32, "int8/int4: weights quantized in blocks of this many along K (default "
                               "%(default)s)", check=POSITIVE)
     external_data: bool = setting(False, "always put the weights in model.onnx.data (default: past 64 MiB)",
@@ -39,7 +41,6 @@ class ExportSettings:
 def cmd_export(args: argparse.Namespace) -> None:
     from cqil.export.precision import TRACE_DTYPES
     from cqil.export.writer import check_options
-    from cqil.pipeline.plan_choice import load_model_and_plan
 
     if args.dtype is not None:
         raise CqilError(f"--dtype is now --precision (fp32, fp16, int8, int4): use --precision {args.dtype}")

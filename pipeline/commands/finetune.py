@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from cqil.model.fsutil import check_output_dir
 from cqil.pipeline.commands.options import (
     OUTPUT_DIR,
     add_data_options,
@@ -11,14 +12,13 @@ from cqil.pipeline.commands.options import (
     add_plan_options,
     limit_chunks,
 )
+from cqil.pipeline.data import load_split
+from cqil.pipeline.plan_choice import load_model_and_plan
 from cqil.pipeline.recovery_settings import FinetuneSettings
 from cqil.pipeline.settings import add_flags, from_args
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from cqil.model.fsutil import check_output_dir
-    from cqil.pipeline.data import load_split
-    from cqil.pipeline.plan_choice import load_model_and_plan
     from cqil.pipeline.recovery import default_checkpoint_dir, summary_line
 
     settings = from_args(FinetuneSettings, args)

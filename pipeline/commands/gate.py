@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
+from cqil.model.errors import CqilError
+from cqil.model.fsutil import atomic_write_text
 from cqil.pipeline.commands.options import INPUT_FILE, NON_NEGATIVE_NUMBER, OUTPUT_FILE, POSITIVE_NUMBER
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from cqil.engines import gate
-    from cqil.model.errors import CqilError
-    from cqil.model.fsutil import atomic_write_text
+    from cqil.engines import gate  # numpy (engines/latency.py): not at `cqil --help`
 
-    if args.tolerance is not None and args.baseline is None:
-        raise CqilError("--tolerance applies only with --baseline")
-    bench = gate.load_bench(args.bench)
-    if args.baseline is not None:
-        tolerance = gate.DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
-        checks = gate.check_baseline(bench, gate.load_bench(args.baseline), tolerance)
-        rule = f"baseline {args.baseline} tolerance {tolerance:g}"
-    else:
-        checks = gate.check_max_ratio(bench, args.max_ratio)
-        rule = f"max ratio {args.max_ratio:g}"
+    checks, rule = run(args.bench, args.baseline, args.max_ratio, args.tolerance)
     result = gate.gate_result(checks, rule)
     # The reports first: a verdict is printed only once everything it promises is on disk.
     if args.junit:
@@ -33,6 +25,24 @@ def cmd_gate(args: argparse.Namespace) -> int:
         print(f"{'PASS' if check.passed else 'FAIL'} {check.scenario}: {check.detail}")
     print(f"gate {'passed' if result['passed'] else 'FAILED'} ({rule})")
     return 0 if result["passed"] else 1
+
+
+def run(bench: Path, baseline: Path | None = None, max_ratio: float | None = None,
+        tolerance: float | None = None) -> tuple[list, str]:
+    """The checks of the bench result at `bench` against a `baseline` result (within `tolerance`) or a
+    `max_ratio`, and the rule they applied, as `cqil gate` words it."""
+    from cqil.engines import gate
+
+    if tolerance is not None and baseline is None:
+        raise CqilError("--tolerance applies only with --baseline")
+    result = gate.load_bench(bench)
+    if baseline is not None:
+        tolerance = gate.DEFAULT_TOLERANCE if tolerance is None else tolerance
+        return (gate.check_baseline(result, gate.load_bench(baseline), tolerance),
+                f"baseline {baseline} tolerance {tolerance:g}")
+    if max_ratio is None:
+        raise CqilError("give --baseline or --max-ratio")
+    return gate.check_max_ratio(result, max_ratio), f"max ratio {max_ratio:g}"
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import MISSING, dataclass
 
+from cqil.model.errors import CqilError
+from cqil.model.plan import identity_plan
 from cqil.model.settings import POSITIVE, TEXT, setting
 from cqil.pipeline.commands.options import add_model_options, add_plan_options
-from cqil.pipeline.commands.ranks import add_rank_options
+from cqil.pipeline.commands.ranks import add_rank_options, launch_generate
+from cqil.pipeline.plan_choice import load_model_and_plan
 from cqil.pipeline.settings import add_flags, from_args
 
 
@@ -24,11 +27,7 @@ class GenerateSettings:
 def cmd_generate(args: argparse.Namespace) -> int | None:
     settings = from_args(GenerateSettings, args)
     if args.ranks is not None:  # --ranks P: the same generation on P processes (pipeline/commands/ranks.py)
-        from cqil.pipeline.commands.ranks import launch_generate
-
         return launch_generate(args, settings)
-    from cqil.model.plan import identity_plan
-    from cqil.pipeline.plan_choice import load_model_and_plan
 
     loaded, plan = load_model_and_plan(args, required=False)
     print(run(settings, loaded, plan or identity_plan(loaded.model.config.num_hidden_layers)))
@@ -48,8 +47,6 @@ def run(settings: GenerateSettings, loaded, plan) -> str:
 
 def check_context(config, prompt_tokens: int, new_tokens: int) -> None:
     """The rule of the Triton text model: prompt + new tokens must fit the model's positions."""
-    from cqil.model.errors import CqilError
-
     context = getattr(config, "max_position_embeddings", None)
     if context and prompt_tokens + new_tokens > context:
         raise CqilError(f"the prompt ({prompt_tokens} tokens) plus --max-new-tokens {new_tokens} exceeds the model's "

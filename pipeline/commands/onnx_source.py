@@ -7,12 +7,14 @@ import json
 from pathlib import Path
 
 from cqil.model.errors import CqilError
+from cqil.model.fsutil import atomic_write_text
+from cqil.model.plan import load_plan, plan_from_config
+from cqil.pipeline.sources import load_model
 
 
 def onnx_and_plan(args: argparse.Namespace):
     """The ONNX file, its contract, and its plan (checked against --plan when given)."""
     from cqil.export.contract import find_onnx, read_contract
-    from cqil.model.plan import load_plan
 
     onnx_path = find_onnx(args.onnx)
     spec = read_contract(onnx_path)
@@ -30,9 +32,6 @@ def onnx_and_plan(args: argparse.Namespace):
 
 def load_source(args: argparse.Namespace, spec, onnx_path: Path, plan):
     """The model to compare with: --model, else the one recorded in the ONNX (cqil.source_model)."""
-    from cqil.model.plan import plan_from_config
-    from cqil.pipeline.sources import load_model
-
     source = args.model or spec.source_model().get("path")
     if not source:
         raise CqilError(f"'{onnx_path}' does not record its source model: pass --model")
@@ -48,7 +47,5 @@ def load_source(args: argparse.Namespace, spec, onnx_path: Path, plan):
 
 
 def write_json(path: Path | None, result: dict) -> None:
-    from cqil.model.fsutil import atomic_write_text
-
     if path is not None:
         atomic_write_text(path, json.dumps(result, indent=2) + "\n")

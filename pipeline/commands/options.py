@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cqil.model.errors import CqilError
+from cqil.model.fsutil import check_output_dir, read_json
 from cqil.model.settings import (  # noqa: F401 - the checks every command uses, declared in the ground
     NON_NEGATIVE,
     NON_NEGATIVE_NUMBER,
+    OUTPUT_FILE,
     POSITIVE,
     POSITIVE_NUMBER,
     TEXT,
@@ -23,20 +25,17 @@ from cqil.model.settings import (  # noqa: F401 - the checks every command uses,
     at_least,
     number,
     one_of,
+    option_path,
     setting,
 )
-from cqil.pipeline.data import DEFAULT_SEQ_LEN
-
-
-def _path(text: str, option: str) -> Path:
-    if not text.strip():
-        raise CqilError(f"{option} is empty: name a file or folder, or leave the option out for its default")
-    return Path(text).expanduser()
+from cqil.pipeline.data import DEFAULT_SEQ_LEN, read_text
+from cqil.pipeline.settings import add_flags
+from cqil.pipeline.sources import check_model_spec
 
 
 def _existing(kind: str, hint: str = "") -> Callable[[str, str], Path]:
     def convert(text: str, option: str) -> Path:
-        path = _path(text, option)
+        path = option_path(text, option)
         if not path.exists():
             raise CqilError(f"{option} '{text}' does not exist{': ' + hint if hint else ''}")
         if kind == "file" and not path.is_file():
@@ -58,8 +57,6 @@ INPUT_PATH = Check(_existing("path"), "a file or folder", named=True)
 
 
 def _json_file(text: str, option: str) -> Path:
-    from cqil.model.fsutil import read_json
-
     path = _existing("file")(text, option)
     if not isinstance(read_json(path, f"{option} file", ""), dict):
         raise CqilError(f"{option} '{text}' must hold a JSON object")
@@ -71,9 +68,7 @@ JSON_FILE = Check(_json_file, "a JSON file", named=True)
 
 def _text_source(text: str, option: str) -> str:
     """A --data/--eval-data value: readable UTF-8 text of a supported kind (pipeline/data.py)."""
-    from cqil.pipeline.data import read_text
-
-    _path(text, option)
+    option_path(text, option)
     try:
         read_text(text)
     except CqilError as exc:
@@ -86,9 +81,7 @@ TEXT_SOURCE = Check(_text_source, "a text source", named=True)
 
 def _model(text: str, option: str) -> str:
     """--model: a directory with a supported config and weights, or a .gguf file (converted later)."""
-    from cqil.pipeline.sources import check_model_spec
-
-    _path(text, option)
+    option_path(text, option)
     if text != "default":
         check_model_spec(text)  # its messages name the model path
     return text
@@ -100,24 +93,13 @@ MODEL = Check(_model, "a model", named=True)
 def output_dir(is_ours: Callable[[Path], bool] | None = None) -> Check:
     """A folder the command writes as a whole (fsutil.check_output_dir)."""
     def convert(text: str, option: str) -> Path:
-        from cqil.model.fsutil import check_output_dir
-
-        path = _path(text, option)
+        path = option_path(text, option)
         check_output_dir(path, option, is_ours)
         return path
     return Check(convert, "a folder", named=True)
 
 
-def _output_file(text: str, option: str) -> Path:
-    from cqil.model.fsutil import check_output_file
-
-    path = _path(text, option)
-    check_output_file(path, option)
-    return path
-
-
 OUTPUT_DIR = output_dir()
-OUTPUT_FILE = Check(_output_file, "a file", named=True)
 
 
 # -- option groups shared by several commands -----------------------------------------------------------
@@ -127,8 +109,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_plan_options(parser: argparse.ArgumentParser) -> None:
-    from cqil.pipeline.plan_choice import PlanChoice
-    from cqil.pipeline.settings import add_flags
+    from cqil.pipeline.plan_choice import PlanChoice  # it imports this module: its fields use the checks above
 
     group = parser.add_argument_group("plan (one of; a merged CQIL checkpoint carries its own)")
     add_flags(group, PlanChoice, only=PLAN_FLAGS)
@@ -152,8 +133,6 @@ class DataSettings:
 
 
 def add_data_options(parser: argparse.ArgumentParser, batch_size: int = 4) -> None:
-    from cqil.pipeline.settings import add_flags
-
     add_flags(parser, DataSettings, defaults={"batch_size": batch_size})
 
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
+from cqil.engines.cost_model import load_cost_model
+from cqil.export.choices import LAYOUTS
 from cqil.model.errors import CqilError
-from cqil.model.settings import POSITIVE, TEXT, at_least, number, setting
+from cqil.model.fsutil import atomic_write_text, check_output_file
+from cqil.model.plan import identity_plan, model_record, pruned_plan
+from cqil.model.settings import POSITIVE, TEXT, at_least, check_fields, number, one_of, setting
 from cqil.pipeline.commands.options import (
     JSON_FILE,
     OUTPUT_FILE,
@@ -16,8 +21,10 @@ from cqil.pipeline.commands.options import (
     add_plan_options,
     limit_chunks,
 )
-from cqil.pipeline.plan_choice import PlanChoice
+from cqil.pipeline.data import load_split
+from cqil.pipeline.plan_choice import PlanChoice, config_and_plan, resolve_plan
 from cqil.pipeline.settings import add_flags, from_args
+from cqil.pipeline.sources import load_model
 
 
 @dataclass(frozen=True)
@@ -46,36 +53,69 @@ class AutoPlanSettings:
                              parse_bypass_choices(self.bypass_choices), self.proxy_keep, self.head_every)
 
 
-def cmd_plan(args: argparse.Namespace) -> None:
-    from cqil.pipeline.plan_choice import config_and_plan
+@dataclass(frozen=True)
+class LatencySettings:
+    """The latency-budget search (`cqil plan --auto --latency-budget R`, pipeline/hybrid.py). Not build keys:
+    the build's plan stage runs the KL-budget search, and a cost model is measured per machine."""
 
+    latency_budget: float | None = setting(None, "hybrid plan (layers alone, grouped or dropped) whose predicted "
+                                           "decode latency is at most R x the original's under --cost-model",
+                                           check=number(lambda v: 0 < v <= 1, "must be in (0, 1]"), metavar="R",
+                                           toml=False)
+    cost_model: Path | None = setting(None, "the target's costs, measured by `cqil bench --cost-model`",
+                                      check=JSON_FILE, metavar="COST.json", toml=False)
+    layout: str = setting(LAYOUTS[0], "export layout whose group costs the search uses (default %(default)s)",
+                          check=one_of(*LAYOUTS), metavar="{" + ",".join(LAYOUTS) + "}", toml=False)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if (self.latency_budget is None) != (self.cost_model is None):
+            raise CqilError("--latency-budget R and --cost-model COST.json go together (measure one with "
+                            "`cqil bench --cost-model`)")
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """Depth pruning (`cqil plan --prune K`, pipeline/prune.py): the baseline CQIL is compared with; not a build
+    key (the build ships a CQIL plan)."""
+
+    prune: int | None = setting(None, "drop K decoder layers chosen on calibration text", check=POSITIVE,
+                                metavar="K", toml=False)
+    method: str | None = setting(None, "block-influence: ShortGPT's least-changing layers; greedy: SLEB-style, one "
+                                 "layer at a time by calibration KL (default greedy)",
+                                 check=one_of("block-influence", "greedy"), metavar="{block-influence,greedy}",
+                                 toml=False)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.method is not None and self.prune is None:
+            raise CqilError("--method chooses how --prune K picks the layers: add --prune K")
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    latency = from_args(LatencySettings, args)
     if not args.auto and (args.target_depth is not None or args.max_kl is not None
-                          or args.latency_budget is not None):
+                          or latency.latency_budget is not None):
         raise CqilError("--target-depth, --max-kl and --latency-budget choose an automatic plan: add --auto")
-    if (args.latency_budget is None) != (args.cost_model is None):
-        raise CqilError("--latency-budget R and --cost-model COST.json go together (measure one with "
-                        "`cqil bench --cost-model`)")
     choice = PlanChoice.from_args(args)
-    if args.prune is not None:
+    pruning = from_args(PruneSettings, args)
+    if pruning.prune is not None:
         if choice.given():
             raise CqilError(f"--prune chooses the plan itself: drop {', '.join('--' + g for g in choice.given())}")
-        return _pruned_plan(args)
-    if args.method is not None:
-        raise CqilError("--method chooses how --prune K picks the layers: add --prune K")
+        return _pruned_plan(args, pruning)
     if choice.check() == "auto":
-        if args.latency_budget is not None:
-            return _latency_plan(args)
+        if latency.latency_budget is not None:
+            return _latency_plan(args, latency)
         return _auto_plan(args)
     _, plan = config_and_plan(args)
     plan.save(args.out)
     print(f"{args.out}: {plan.describe()}")
 
 
-def search(settings: AutoPlanSettings, loaded, split, batch_size: int | None = None):
+def run(settings: AutoPlanSettings, loaded, split, batch_size: int | None = None):
     """The automatic search on the loaded model's calibration and held-out text: autoplan's SearchResult.
     What both `cqil plan --auto` and the build's plan stage run."""
     from cqil.model.cqil import CqilModel
-    from cqil.model.plan import identity_plan, model_record
     from cqil.pipeline import autoplan
 
     config = loaded.model.config
@@ -89,18 +129,13 @@ def search(settings: AutoPlanSettings, loaded, split, batch_size: int | None = N
 
 
 def _auto_plan(args: argparse.Namespace) -> None:
-    from cqil.model.fsutil import atomic_write_text, check_output_file
-    from cqil.pipeline.data import load_split
-    from cqil.pipeline.plan_choice import resolve_plan
-    from cqil.pipeline.sources import load_model
-
     table = args.out.with_suffix(".search.json")
     check_output_file(table, "--out")
     settings = from_args(AutoPlanSettings, args, calibration_chunks=args.max_chunks)
     loaded = load_model(args.model)
     settings.request().check(loaded.model.config.num_hidden_layers)  # before the text is read
     split = load_split(loaded.tokenizer, args.data, args.eval_data, args.seq_len)
-    result = search(settings, loaded, split, args.batch_size)
+    result = run(settings, loaded, split, args.batch_size)
     plan = resolve_plan(PlanChoice.from_args(args), loaded.model.config, search=lambda: result.plan)
     report = {"model": loaded.name, "data": split.source, **result.report}
     atomic_write_text(table, json.dumps(report, indent=2) + "\n")
@@ -120,22 +155,14 @@ def _auto_plan(args: argparse.Namespace) -> None:
     print(f"candidate table: {table}")
 
 
-def _latency_plan(args: argparse.Namespace) -> None:
-    from cqil.engines.cost_model import load_cost_model
+def _latency_plan(args: argparse.Namespace, latency: LatencySettings) -> None:
     from cqil.model.cqil import CqilModel
-    from cqil.model.fsutil import atomic_write_text, check_output_file
-    from cqil.model.plan import identity_plan, model_record
     from cqil.pipeline.autoplan import parse_bypass_choices
-    from cqil.pipeline.data import load_split
     from cqil.pipeline.hybrid import save_frontier_chart, search
-    from cqil.pipeline.sources import load_model
 
     if args.target_depth is not None or args.max_kl is not None:
         raise CqilError("--latency-budget is the budget of this search: drop --target-depth / --max-kl")
-    if not 0 < args.latency_budget <= 1:
-        raise CqilError(f"--latency-budget {args.latency_budget} must be in (0, 1]: a ratio of the original's "
-                        "decode step")
-    cost_model = load_cost_model(args.cost_model)
+    cost_model = load_cost_model(latency.cost_model)
     bypass_choices = parse_bypass_choices(args.bypass_choices)
     table, frontier_json = args.out.with_suffix(".search.json"), args.out.with_suffix(".pareto.json")
     chart = args.out.with_suffix(".pareto.png")
@@ -149,15 +176,15 @@ def _latency_plan(args: argparse.Namespace) -> None:
     calibration = limit_chunks(split.train, args.max_chunks)
     held_out = limit_chunks(split.held_out, args.eval_chunks)
     original = CqilModel(loaded.model, identity_plan(config.num_hidden_layers))
-    result = search(original, calibration, held_out, cost_model, args.latency_budget, model_record(config),
-                    args.max_group_size, bypass_choices, args.layout, args.head_every, args.batch_size)
+    result = search(original, calibration, held_out, cost_model, latency.latency_budget, model_record(config),
+                    args.max_group_size, bypass_choices, latency.layout, args.head_every, args.batch_size)
     atomic_write_text(table, json.dumps({"model": loaded.name, "data": split.source, **result.report}, indent=2) + "\n")
     atomic_write_text(frontier_json, json.dumps({"model": loaded.name, **result.frontier}, indent=2) + "\n")
     save_frontier_chart(result.frontier, chart, f"{loaded.name}: held-out KL vs predicted latency")
     result.plan.save(args.out)
     measured = result.report["measured"]
     print(f"{args.out}: {result.plan.describe()}; predicted latency ratio "
-          f"{result.plan.latency['predicted_ratio']:.3f} (budget {args.latency_budget}, {cost_model.target}); "
+          f"{result.plan.latency['predicted_ratio']:.3f} (budget {latency.latency_budget}, {cost_model.target}); "
           f"held-out KL {measured['kl']:.4f}, ppl {measured['ppl']:.3f} (original {measured['original_ppl']:.3f}); "
           f"scoring {result.seconds['score']:.0f} s, frontier {result.seconds['measure']:.0f} s")
     for kind, points in result.frontier["kinds"].items():
@@ -166,31 +193,27 @@ def _latency_plan(args: argparse.Namespace) -> None:
     print(f"search table: {table}; Pareto frontier: {frontier_json}, {chart}")
 
 
-def _pruned_plan(args: argparse.Namespace) -> None:
+def _pruned_plan(args: argparse.Namespace, pruning: PruneSettings) -> None:
     from cqil.model.cqil import CqilModel
-    from cqil.model.fsutil import atomic_write_text, check_output_file
-    from cqil.model.plan import identity_plan, model_record, pruned_plan
-    from cqil.pipeline.data import load_split
     from cqil.pipeline.prune import check_count, choose
     from cqil.pipeline.quality import evaluate
-    from cqil.pipeline.sources import load_model
 
     table = args.out.with_suffix(".prune.json")
     check_output_file(table, "--out")
     loaded = load_model(args.model)
     config = loaded.model.config
-    check_count(args.prune, config.num_hidden_layers)
+    check_count(pruning.prune, config.num_hidden_layers)
     split = load_split(loaded.tokenizer, args.data, args.eval_data, args.seq_len)
     calibration = limit_chunks(split.train, args.max_chunks)
     held_out = limit_chunks(split.held_out, args.eval_chunks)
     original = CqilModel(loaded.model, identity_plan(config.num_hidden_layers))
-    method = args.method or "greedy"
-    pruning = choose(method, original, calibration, args.prune, args.batch_size, args.head_every)
-    plan = pruned_plan(list(pruning.dropped), config.num_hidden_layers, model_record(config))
+    method = pruning.method or "greedy"
+    chosen = choose(method, original, calibration, pruning.prune, args.batch_size, args.head_every)
+    plan = pruned_plan(list(chosen.dropped), config.num_hidden_layers, model_record(config))
     result = evaluate(original, {"pruned": original.with_plan(plan)}, held_out, args.batch_size)
     measured = {"kl": result["pruned"]["kl"], "ppl": result["pruned"]["ppl"], "top1": result["pruned"]["top1"],
                 "original_ppl": result["original"]["ppl"]}
-    report = {"model": loaded.name, "data": split.source, **pruning.to_dict(),
+    report = {"model": loaded.name, "data": split.source, **chosen.to_dict(),
               "calibration": {"chunks": len(calibration), "tokens": calibration.numel()},
               "held_out": {"chunks": len(held_out), "tokens": held_out.numel()}, "plan": plan.to_dict(),
               "measured": measured}
@@ -211,19 +234,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     group = p.add_argument_group("automatic plan (--auto; see docs/autoplan.md)")
     group.add_argument("--auto", action="store_true", help="search the plan on calibration text")
     add_flags(group, AutoPlanSettings)
-    # Options of the pruning and latency-budget searches (not build keys).
-    group.add_argument("--latency-budget", type=number(lambda v: 0 < v <= 1, "must be in (0, 1]"), metavar="R",
-                       help="hybrid plan (layers alone, grouped or dropped) whose predicted decode latency is at "
-                       "most R x the original's under --cost-model")
-    group.add_argument("--cost-model", type=JSON_FILE, metavar="COST.json",
-                       help="the target's costs, measured by `cqil bench --cost-model`")
-    group.add_argument("--layout", choices=("branches", "fused"), default="branches",
-                       help="export layout whose group costs the search uses (default %(default)s)")
-    prune = p.add_argument_group("depth pruning (--prune; the baseline to compare CQIL with)")
-    prune.add_argument("--prune", type=POSITIVE, metavar="K", help="drop K decoder layers chosen on calibration text")
-    prune.add_argument("--method", choices=("block-influence", "greedy"), default=None,
-                       help="block-influence: ShortGPT's least-changing layers; greedy: SLEB-style, one layer at "
-                       "a time by calibration KL (default greedy)")
+    add_flags(group, LatencySettings)
+    add_flags(p.add_argument_group("depth pruning (--prune; the baseline to compare CQIL with)"), PruneSettings)
     add_data_options(p)
     # --max-chunks: the calibration chunks scored
     p.set_defaults(max_chunks=AutoPlanSettings.calibration_chunks, func=cmd_plan)

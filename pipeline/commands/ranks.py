@@ -16,8 +16,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from cqil.model.errors import ExitCode
+from cqil.engines.bench_settings import RankBenchSettings
+from cqil.engines.distributed.launch import check_backend
+from cqil.model.errors import ExitCode, Interrupted
 from cqil.model.settings import POSITIVE, POSITIVE_NUMBER, one_of, setting
+from cqil.model.signals import LAUNCHER_ENV
+from cqil.pipeline.commands.options import PLAN_FLAGS
+from cqil.pipeline.plan_choice import PlanChoice, config_and_plan
 from cqil.pipeline.settings import add_flags, from_args, to_argv
 
 WORKER_MODULE = "cqil.pipeline.rank_worker"
@@ -37,8 +42,6 @@ class RankOptions:
 
 def add_rank_options(parser: argparse.ArgumentParser, plan_options: bool = False) -> None:
     """--ranks/--backend/--timeout; `plan_options` adds --uniform/--groups/--bypass where a command lacks them."""
-    from cqil.pipeline.plan_choice import PlanChoice
-
     group = parser.add_argument_group("several processes (torch.distributed)")
     add_flags(group, RankOptions)
     if plan_options:
@@ -47,9 +50,7 @@ def add_rank_options(parser: argparse.ArgumentParser, plan_options: bool = False
 
 def checked_model_and_plan(args: argparse.Namespace) -> Path:
     """Resolve --model once (a default-model fetch must not run P times) and check the plan fits P ranks."""
-    from cqil.engines.distributed.launch import check_backend
     from cqil.engines.distributed.per_rank import check_world_fits
-    from cqil.pipeline.plan_choice import PlanChoice, config_and_plan
 
     PlanChoice.from_args(args).check()
     check_backend(args.backend)
@@ -61,8 +62,6 @@ def checked_model_and_plan(args: argparse.Namespace) -> Path:
 def worker_argv(command: str, args: argparse.Namespace, path: Path, settings: Any) -> list[str]:
     """`python -m cqil.pipeline.rank_worker` argv: the command, the model and plan, the rank options and
     `settings`, written from the same fields the worker's parser is made of."""
-    from cqil.pipeline.commands.options import PLAN_FLAGS
-    from cqil.pipeline.plan_choice import PlanChoice
 
     return [command, "--model", str(path), *to_argv(PlanChoice.from_args(args), only=PLAN_FLAGS),
             *to_argv(from_args(RankOptions, args), skip=("ranks",)), *to_argv(settings)]
@@ -82,8 +81,6 @@ def launch_generate(args: argparse.Namespace, settings) -> int:
 def launch_bench(args: argparse.Namespace, settings, output) -> int:
     """`cqil bench --ranks P`: one process vs tensor parallel vs CQIL on P processes, interleaved;
     `settings` (BenchSettings) with --threads as each rank's threads, `output` where rank 0 writes."""
-    from cqil.engines.bench_settings import RankBenchSettings
-
     shared = {f.name: getattr(settings, f.name) for f in fields(settings) if f.name != "threads"}
     ranked = RankBenchSettings(**shared, threads=settings.threads or 1)
     return launch(args.ranks, [*worker_argv("bench", args, checked_model_and_plan(args), ranked), *to_argv(output)])
@@ -99,8 +96,6 @@ def launch(ranks: int, worker_argv: list[str]) -> int:
     import logging
     import os
 
-    from cqil.model.errors import Interrupted
-    from cqil.model.signals import LAUNCHER_ENV
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 from cqil.model.settings import TEXT, setting
 from cqil.pipeline.commands.options import INPUT_PATH, input_file, output_dir
-from cqil.pipeline.settings import add_flags
+from cqil.pipeline.settings import add_flags, from_args
 
 
 @dataclass(frozen=True)
@@ -18,9 +19,10 @@ class TritonSettings:
 
 
 def cmd_triton(args: argparse.Namespace) -> None:
-    from cqil.engines import triton
+    from cqil.engines import triton  # torch and onnx: not at `cqil --help`
 
-    repo = triton.write_model_repository(args.onnx, args.out, model_name=args.name, engine_plan=args.engine)
+    settings = from_args(TritonSettings, args)
+    repo = run(settings, args.onnx, args.out, args.engine)
     io = repo.io
     plan = f"plan {io.spec.plan.describe()}" if io.spec.plan else "no plan metadata"
     print(f"{io.onnx}: {len(io.inputs)} inputs, {len(io.outputs)} outputs, {io.spec.num_layers} layers, {plan}")
@@ -29,10 +31,18 @@ def cmd_triton(args: argparse.Namespace) -> None:
     if args.engine is None:
         print("  no --engine: the TensorRT model was not written (build one with `cqil engine`)")
     print(f"serve with: tritonserver --model-repository {repo.path}")
-    text = triton.model_names(args.name)["text"]
+    text = triton.model_names(settings.name)["text"]
     if text in repo.models:
         print(f"text in, text out: curl -X POST localhost:8000/v2/models/{text}/generate "
               """-d '{"text_input": "...", "max_tokens": 32}'""")
+
+
+def run(settings: TritonSettings, onnx: Path, out: Path, engine: Path | None = None):
+    """The model repository for the exported ONNX (and the TensorRT `engine`, where given) written at `out`:
+    engines/triton.py's ModelRepository. What both `cqil triton` and the build's package stage run."""
+    from cqil.engines.triton import write_model_repository
+
+    return write_model_repository(onnx, out, model_name=settings.name, engine_plan=engine)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

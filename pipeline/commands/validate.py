@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from cqil.model.settings import NON_NEGATIVE, POSITIVE, setting
 from cqil.pipeline.commands.onnx_source import load_source, onnx_and_plan, write_json
@@ -16,6 +17,7 @@ from cqil.pipeline.commands.options import (
     add_model_options,
     input_file,
 )
+from cqil.pipeline.data import load_split
 from cqil.pipeline.settings import add_flags, from_args
 
 
@@ -30,20 +32,27 @@ class ValidateSettings:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from cqil.engines.validate import summary_lines, validate_onnx
+    from cqil.engines.validate import summary_lines
     from cqil.model.cqil import CqilModel
-    from cqil.pipeline.data import load_split
 
     onnx_path, spec, plan = onnx_and_plan(args)
     loaded = load_source(args, spec, onnx_path, plan)
-    settings = from_args(ValidateSettings, args)
-    chunks = load_split(loaded.tokenizer, args.data, args.eval_data, args.seq_len).held_out[: settings.chunks]
-    result = validate_onnx(onnx_path, CqilModel(loaded.model, plan), chunks, settings.decode_steps,
-                           engine=args.engine, threads=settings.threads)
+    held_out = load_split(loaded.tokenizer, args.data, args.eval_data, args.seq_len).held_out
+    result = run(from_args(ValidateSettings, args), onnx_path, CqilModel(loaded.model, plan), held_out, args.engine)
     result["reference_model"] = {"name": loaded.name, "path": str(loaded.path)}
     write_json(args.out, result)
     print(json.dumps(result, indent=2) if args.json else "\n".join(summary_lines(result)))
     return 0 if result["passed"] else 1
+
+
+def run(settings: ValidateSettings, onnx: Path, reference, held_out, engine: Path | None = None) -> dict:
+    """The ONNX (and the TensorRT `engine`, where given) against the PyTorch `reference` CqilModel on the
+    first `settings.chunks` held-out chunks: the validation record. What both `cqil validate` and the build's
+    validate stage run."""
+    from cqil.engines.validate import validate_onnx
+
+    return validate_onnx(onnx, reference, held_out[: settings.chunks], settings.decode_steps, engine=engine,
+                         threads=settings.threads)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

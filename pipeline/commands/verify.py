@@ -4,24 +4,30 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from cqil.pipeline.commands.options import INPUT_FOLDER
+from cqil.pipeline.manifest import NAME, Problem, verify
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from cqil.pipeline.manifest import NAME, verify
-
-    problems, checked = verify(args.dir)
+    result = run(args.dir)
     if args.json:
-        print(json.dumps({"build": str(args.dir), "ok": not problems, "files_checked": checked,
-                          "problems": [{"path": p.path, "problem": p.kind, "detail": p.detail} for p in problems]},
-                         indent=2))
+        print(json.dumps(result, indent=2))
     else:
-        for problem in problems:
-            print(problem.line())
-        print(f"{args.dir}: " + (f"OK, all {checked} files recorded in {NAME} match their sha256 and size"
-                                 if not problems else f"{len(problems)} mismatch(es) with {NAME}"))
-    return 1 if problems else 0
+        for problem in result["problems"]:
+            print(Problem(problem["path"], problem["problem"], problem["detail"]).line())
+        count = len(result["problems"])
+        print(f"{args.dir}: " + (f"OK, all {result['files_checked']} files recorded in {NAME} match their sha256 and "
+                                 f"size" if not count else f"{count} mismatch(es) with {NAME}"))
+    return 0 if result["ok"] else 1
+
+
+def run(build_dir: Path) -> dict:
+    """Every file of the build at `build_dir` against its manifest: `cqil verify --json`'s record."""
+    problems, checked = verify(build_dir)
+    return {"build": str(build_dir), "ok": not problems, "files_checked": checked,
+            "problems": [{"path": p.path, "problem": p.kind, "detail": p.detail} for p in problems]}
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from cqil.pipeline.build import STAGE_ORDER
+from cqil.pipeline.build_config import STAGE_ORDER
 from cqil.pipeline.cli import main
 from cqil.pipeline.stages import build_lock
 

@@ -10,13 +10,17 @@ from pathlib import Path
 import pytest
 import tomllib
 from cqil.engines.bench_settings import BenchSettings, RankBenchSettings
+from cqil.engines.tensorrt.options import EngineOptions
+from cqil.export import choices
 from cqil.model.errors import CqilError
 from cqil.model.settings import spelled_fields
 from cqil.pipeline import build_config
-from cqil.pipeline.cli import build_parser
-from cqil.pipeline.commands.bench import BenchOutput
+from cqil.pipeline.cli import build_parser, main
+from cqil.pipeline.commands.bench import BenchOutput, CostModelOutput
+from cqil.pipeline.commands.export import ExportSettings
 from cqil.pipeline.commands.generate import GenerateSettings
 from cqil.pipeline.commands.options import PLAN_FLAGS
+from cqil.pipeline.commands.plan import LatencySettings, PruneSettings
 from cqil.pipeline.commands.ranks import RankOptions, worker_argv
 from cqil.pipeline.plan_choice import PlanChoice
 from cqil.pipeline.rank_worker import build_parser as worker_parser
@@ -152,3 +156,67 @@ def test_a_build_value_is_checked_as_its_flag_is(override, message):
         build_config.load_config(overrides=[override])
     assert str(caught.value).startswith(message)
     assert "--prefill-repeats" not in str(caught.value)
+
+
+def parsed_settings(cls: type, *argv: str):
+    return from_args(cls, build_parser().parse_args(list(argv)))
+
+
+def test_cqil_engine_flags_are_engine_options_fields(tmp_path):
+    onnx, out = str(tmp_path), str(tmp_path / "m.plan")
+    options = EngineOptions(precision="bf16", aux_streams=3, opt_batch=2, max_batch=3, opt_seq=8, max_seq=16,
+                            opt_past=32, max_context=64, workspace_mib=512, timing_cache=tmp_path / "t.cache")
+    assert_every_field_differs_from_its_default(options)
+    assert parsed_settings(EngineOptions, "engine", "--onnx", onnx, "--out", out, *to_argv(options)) == options
+    assert parsed_settings(EngineOptions, "engine", "--onnx", onnx, "--out", out) == EngineOptions()
+
+
+def test_the_pruning_latency_and_cost_options_are_settings(tiny_model_dir, tmp_path):
+    model = str(tiny_model_dir("llama"))
+    cost = tmp_path / "cost.json"
+    cost.write_text("{}")
+    latency = LatencySettings(latency_budget=0.5, cost_model=cost, layout="fused")
+    pruning = PruneSettings(prune=2, method="block-influence")
+    measured = CostModelOutput(cost_model=tmp_path / "c.json", cost_max_group_size=3, cost_layouts=("fused",))
+    for settings in (latency, pruning, measured):
+        assert_every_field_differs_from_its_default(settings)
+    assert parsed_settings(LatencySettings, "plan", "--model", model, *to_argv(latency)) == latency
+    assert parsed_settings(PruneSettings, "plan", "--model", model, *to_argv(pruning)) == pruning
+    assert parsed_settings(CostModelOutput, "bench", "--model", model, *to_argv(measured)) == measured
+    assert parsed_settings(CostModelOutput, "bench", "--cost-layouts", " fused, branches,fused").cost_layouts == (
+        "fused", "branches")
+    assert CostModelOutput().cost_layouts == ("branches", "fused")  # what --cost-layouts defaulted to
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--cost-layouts", "packed"], "--cost-layouts packed must list branches and/or fused"),
+    (["bench", "--cost-max-group-size", "1"], "--cost-max-group-size 1 must be at least 2"),
+    (["plan", "--layout", "wide"], "--layout wide must be one of branches, fused"),
+    (["plan", "--method", "random"], "--method random must be one of block-influence, greedy"),
+    (["plan", "--latency-budget", "1.5"], "--latency-budget 1.5 must be in (0, 1]"),
+    (["engine", "--precision", "int8"], "--precision int8 must be one of fp32, fp16, bf16"),
+])
+def test_a_bad_generated_option_is_one_line_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_the_export_choices_are_spelled_once():
+    from cqil.export import precision, writer
+
+    assert (writer.LAYOUTS, writer.TARGETS, precision.PRECISIONS) == (choices.LAYOUTS, choices.TARGETS,
+                                                                     choices.PRECISIONS)
+    fields = {f.name: spell.check for f, spell in spelled_fields(ExportSettings)}
+    for name, allowed in (("layout", choices.LAYOUTS), ("target", choices.TARGETS),
+                          ("precision", choices.PRECISIONS)):
+        assert [value for value in (*choices.LAYOUTS, *choices.TARGETS, *choices.PRECISIONS, "bf16")
+                if _accepts(fields[name], value)] == list(allowed), name
+
+
+def _accepts(check, value: str) -> bool:
+    try:
+        check(value)
+    except ValueError:
+        return False
+    return True

@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cqil.pipeline.build import STAGE_ORDER, make_stages
-from cqil.pipeline.build_config import DEFAULTS, load_config
+from cqil.pipeline.build import make_stages
+from cqil.pipeline.build_config import DEFAULTS, STAGE_ORDER, load_config
 from cqil.pipeline.stages import Stage, StageContext, stage_keys
 
 TEXT_KEYS = {"data.data", "data.eval_data", "data.seq_len"}
