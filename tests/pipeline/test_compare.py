@@ -41,3 +41,12 @@ def test_compare_before_matches_eval_and_recovery_changes_every_plan(tiny_model_
 def test_compare_refuses_bad_plan_lists(tiny_model_dir, capsys, plans, message):
     assert main(["compare", "--model", str(tiny_model_dir("llama", LAYERS)), "--plans", plans]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_compare_without_a_second_text(tiny_model_dir, tmp_path, capsys):
+    """--second-eval '' means none, as its help says: only the training text's held-out part is compared."""
+    model = str(tiny_model_dir("llama", LAYERS))
+    pruned_plan([2], LAYERS).save(tmp_path / "prune.json")
+    assert main(["compare", "--model", model, "--plans", f"prune={tmp_path / 'prune.json'}", "--second-eval", "",
+                 "--json", *COMMON]) == 0
+    assert set(json.loads(capsys.readouterr().out)["before"]) == {"held_out"}
