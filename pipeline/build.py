@@ -231,18 +231,19 @@ def run_engines(ctx: StageContext, config: dict) -> dict:
 
 
 def run_validate(ctx: StageContext, config: dict) -> dict:
+    from cqil.engines.greedy_agreement import prompt_ids
     from cqil.engines.validate import validate_onnx
     from cqil.model.cqil import CqilModel
     from cqil.model.plan import identity_plan
     from cqil.pipeline.autoplan import uniform_of_depth
     from cqil.pipeline.data import chunk_tokens, read_text, spread_chunks
-    from cqil.pipeline.quality import evaluate
+    from cqil.pipeline.quality import at_precision, evaluate
 
     params = ctx.params
     loaded, merged = _merged(ctx)
     split = _split(loaded, config)
     validation = validate_onnx(ctx.upstream("export") / "onnx", merged, split.held_out[: params["chunks"]],
-                               decode_steps=params["decode_steps"])
+                               decode_steps=params["decode_steps"], greedy_prompts=prompt_ids(loaded.tokenizer))
     validation["onnx"] = "export/onnx/model.onnx"  # relative to the build, not this machine's path
     _write_json(ctx.out / "validation.json", validation)
 
@@ -258,6 +259,8 @@ def run_validate(ctx: StageContext, config: dict) -> dict:
             candidates["cqil_uniform"] = original.with_plan(uniform[1])
     if (ctx.upstream("recover") / "adapter").is_dir():
         candidates["cqil_recovered"] = merged
+    # int8/int4/fp16 exports: the shipped file and the original at the same precision, next to the fp32 rows
+    candidates.update(at_precision(ctx.upstream("export") / "onnx", source.path, merged.plan))
     texts = {"held_out": split.held_out[: params["quality_chunks"]]}
     second = config["data"]["second_eval"]
     if second:

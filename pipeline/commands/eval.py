@@ -7,6 +7,7 @@ import json
 
 from cqil.pipeline.commands.options import (
     INPUT_FOLDER,
+    INPUT_PATH,
     MODEL,
     add_data_options,
     add_model_options,
@@ -20,7 +21,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from cqil.pipeline.comparison import LABELS, comparison_models
     from cqil.pipeline.data import load_split
     from cqil.pipeline.plan_choice import load_model_and_plan
-    from cqil.pipeline.quality import evaluate
+    from cqil.pipeline.quality import at_precision, evaluate
 
     loaded, plan = load_model_and_plan(args, adapter=args.adapter, strict=args.strict)
     config = loaded.model.config
@@ -31,6 +32,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
                         f"use at most {context}")
     split = load_split(loaded.tokenizer, args.data, args.eval_data, args.seq_len)
     chunks = limit_chunks(split.held_out, args.max_chunks)
+    labels = {name: LABELS[name] if provenance else name for name in ("original", *candidates)}
+    if args.onnx is not None:
+        source = provenance.get("base_model", {}).get("path", loaded.path)
+        exported = at_precision(args.onnx, source, plan)
+        candidates.update(exported)
+        labels.update({name: name.replace("_", " ") for name in exported})
     result = evaluate(original, candidates, chunks, args.batch_size)
     result["plan"] = plan.to_dict()
     result["model"] = loaded.name
@@ -42,11 +49,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"{loaded.name} on {split.source}: {len(chunks)} held-out chunks, {result['tokens']} tokens")
     print(f"plan: {plan.describe()}")
     print(f"{'model':<13} {'ppl':>9} {'kl':>9} {'top1':>7}")
-    for name in ("original", *candidates):
+    for name, label in labels.items():
         row = result[name]
         kl = f"{row['kl']:.4f}" if "kl" in row else "-"
         top1 = f"{row['top1']:.3f}" if "top1" in row else "-"
-        label = LABELS[name] if provenance else name
         print(f"{label:<13} {row['ppl']:>9.3f} {kl:>9} {top1:>7}")
     print(f"{result['tokens_per_s']} tokens/s ({result['seconds']} s)")
 
@@ -59,6 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", type=INPUT_FOLDER, help="peft LoRA adapter: also report CQIL+adapter")
     p.add_argument("--base-model", type=MODEL, help="for a merged CQIL checkpoint: the model it was merged from "
                    "(default: the one recorded in its config)")
+    p.add_argument("--onnx", type=INPUT_PATH, help="a `cqil export` folder of this CQIL model at int8/int4/fp16: also "
+                   "score it and the original exported at the same precision, side by side (ONNX Runtime)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--strict", action="store_true",
                    help="refuse an adapter distilled for another plan (default: a warning)")

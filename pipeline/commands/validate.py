@@ -30,6 +30,7 @@ class ValidateSettings:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from cqil.engines.greedy_agreement import prompt_ids
     from cqil.engines.validate import summary_lines, validate_onnx
     from cqil.model.cqil import CqilModel
     from cqil.pipeline.data import load_split
@@ -39,7 +40,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     settings = from_args(ValidateSettings, args)
     chunks = load_split(loaded.tokenizer, args.data, args.eval_data, args.seq_len).held_out[: settings.chunks]
     result = validate_onnx(onnx_path, CqilModel(loaded.model, plan), chunks, settings.decode_steps,
-                           engine=args.engine, threads=settings.threads)
+                           engine=args.engine, threads=settings.threads,
+                           greedy_prompts=prompt_ids(loaded.tokenizer))
     result["reference_model"] = {"name": loaded.name, "path": str(loaded.path)}
     write_json(args.out, result)
     print(json.dumps(result, indent=2) if args.json else "\n".join(summary_lines(result)))
