@@ -27,10 +27,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from cqil.engines.greedy_agreement import describe as describe_greedy
+from cqil.engines.greedy_agreement import greedy_agreement
 from cqil.engines.onnxruntime import OrtRunner
 from cqil.engines.tensorrt.build import import_tensorrt
 from cqil.engines.tensorrt.runner import TensorRTRunner
-from cqil.engines.tolerances import Thresholds, default_thresholds
+from cqil.engines.tolerances import QUANTIZED_THRESHOLDS, Thresholds, default_thresholds
 from cqil.export.check import check_branch_structure
 from cqil.export.contract import (
     LAYOUT_KEY,
@@ -214,13 +216,16 @@ def _structure(spec: ContractSpec, onnx_path: Path) -> dict[str, Any]:
 def validate_onnx(onnx_dir: Path, reference: CqilModel, chunks: torch.Tensor, decode_steps: int = 4,
                   thresholds: Thresholds | None = None, engine: Path | None = None, threads: int | None = None,
                   providers: Sequence[str] | None = None, progress: bool = True,
-                  attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
+                  attention_mask: torch.Tensor | None = None,
+                  greedy_prompts: Sequence[torch.Tensor] = ()) -> dict[str, Any]:
     """Validate the exported model (and a TensorRT engine, if given and TensorRT imports) against `reference`.
 
     `chunks` [n, seq] int64 of held-out text; the last `decode_steps` tokens of each are decoded.
     `attention_mask` [n, seq] of 0/1 (0 = left padding, never among the decoded tokens) makes the
     chunks a padded batch; by default every token is real. Every position is compared, padding too:
-    both sides compute the same masked rows. Returns the JSON-able result; `result["passed"]` is the verdict.
+    both sides compute the same masked rows. `greedy_prompts` (token ids [1, n] each): for an int8/int4
+    file, the greedy tokens of ONNX Runtime and the reference on them are compared too (reported, not a
+    pass condition: engines/greedy_agreement.py). Returns the JSON-able result; `result["passed"]` is the verdict.
     """
     onnx_path = find_onnx(Path(onnx_dir))
     spec = read_contract(onnx_path)
@@ -251,12 +256,15 @@ def validate_onnx(onnx_dir: Path, reference: CqilModel, chunks: torch.Tensor, de
         engines[name] = compare_runner(runner, reference, chunks, decode_steps, limits, names, progress,
                                        attention_mask)
     engines["onnxruntime"]["providers"] = ort_runner.session.get_providers()
+    precision = spec.metadata.get(PRECISION_KEY) or PRECISION_NAMES.get(spec.kv_dtype, spec.kv_dtype)
+    if greedy_prompts and precision in QUANTIZED_THRESHOLDS:
+        engines["onnxruntime"]["greedy"] = greedy_agreement(reference, ort_runner, greedy_prompts)
     structure = _structure(spec, onnx_path)
     ran = [result for result in engines.values() if "skipped" not in result]
     return {
         "format": VALIDATION_FORMAT,
         "onnx": str(onnx_path),
-        "precision": spec.metadata.get(PRECISION_KEY) or PRECISION_NAMES.get(spec.kv_dtype, spec.kv_dtype),
+        "precision": precision,
         "plan": reference.plan.to_dict(),
         "source_model": spec.source_model(),
         "data": {"chunks": int(chunks.shape[0]), "seq_len": int(chunks.shape[1]),
@@ -289,6 +297,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         ppl = engine["perplexity"]
         lines.append(f"  {name} held-out perplexity {ppl['engine']:.4g} vs reference {ppl['reference']:.4g} "
                      f"({ppl['ratio']:.4f}x over {ppl['tokens']} tokens): {'ok' if ppl['passed'] else 'FAIL'}")
+        if "greedy" in engine:
+            lines.append(f"  {name} {describe_greedy(engine['greedy'])}")
     structure = result["structure"]
     lines.append(f"  structure: {structure['detail']}")
     lines.extend(f"  note: {note}" for note in result["notes"])

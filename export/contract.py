@@ -126,6 +126,7 @@ LAYOUT_KEY = "cqil.layout"  # branches | fused
 DTYPE_KEY = "cqil.dtype"  # fp32 | fp16: activations and cache (int8/int4 weights run in fp32)
 TARGET_KEY = "cqil.target"  # portable (standard operators) | onnxruntime (its contrib operators, the GenAI builder's graph)
 PRECISION_KEY = "cqil.precision"  # fp32 | fp16 | int8 | int4: the weights (export.precision)
+QUANTIZATION_KEY = "cqil.quantization"  # int8/int4: how the weights were quantized (export.precision.Quantization, JSON)
 SOURCE_KEY = "cqil.source_model"  # JSON: the name of the model that was exported
 # Beside model.onnx: the exported model's name and resolved path, kept out of the ONNX so that its bytes do not
 # depend on where the model folder lies (commands read the path back to find the PyTorch reference).

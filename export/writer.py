@@ -27,7 +27,15 @@ from cqil.export import contract
 from cqil.export.check import StructureReport, check_branch_structure
 from cqil.export.choices import LAYOUTS, TARGETS
 from cqil.export.genai_config import write_genai_config
-from cqil.export.precision import DEFAULT_BLOCK_SIZE, TRACE_DTYPES, check_precision, is_quantized
+from cqil.export.precision import (
+    DEFAULT_QUANTIZATION,
+    TRACE_DTYPES,
+    Quantization,
+    builder_quantization,
+    check_precision,
+    check_target_precision,
+    is_quantized,
+)
 from cqil.export.tokenizer_files import write_tokenizer_files
 from cqil.model.cqil import CqilModel
 from cqil.model.errors import CqilError
@@ -64,10 +72,12 @@ class ExportResult:
         }
 
 
-def check_options(layout: str, precision: str, block_size: int = DEFAULT_BLOCK_SIZE, target: str = "portable") -> None:
-    check_precision(precision, block_size)
+def check_options(layout: str, precision: str, quantization: Quantization = DEFAULT_QUANTIZATION,
+                  target: str = "portable") -> None:
+    check_precision(precision, quantization)
     if target not in TARGETS:
         raise CqilError(f"unknown target '{target}': use --target {' or '.join(TARGETS)}")
+    check_target_precision(target, precision)
     if target == "onnxruntime" and layout != "branches":
         raise CqilError("--target onnxruntime writes the branch layout (the model builder packs each layer's "
                         "q/k/v); --layout fused is a portable-target layout: drop one of them")
@@ -97,7 +107,8 @@ def _layout_module(model: CqilModel, layout: str) -> torch.nn.Module:
     return contract.ContractModule(layout_model(model, layout))
 
 
-def _metadata(model: CqilModel, layout: str, precision: str, source: dict, target: str) -> dict[str, str]:
+def _metadata(model: CqilModel, layout: str, precision: str, source: dict, target: str,
+              quantization: Quantization) -> dict[str, str]:
     from cqil.model.version import __version__
 
     kv_shape = {"layers": model.num_layers, "kv_heads": model.num_kv_heads, "head_dim": model.head_dim}
@@ -110,6 +121,7 @@ def _metadata(model: CqilModel, layout: str, precision: str, source: dict, targe
         contract.VERSION_KEY: f"cqil-pipeline {__version__}",
         contract.KV_SHAPE_KEY: json.dumps(kv_shape, sort_keys=True),
         contract.TARGET_KEY: target,
+        **({contract.QUANTIZATION_KEY: quantization.to_json()} if is_quantized(precision) else {}),
     }
 
 
@@ -123,7 +135,7 @@ def _write_source_file(folder: Path, source: dict) -> None:
 def _write_side_files(folder: Path, model: CqilModel, precision: str, tokenizer, genai: bool = True) -> None:
     config = copy.deepcopy(model.hf.config)
     setattr(config, CONFIG_KEY, model.plan.to_dict())
-    config.dtype = TRACE_DTYPES[precision]
+    config.dtype = getattr(torch, TRACE_DTYPES[precision])
     config.save_pretrained(folder)
     generation = getattr(model.hf, "generation_config", None)
     if generation is not None:
@@ -134,7 +146,7 @@ def _write_side_files(folder: Path, model: CqilModel, precision: str, tokenizer,
         write_tokenizer_files(tokenizer, folder)
 
 
-def _quantized(ir_model, precision: str, block_size: int):
+def _quantized(ir_model, precision: str, quantization: Quantization):
     """`ir_model` with its constant-weight MatMuls quantized by ONNX Runtime (export.precision)."""
     import onnx_ir as ir
     from cqil.export.precision import constant_weights, quantize
@@ -142,7 +154,7 @@ def _quantized(ir_model, precision: str, block_size: int):
     constant_weights(ir_model.graph)
     proto = ir.to_proto(ir_model)
     del ir_model
-    return ir.from_proto(quantize(proto, precision, block_size))
+    return ir.from_proto(quantize(proto, precision, quantization))
 
 
 def _loads_in_onnxruntime(path: Path) -> None:
@@ -154,15 +166,17 @@ def _loads_in_onnxruntime(path: Path) -> None:
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _export_onnxruntime(model: CqilModel, out: Path, precision: str, block_size: int, source: dict,
+def _export_onnxruntime(model: CqilModel, out: Path, precision: str, quantization: Quantization, source: dict,
                         tokenizer) -> ExportResult:
     """The onnxruntime target: the model builder writes the folder, then labels, metadata, side files, checks."""
     from cqil.export import ort_target
 
     start = time.perf_counter()
     with atomic_dir(out) as tmp:
-        ort_target.build(model, tmp, precision, block_size, tokenizer)
-        nodes = ort_target.finish(tmp, model.plan, _metadata(model, "branches", precision, source, "onnxruntime"),
+        ort_target.build(model, tmp, precision, quantization.block_size, tokenizer)
+        recipe = builder_quantization(quantization.block_size)
+        nodes = ort_target.finish(tmp, model.plan, _metadata(model, "branches", precision, source, "onnxruntime",
+                                                             recipe),
                                    model.head_dim)
         _write_side_files(tmp, model, precision, tokenizer, genai=False)
         _write_source_file(tmp, source)
@@ -178,34 +192,34 @@ def _export_onnxruntime(model: CqilModel, out: Path, precision: str, block_size:
 
 def export_model(model: CqilModel, out: Path, layout: str = "branches", precision: str = "fp32",
                  source: dict | None = None, tokenizer=None, external_data: bool | None = None,
-                 progress: bool = True, block_size: int = DEFAULT_BLOCK_SIZE,
+                 progress: bool = True, quantization: Quantization = DEFAULT_QUANTIZATION,
                  target: str = "portable") -> ExportResult:
     """Export `model` (its plan decides the groups) into the folder `out`, replacing it on success.
 
     `external_data` None: weights go to model.onnx.data past EXTERNAL_DATA_THRESHOLD bytes.
-    `block_size`: the quantization block of int8/int4 weights along K. `target` onnxruntime: the
+    `quantization`: how int8/int4 weights are made (export.precision). `target` onnxruntime: the
     model builder's graph with the plan's groups (`export.ort_target`).
     """
     import onnx
     import onnx_ir as ir
     from cqil.export.onnx_export import export_layout
 
-    check_options(layout, precision, block_size, target)
+    check_options(layout, precision, quantization, target)
     out = Path(out)
     check_writable(out)
     if target == "onnxruntime":
-        return _export_onnxruntime(model, out, precision, block_size, source or {}, tokenizer)
+        return _export_onnxruntime(model, out, precision, quantization, source or {}, tokenizer)
     start = time.perf_counter()
     steps = tqdm(total=4, desc="export", unit="step", disable=not progress, leave=False)
     steps.set_postfix_str("torch.export -> ONNX")
-    dtype = TRACE_DTYPES[precision]
+    dtype = getattr(torch, TRACE_DTYPES[precision])
     model = _in_dtype(model, dtype)
     ir_model = export_layout(_layout_module(model, layout), model, dtype)
     contract.name_total_dims(ir_model.graph)
-    ir_model.metadata_props.update(_metadata(model, layout, precision, source or {}, target))
+    ir_model.metadata_props.update(_metadata(model, layout, precision, source or {}, target, quantization))
     if is_quantized(precision):
         steps.set_postfix_str(f"{precision} weights (MatMulNBits)")
-        ir_model = _quantized(ir_model, precision, block_size)
+        ir_model = _quantized(ir_model, precision, quantization)
     nodes = len(list(ir_model.graph))
     steps.update()
     weight_bytes = sum(value.const_value.nbytes for value in ir_model.graph.initializers.values())

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cqil.engines.bench_settings import BenchSettings
+from cqil.engines.greedy_agreement import prompt_ids
 from cqil.engines.tensorrt.options import EngineOptions
 from cqil.export.contract import find_onnx, read_contract
 from cqil.model import plan as plans
@@ -39,7 +40,7 @@ from cqil.pipeline.commands import validate as validate_command
 from cqil.pipeline.commands.options import DataSettings
 from cqil.pipeline.data import DEFAULT_TEXT_NAME, JARGON_FILE, chunk_tokens, load_split, read_text, spread_chunks
 from cqil.pipeline.plan_choice import PlanChoice, resolve_plan
-from cqil.pipeline.quality import evaluate
+from cqil.pipeline.quality import at_precision, evaluate
 from cqil.pipeline.recovery_chart import save_curve
 from cqil.pipeline.reference import cached_reference
 from cqil.pipeline.sources import SOURCE_RECORD, load_model, model_name, resolve_model_dir
@@ -211,7 +212,8 @@ def run_validate(ctx: StageContext, config: dict) -> dict:
     loaded, merged = _merged(ctx)
     split = _split(loaded, config)
     validation = validate_command.run(section_settings(config, "validate", validate_command.ValidateSettings),
-                                      ctx.upstream("export") / "onnx", merged, split.held_out)
+                                      ctx.upstream("export") / "onnx", merged, split.held_out,
+                                      greedy_prompts=prompt_ids(loaded.tokenizer))
     validation["onnx"] = "export/onnx/model.onnx"  # relative to the build, not this machine's path
     _write_json(ctx.out / "validation.json", validation)
 
@@ -227,6 +229,8 @@ def run_validate(ctx: StageContext, config: dict) -> dict:
             candidates["cqil_uniform"] = original.with_plan(uniform[1])
     if (ctx.upstream("recover") / "adapter").is_dir():
         candidates["cqil_recovered"] = merged
+    # int8/int4/fp16 exports: the shipped file and the original at the same precision, next to the fp32 rows
+    candidates.update(at_precision(ctx.upstream("export") / "onnx", source.path, merged.plan))
     texts = {"held_out": split.held_out[: params["quality_chunks"]]}
     second = config["data"]["second_eval"]
     if second:

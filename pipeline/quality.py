@@ -5,10 +5,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from cqil.engines.runner import ContractRunner
+from cqil.export.contract import PRECISION_KEY
 from cqil.model.cqil import CqilModel
+from cqil.model.errors import CqilError
+from cqil.model.plan import Plan
 from cqil.model.divergence import Agreement
 from tqdm import tqdm
 
@@ -56,3 +61,26 @@ def evaluate(original: CqilModel, candidates: Mapping[str, CqilModel], chunks: t
     result["seconds"] = round(seconds, 2)
     result["tokens_per_s"] = round(tokens * len(totals) / seconds, 1)
     return result
+
+
+def at_precision(onnx_dir: Path, original_source: Path, plan: Plan) -> dict[str, ContractRunner]:
+    """`evaluate` candidates for an exported CQIL folder at its precision and the original model exported at the
+    same precision (the same int8/int4 quantization; cached, `pipeline.reference`), run by ONNX Runtime.
+
+    Keys `original_<precision>` and `cqil_<precision>`, so that a table puts both next to the fp32 rows and
+    the cost of the precision shows on each side. Empty for an fp32 folder (the PyTorch rows say it all).
+    """
+    from cqil.engines.onnxruntime import OrtRunner
+    from cqil.export.contract import find_onnx, read_contract
+    from cqil.pipeline.reference import cached_reference
+
+    onnx_path = find_onnx(Path(onnx_dir))
+    spec = read_contract(onnx_path)
+    if spec.plan is not None and (spec.plan.groups, spec.plan.bypass) != (plan.groups, plan.bypass):
+        raise CqilError(f"'{onnx_path}' was exported under {spec.plan.describe()}, not the plan evaluated here "
+                        f"({plan.describe()}): pass the plan it was exported with")
+    precision = spec.metadata.get(PRECISION_KEY) or "fp32"
+    if precision == "fp32":
+        return {}
+    reference = cached_reference(spec, onnx_path, model=original_source)
+    return {f"original_{precision}": OrtRunner(reference), f"cqil_{precision}": OrtRunner(onnx_path)}

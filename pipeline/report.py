@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cqil.engines.greedy_agreement import describe as describe_greedy
 from cqil.pipeline.manifest import library_versions
 from cqil.pipeline.stages import StageResult
 
@@ -19,6 +20,9 @@ def _quality_rows(quality: dict, plan_label: str) -> list[str]:
     uniform = quality.get("plans", {}).get("cqil_uniform", "")
     labels = {"original": "original", "cqil_uniform": f"CQIL uniform {uniform} (no recovery)",
               "cqil": f"CQIL {plan_label} (no recovery)", "cqil_recovered": f"CQIL {plan_label} + recovery (merged)"}
+    for precision in ("fp16", "int8", "int4"):  # the exported file and the original at its precision (ONNX Runtime)
+        labels[f"original_{precision}"] = f"original, {precision} export"
+        labels[f"cqil_{precision}"] = f"CQIL {plan_label}, {precision} export (shipped)"
     rows = ["| model | PPL | PPL / original | KL(original ‖ model) | top-1 agreement |", "|---|---:|---:|---:|---:|"]
     original = quality["original"]["ppl"]
     for key, label in labels.items():
@@ -63,6 +67,13 @@ def _validation_rows(validation: dict) -> list[str]:
             p = result[phase]
             rows.append(f"| {engine} | {phase} | {p['logits']['max_abs']:.2e} | {p['worst_present']['max_abs']:.2e} | "
                         f"{p['top1']:.3f} | {p['kl']:.2e} | {'yes' if p['passed'] else 'NO: ' + '; '.join(p['failures'])} |")
+    for engine, result in validation["engines"].items():
+        if "perplexity" in result:
+            ppl = result["perplexity"]
+            rows.append(f"\n{engine}: held-out perplexity {ppl['engine']:.4g} vs the reference's {ppl['reference']:.4g} "
+                        f"({ppl['ratio']:.4f}x){'' if ppl['passed'] else ' - over the limit'}.")
+        if "greedy" in result:
+            rows.append(f"\n{engine}: {describe_greedy(result['greedy'])} (not a pass condition).")
     rows += [f"\nNote: {note}" for note in validation.get("notes", [])]
     return rows
 

@@ -7,8 +7,19 @@ import json
 from dataclasses import dataclass
 
 from cqil.export.choices import LAYOUTS, PRECISIONS, TARGETS
+from cqil.export.precision import (
+    DEFAULT_QUANTIZATION,
+    INT4_METHODS,
+    MATMUL_LIST,
+    MATMUL_NAMES,
+    TRACE_DTYPES,
+    Quantization,
+    check_precision,
+    check_target_precision,
+    parse_matmul_names,
+)
 from cqil.model.errors import CqilError
-from cqil.model.settings import POSITIVE, check_fields, one_of, setting
+from cqil.model.settings import NON_NEGATIVE, POSITIVE, check_fields, one_of, setting
 from cqil.pipeline.commands.options import OUTPUT_DIR, add_model_options, add_plan_options
 from cqil.pipeline.plan_choice import load_model_and_plan
 from cqil.pipeline.settings import add_flags, from_args
@@ -26,27 +37,42 @@ class ExportSettings:
                           check=one_of(*TARGETS))
     precision: str = setting("fp32", "fp32 (default), fp16, or int8 / int4 weights (MatMulNBits)",
                              check=one_of(*PRECISIONS), toml_aliases=("dtype",))
-    block_size: int = setting(32, "int8/int4: weights quantized in blocks of this many along K (default "
-                              "%(default)s)", check=POSITIVE)
+    block_size: int = setting(DEFAULT_QUANTIZATION.block_size, "int8/int4: weights quantized in blocks of this many "
+                              "along K (default %(default)s)", check=POSITIVE)
+    int4_method: str = setting(DEFAULT_QUANTIZATION.method, "int4: rtn (round to nearest, symmetric: the GenAI model "
+                               "builder's; default %(default)s) or hqq (ONNX Runtime's half-quadratic quantizer, "
+                               "asymmetric: lower KL, minutes longer)", check=one_of(*INT4_METHODS))
+    int8_matmuls: str = setting(",".join(DEFAULT_QUANTIZATION.int8_matmuls), "int4: the matmuls kept 8-bit, "
+                                f"comma-separated ({', '.join(MATMUL_NAMES)}; '' for none; default %(default)s)",
+                                check=MATMUL_LIST)
+    accuracy_level: int = setting(DEFAULT_QUANTIZATION.accuracy_level, "int8/int4: MatMulNBits accuracy_level: 4 = "
+                                  "int8 activations, the fast CPU kernels (default); 0 = fp32 activations",
+                                  check=NON_NEGATIVE)
     external_data: bool = setting(False, "always put the weights in model.onnx.data (default: past 64 MiB)",
                                   toml=False)
 
     def __post_init__(self) -> None:
         check_fields(self)
+        check_precision(self.precision, self.quantization)
+        check_target_precision(self.target, self.precision)
         if self.target == "onnxruntime" and self.layout != "branches":
             raise CqilError("--target onnxruntime writes the branch layout (the model builder packs each layer's "
                             "q/k/v); --layout fused is a portable-target layout: drop one of them")
 
+    @property
+    def quantization(self) -> Quantization:
+        return Quantization(method=self.int4_method, block_size=self.block_size, accuracy_level=self.accuracy_level,
+                            int8_matmuls=parse_matmul_names(self.int8_matmuls))
+
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from cqil.export.precision import TRACE_DTYPES
     from cqil.export.writer import check_options
 
     if args.dtype is not None:
         raise CqilError(f"--dtype is now --precision (fp32, fp16, int8, int4): use --precision {args.dtype}")
     settings = from_args(ExportSettings, args)
-    check_options(settings.layout, settings.precision, settings.block_size, settings.target)
-    loaded, plan = load_model_and_plan(args, dtype=str(TRACE_DTYPES[settings.precision]).removeprefix("torch."))
+    check_options(settings.layout, settings.precision, settings.quantization, settings.target)
+    loaded, plan = load_model_and_plan(args, dtype=TRACE_DTYPES[settings.precision])
     result = run(settings, loaded, plan, args.out, source={"name": loaded.name, "path": str(loaded.path)})
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -67,7 +93,7 @@ def run(settings: ExportSettings, loaded, plan, out, source: dict):
 
     return export_model(CqilModel(loaded.model, plan), out, settings.layout, settings.precision, source=source,
                         tokenizer=loaded.tokenizer, external_data=True if settings.external_data else None,
-                        block_size=settings.block_size, target=settings.target)
+                        quantization=settings.quantization, target=settings.target)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

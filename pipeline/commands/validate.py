@@ -32,27 +32,30 @@ class ValidateSettings:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from cqil.engines.greedy_agreement import prompt_ids
     from cqil.engines.validate import summary_lines
     from cqil.model.cqil import CqilModel
 
     onnx_path, spec, plan = onnx_and_plan(args)
     loaded = load_source(args, spec, onnx_path, plan)
     held_out = load_split(loaded.tokenizer, args.data, args.eval_data, args.seq_len).held_out
-    result = run(from_args(ValidateSettings, args), onnx_path, CqilModel(loaded.model, plan), held_out, args.engine)
+    result = run(from_args(ValidateSettings, args), onnx_path, CqilModel(loaded.model, plan), held_out, args.engine,
+                 greedy_prompts=prompt_ids(loaded.tokenizer))
     result["reference_model"] = {"name": loaded.name, "path": str(loaded.path)}
     write_json(args.out, result)
     print(json.dumps(result, indent=2) if args.json else "\n".join(summary_lines(result)))
     return 0 if result["passed"] else 1
 
 
-def run(settings: ValidateSettings, onnx: Path, reference, held_out, engine: Path | None = None) -> dict:
+def run(settings: ValidateSettings, onnx: Path, reference, held_out, engine: Path | None = None,
+        greedy_prompts: tuple = ()) -> dict:
     """The ONNX (and the TensorRT `engine`, where given) against the PyTorch `reference` CqilModel on the
-    first `settings.chunks` held-out chunks: the validation record. What both `cqil validate` and the build's
-    validate stage run."""
+    first `settings.chunks` held-out chunks, and, for quantized weights, greedy-token agreement on
+    `greedy_prompts`: the validation record. What both `cqil validate` and the build's validate stage run."""
     from cqil.engines.validate import validate_onnx
 
     return validate_onnx(onnx, reference, held_out[: settings.chunks], settings.decode_steps, engine=engine,
-                         threads=settings.threads)
+                         threads=settings.threads, greedy_prompts=greedy_prompts)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

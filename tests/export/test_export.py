@@ -15,6 +15,7 @@ import pytest
 import torch
 from cqil.export import contract
 from cqil.export.check import check_branch_structure
+from cqil.export.precision import DEFAULT_QUANTIZATION
 from cqil.model.cqil import CqilModel
 from cqil.model.plan import Plan
 from cqil.model.steps import greedy_generate
@@ -353,21 +354,46 @@ QUANTIZED = [("int4", "branches"), ("int4", "fused"), ("int8", "branches")]
 
 @pytest.mark.parametrize(("precision", "layout"), QUANTIZED)
 def test_quantized_export_has_every_weight_matmul_as_matmulnbits(precision, layout, exported):
+    """Default settings: int8 all 8-bit symmetric; int4 the DEFAULT_QUANTIZATION method in 4 bits (HQQ: a zero
+    point per block) except the matmuls it names, 8-bit; every node at accuracy level 4, the recipe recorded."""
     fp32 = onnx.load(str(exported("llama", "--layout", layout) / "model.onnx")).graph
     folder = exported("llama", "--layout", layout, "--precision", precision)
     graph = onnx.load(str(folder / "model.onnx")).graph
     expected = constant_weight_matmuls(fp32)
-    quantized = {node.name: attributes(node) for node in graph.node if node.op_type == "MatMulNBits"}
-    assert len(quantized) == len(expected) and "/lm_head/MatMul" in expected
+    nodes = {node.name: node for node in graph.node if node.op_type == "MatMulNBits"}
+    assert len(nodes) == len(expected) and "/lm_head/MatMul" in expected
     assert not constant_weight_matmuls(graph)  # only the attention products stay MatMul
-    body_bits = 4 if precision == "int4" else 8
-    for name, attrs in quantized.items():
+    kept = DEFAULT_QUANTIZATION.int8_matmuls if precision == "int4" else ()
+    assert "lm_head" in kept or precision == "int8"
+    for name, node in nodes.items():
+        attrs = attributes(node)
+        eight = precision == "int8" or any(f"/{matmul}/" in name for matmul in kept)
         assert attrs["block_size"] == 32 and attrs["accuracy_level"] == 4
-        assert attrs["bits"] == (8 if name.startswith("/lm_head/") else body_bits), name
+        assert attrs["bits"] == (8 if eight else 4), name
+        asymmetric = not eight and DEFAULT_QUANTIZATION.method == "hqq"
+        assert (len(node.input) == 4) == asymmetric, name  # HQQ's zero points; RTN and 8-bit are symmetric
+    if precision == "int4" and layout == "branches":  # every named projection of a layer is there to match
+        assert {name.split("/")[-2] for name, node in nodes.items() if attributes(node)["bits"] == 8} == set(kept)
     meta = {prop.key: prop.value for prop in onnx.load(str(folder / "model.onnx"), load_external_data=False).metadata_props}
     assert meta[contract.PRECISION_KEY] == precision and meta[contract.DTYPE_KEY] == "fp32"
+    assert json.loads(meta[contract.QUANTIZATION_KEY])["method"] == DEFAULT_QUANTIZATION.method
     if layout == "branches":
         assert check_branch_structure(folder / "model.onnx").ok
+
+
+def test_int4_settings_choose_the_method_and_the_8_bit_matmuls(exported):
+    """`--int4-method rtn --int8-matmuls lm_head` is the GenAI model builder's recipe: symmetric 4-bit, only the
+    logits layer 8-bit; `--accuracy-level 0` leaves the attribute out (fp32 activations)."""
+    folder = exported("llama", "--precision", "int4", "--int4-method", "rtn", "--int8-matmuls", "lm_head",
+                      "--accuracy-level", "0")
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    nodes = [node for node in graph.node if node.op_type == "MatMulNBits"]
+    assert {(node.name, attributes(node)["bits"]) for node in nodes if attributes(node)["bits"] == 8} == \
+        {("/lm_head/MatMul_Q8", 8)}
+    assert all(len(node.input) == 3 and "accuracy_level" not in attributes(node) for node in nodes)
+    meta = {prop.key: prop.value for prop in onnx.load(str(folder / "model.onnx"), load_external_data=False).metadata_props}
+    assert json.loads(meta[contract.QUANTIZATION_KEY]) == {"method": "rtn", "block_size": 32, "accuracy_level": 0,
+                                                          "int8_matmuls": ["lm_head"]}
 
 
 def logit_agreement(folder: Path, model: CqilModel) -> tuple[float, float]:
@@ -417,12 +443,12 @@ def test_int4_folder_runs_in_genai_as_in_onnxruntime(exported):
 
 # -- --target onnxruntime: the model builder's graph with the CQIL groups ---------------------------
 
-def named_run(sess, ids: torch.Tensor, past: dict[str, np.ndarray] | None, total: int):
+def named_run(sess, ids: torch.Tensor, past: dict[str, np.ndarray] | None, total: int, cache_dtype=np.float32):
     """One step of a file fed by input names (the builder's graph takes no position_ids): logits, presents by past name."""
     names = {spec.name for spec in sess.get_inputs()}
     if past is None:
         spec = next(s for s in sess.get_inputs() if s.name.startswith("past_key_values."))
-        empty = np.zeros((ids.shape[0], spec.shape[1], 0, spec.shape[3]), np.float32)
+        empty = np.zeros((ids.shape[0], spec.shape[1], 0, spec.shape[3]), cache_dtype)
         past = {name: empty for name in names if name.startswith("past_key_values.")}
     feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones((ids.shape[0], total), np.int64), **past}
     if "position_ids" in names:
@@ -496,3 +522,65 @@ def test_onnxruntime_target_int4_and_genai_generator(exported):
     expected = expected[:expected.index(eos) + 1] if eos in expected else expected
     assert GenaiModel(fp32, threads=1).greedy([ids[0].tolist()], 6)[0] == expected
     assert GenaiModel(folder, threads=1).greedy([ids[0].tolist()], 6)[0]  # the int4 folder runs there too
+
+
+# -- every target x precision that `cqil export` writes runs where the folder is meant to run --------
+
+# The options each combination is exported with elsewhere in this module (one export each, shared).
+RUNNABLE = {
+    ("portable", "fp32"): (),
+    ("portable", "fp16"): ("--precision", "fp16", "--external-data"),
+    ("portable", "int8"): ("--layout", "branches", "--precision", "int8"),
+    ("portable", "int4"): ("--layout", "branches", "--precision", "int4"),
+    ("onnxruntime", "fp32"): ("--target", "onnxruntime"),
+    ("onnxruntime", "int8"): ("--target", "onnxruntime", "--precision", "int8"),
+    ("onnxruntime", "int4"): ("--target", "onnxruntime", "--precision", "int4"),
+}
+
+
+def session_greedy(folder: Path, ids: torch.Tensor, steps: int) -> list[int]:
+    """Greedy tokens of a plain ORT session on the folder's file, fed by input names (with or without position_ids)."""
+    sess = session(folder / "model.onnx")
+    half = any(spec.type == "tensor(float16)" for spec in sess.get_inputs() if spec.name.startswith("past_key_values."))
+    logits, past = named_run(sess, ids, None, ids.shape[1], np.float16 if half else np.float32)
+    tokens = []
+    for _ in range(steps):
+        tokens.append(int(logits[0, -1].argmax()))
+        logits, past = named_run(sess, torch.tensor([[tokens[-1]]]), past, ids.shape[1] + len(tokens))
+    return tokens
+
+
+@pytest.mark.parametrize(("target", "precision"), RUNNABLE)
+def test_every_runnable_target_and_precision_runs_in_genai_as_in_onnxruntime(target, precision, exported):
+    """The folder loads in GenAI's Generator (genai_config.json) and greedy-decodes as a plain ORT session on the
+    same file, and it holds the files Optimum's ORTModelForCausalLM loads (config.json, generation_config.json,
+    tokenizer); Optimum itself runs in the slow suite (test_export_slow.py). What no tool runs is refused:
+    test_export_errors.py."""
+    from cqil.engines.genai import GenaiModel
+
+    folder = exported("llama", *RUNNABLE[(target, precision)])
+    ids = batch(seq=6, pad=(0,))[0]
+    expected = session_greedy(folder, ids, 6)
+    eos = 2  # the tiny config's: the Generator stops there
+    expected = expected[:expected.index(eos) + 1] if eos in expected else expected
+    assert GenaiModel(folder, threads=1).greedy([ids[0].tolist()], 6)[0] == expected
+    for name in ("config.json", "generation_config.json", "genai_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (folder / name).is_file(), name
+    meta = {prop.key: prop.value for prop in onnx.load(str(folder / "model.onnx"), load_external_data=False).metadata_props}
+    assert (meta[contract.TARGET_KEY], meta[contract.PRECISION_KEY]) == (target, precision)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("target", "precision"), RUNNABLE)
+def test_optimum_runs_every_runnable_target_and_precision(target, precision, exported):
+    """scripts/check_optimum.py: Optimum's ORTModelForCausalLM (its own virtualenv) loads the tiny folder and
+    greedy-decodes our tokens, at every combination `cqil export` does not refuse."""
+    import subprocess
+    import sys
+
+    folder = exported("llama", *RUNNABLE[(target, precision)])
+    script = Path(__file__).resolve().parents[2] / "scripts" / "check_optimum.py"
+    result = subprocess.run([sys.executable, str(script), str(folder), "--max-new-tokens", "6"],
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    assert "new tokens same" in result.stdout and "DIFFER" not in result.stdout

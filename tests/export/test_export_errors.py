@@ -57,6 +57,27 @@ def test_block_size_must_suit_matmulnbits(block, tiny_model_dir, tmp_path, capsy
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("options", "expected"), [
+    (["--int4-method", "awq"], "--int4-method awq must be one of rtn, hqq"),
+    (["--int8-matmuls", "lm_head,mlp"], "--int8-matmuls: unknown matmul 'mlp'"),
+    (["--accuracy-level", "5"], "--accuracy-level 5 is not a MatMulNBits accuracy level"),
+])
+def test_bad_quantization_settings(options, expected, tiny_model_dir, tmp_path, capsys):
+    message = export_error(capsys, "--model", str(tiny_model_dir("llama", 2)), "--original", "--precision", "int4",
+                           *options, "--out", str(tmp_path / "onnx"))
+    assert expected in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_onnxruntime_target_at_fp16_is_refused(tiny_model_dir, tmp_path, capsys):
+    """The builder's fp16 graph fails at its first CPU run (in ORT, GenAI and Optimum): refused before exporting."""
+    message = export_error(capsys, "--model", str(tiny_model_dir("llama", 2)), "--original", "--target", "onnxruntime",
+                           "--precision", "fp16", "--out", str(tmp_path / "onnx"))
+    assert "--target onnxruntime --precision fp16" in message and "use --precision fp32, int8, int4" in message
+    assert "--target portable --precision fp16" in message
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unknown_layout(tiny_model_dir, tmp_path, capsys):
     message = export_error(capsys, "--model", str(tiny_model_dir("llama", 2)), "--original",
                            "--layout", "wide", "--out", str(tmp_path / "onnx"))

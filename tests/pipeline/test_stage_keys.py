@@ -83,11 +83,14 @@ def alternative(name: str, default, inputs: dict[str, Path]) -> dict[str, object
         return {name: False, "plan.uniform": "1:5:2"}
     if name == "engines.opt_batch":  # the engine's batch range needs opt <= max
         return {name: 2, "engines.max_batch": 2}
+    if name in ("export.block_size", "export.accuracy_level"):  # MatMulNBits takes powers of two; levels 0-4
+        return {name: {"export.block_size": 16, "export.accuracy_level": 0}[name]}
     strings = {"source.model": str(inputs["other_model"]), "data.data": str(inputs["train.txt"]),
                "data.eval_data": str(inputs["eval.txt"]), "data.second_eval": str(inputs["second.txt"]),
                "plan.uniform": "1:5:2", "plan.groups": "1-2,3-4", "plan.file": str(inputs["plan.json"]),
                "plan.bypass_choices": "0,1", "export.layout": "fused", "export.precision": "int8",
-               "export.target": "onnxruntime", "bench.schedule": "packed", "recover.targets": "q_proj,v_proj",
+               "export.target": "onnxruntime", "export.int4_method": "hqq", "export.int8_matmuls": "lm_head",
+               "bench.schedule": "packed", "recover.targets": "q_proj,v_proj",
                "engines.precision": "fp32", "package.name": "other"}
     if isinstance(default, bool):
         return {name: not default}
