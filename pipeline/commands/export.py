@@ -31,9 +31,6 @@ class ExportSettings:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.target == "onnxruntime" and self.layout != "branches":
-            raise CqilError("--target onnxruntime writes the branch layout (the model builder packs each layer's "
-                            "q/k/v); --layout fused is a portable-target layout: drop one of them")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
