@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         ours, theirs = greedy[("original", precision)], greedy[("builder", precision)]
         agree = sum(a == b for a, b in zip(ours, theirs))
         print(f"greedy tokens, {precision}: builder vs our original {agree}/{len(ours)} the same")
-        for kind, _ in table:
+        for kind in dict.fromkeys(kind for kind, _ in table):
             if kind.endswith("-fused") and (branches := greedy.get((kind.removesuffix("fused") + "branches", precision))):
                 agree = sum(a == b for a, b in zip(greedy[(kind, precision)], branches))
                 print(f"greedy tokens, {precision}: {kind} vs its branch layout {agree}/{len(branches)} the same")
