@@ -47,7 +47,6 @@ import types
 from pathlib import Path
 
 import torch
-
 from cqil.model.cqil import CqilModel
 from cqil.model.errors import CqilError
 from cqil.model.plan import Plan
