@@ -12,6 +12,24 @@ a CQIL group (DESIGN.md section 1) becomes:
     f_j               SkipSimplifiedLayerNorm(x, s_j) -> the builder's MLP of layer j
     out = x + sum_j (a_j + f_j): the sum goes in as the skip input of the next norm
 
+The fused layout (`layout="fused"`) writes a group as fewer, wider operators, with the same math:
+
+    n, x              one SkipSimplifiedLayerNorm: the group input x (previous residual + last terms) and
+                      its norm with unit scale; each layer's input-norm scale is folded (fp32) into its q/k/v
+    qkv               ONE MatMul for q/k/v of all p layers (weights concatenated along N, layer-major:
+                      q_0 k_0 v_0 q_1 ...), one Split into the p packed q/k/v inputs
+    a_j               the builder's GroupQueryAttention and o_proj of layer j (each layer keeps its cache)
+    s_j, m_j          bypass Adds as above; SkipSimplifiedLayerNorm(x, s_j) -> gate_j, up_j, SiLU, Mul
+    f                 ONE MatMul for the down projections of all layers: Concat(m_0..m_{p-1}) along K
+                      against the down weights concatenated along K is sum_j f_j
+    out = x + (sum_j a_j + f): the parenthesis goes in as the skip input of the next norm
+
+Why gate/up stay per layer: each layer's FFN reads its own input x + a_j + b_j, so a single operator
+for all of them would read p-fold zero blocks (block-diagonal weight) or compute p-fold products.
+Why attention stays per layer: ONNX Runtime GenAI gives every layer its own [batch, kv_heads, max_len,
+head_dim] cache buffer, written in place by that layer's GroupQueryAttention; one attention over
+p * heads heads would need a group cache GenAI does not allocate.
+
 A group of one layer is the builder's own layer, so the original model's export is the builder's.
 The builder reads the weights from an HF folder: the model (possibly a merged CQIL checkpoint) is saved
 to a temporary one first. The builder's class for the family is swapped for the CQIL subclass only
@@ -25,8 +43,10 @@ import io
 import os
 import re
 import tempfile
+import types
 from pathlib import Path
 
+import torch
 from cqil.model.cqil import CqilModel
 from cqil.model.errors import CqilError
 from cqil.model.plan import Plan
@@ -56,8 +76,8 @@ def check_builder(config) -> None:
                         "transformers' past the window; use --target portable for this model")
 
 
-def cqil_builder_class(base: type, plan: Plan) -> type:
-    """A subclass of the builder's model class whose layer loop runs `plan`'s groups."""
+def cqil_builder_class(base: type, plan: Plan, layout: str = "branches") -> type:
+    """A subclass of the builder's model class whose layer loop runs `plan`'s groups in `layout`."""
     first_of = {group[0]: group for group in plan.groups if len(group) > 1}
     inside = {layer for group in first_of.values() for layer in group[1:]}
 
@@ -66,7 +86,8 @@ def cqil_builder_class(base: type, plan: Plan) -> type:
             if layer_id in inside:
                 self._cqil_pending.append(layer)
                 if len(self._cqil_pending) == len(self._cqil_group):
-                    self._make_group(self._cqil_group, self._cqil_pending)
+                    make = self._make_fused_group if layout == "fused" else self._make_group
+                    make(self._cqil_group, self._cqil_pending)
                 return
             if layer_id in first_of:
                 self._cqil_group, self._cqil_pending = first_of[layer_id], [layer]
@@ -104,6 +125,115 @@ def cqil_builder_class(base: type, plan: Plan) -> type:
             if ids[-1] == self.num_layers - 1:
                 attrs["last_layernorm"] = True
 
+        def _make_fused_group(self, ids: tuple[int, ...], layers: list) -> None:
+            attrs, shape, first = self.layernorm_attrs, self.make_hidden_state_shape(), ids[0]
+            base_name = f"/model/layers.{first}"
+            n, x = self._shared_norm(f"{base_name}/group_attn_norm", layers[0].input_layernorm)
+            attention = [self.get_attn_module(layer_id, layer) for layer_id, layer in zip(ids, layers)]
+            packed = self._packed_qkv(f"{base_name}/group_attn/qkv_proj", attention, layers, n)
+            a = []
+            for layer_id, module, qkv in zip(ids, attention, packed):
+                self.attention_attrs.update(q_path=qkv, k_path="", v_path="")
+                window = self.window_size  # as the builder's make_attention does
+                self.window_size = window if self.is_local(layer_id) else -1
+                try:
+                    self.make_attention_qk_subgraph(layer_id, module, n)
+                    self.make_attention_output_proj(layer_id, module, n)
+                finally:
+                    self.window_size = window
+                a.append(attrs["skip_input"])
+            activations = []
+            for index, (layer_id, layer) in enumerate(zip(ids, layers)):
+                s = a[index]
+                for source in range(max(0, index - plan.bypass), index):
+                    s = self._add(f"/model/layers.{layer_id}/bypass/Add_{source}", s, a[source], shape)
+                attrs["root_input"], attrs["skip_input"] = x, s
+                self.make_layernorm(layer_id, layer.post_attention_layernorm, skip=True,
+                                    simple=attrs["simple"], location="post_attention")
+                activations.append(self._gated(layer_id, self.get_mlp_module(layer_id, layer), attrs["output_0"]))
+                if index == len(ids) - 1 and plan.bypass >= index:
+                    a_sum = s  # the last layer's bypass sum already holds every a_j
+            if plan.bypass < len(ids) - 1:
+                a_sum = a[0]
+                for index in range(1, len(ids)):
+                    a_sum = self._add(f"/model/layers.{first}/combine/Add_{index}", a_sum, a[index], shape)
+            f = self._wide_down(f"{base_name}/group_ffn", [self.get_mlp_module(i, layer) for i, layer in zip(ids, layers)],
+                                activations)
+            attrs["root_input"], attrs["skip_input"] = x, self._add(f"{base_name}/combine/Sum", a_sum, f, shape)
+            attrs["first_layernorm"] = False
+            if ids[-1] == self.num_layers - 1:
+                attrs["last_layernorm"] = True
+
+        def _shared_norm(self, name: str, norm) -> tuple[str, str]:
+            """(normalized x with unit scale, x): a SkipSimplifiedLayerNorm that adds the previous terms,
+            or for the first group a SimplifiedLayerNorm of the embeddings."""
+            attrs = self.layernorm_attrs
+            ones = f"{name[1:].replace('/', '.')}.weight"
+            self.make_initializer(torch.ones_like(norm.weight), ones, to=self.io_dtype)
+            normed, total = f"{name}/output_0", f"{name}/output_3"
+            if attrs["first_layernorm"]:
+                self.make_node("SimplifiedLayerNormalization", inputs=[attrs["root_input"], ones], outputs=[normed],
+                               name=f"{name}/LayerNorm", epsilon=attrs["epsilon"], axis=-1, stash_type=1)
+                total = attrs["root_input"]
+            else:
+                self.make_node("SkipSimplifiedLayerNormalization", inputs=[attrs["root_input"], attrs["skip_input"], ones],
+                               outputs=[normed, "", "", total], name=f"{name}/SkipLayerNorm", domain="com.microsoft",
+                               epsilon=attrs["epsilon"])
+                self.make_value(total, self.io_dtype, shape=self.make_hidden_state_shape())
+            self.make_value(normed, self.io_dtype, shape=self.make_hidden_state_shape())
+            return normed, total
+
+        def _packed_qkv(self, name: str, attention: list, layers: list, normed: str) -> list[str]:
+            """One MatMul (+ bias Add) for q/k/v of every layer, input-norm scales folded; split per layer."""
+            weights, biases = [], []
+            for module, layer in zip(attention, layers):
+                scale = layer.input_layernorm.weight.detach().to(torch.float32)[None, :]
+                for proj in (module.q_proj, module.k_proj, module.v_proj):
+                    weights.append(proj.weight.detach().to(torch.float32) * scale)
+                    biases.append(proj.bias)
+            matmul = self.make_matmul(types.SimpleNamespace(weight=torch.cat(weights)), f"{name}/MatMul", normed)
+            output = f"{matmul}/output_0"
+            if any(bias is not None and torch.count_nonzero(bias) > 0 for bias in biases):
+                width = [weight.shape[0] for weight in weights]
+                bias = torch.cat([torch.zeros(w) if b is None else b.detach().to(torch.float32)
+                                  for b, w in zip(biases, width)])
+                self.make_add_bias(bias, f"{name}/Add", root_input=output)
+                output = f"{name}/Add/output_0"
+            parts = [f"{name}/Split/output_{j}" for j in range(len(layers))]
+            width = self.q_size + 2 * self.kv_size
+            self.make_split(f"{name}/Split", [output], parts, [self.io_dtype] * len(parts),
+                            [self.make_hidden_state_shape(last_dim=width)] * len(parts), num_outputs=len(parts))
+            return parts
+
+        def _gated(self, layer_id: int, mlp, normed: str) -> str:
+            """act(gate(h)) * up(h) of one layer, the builder's nodes up to its down projection."""
+            outputs = []
+            for part, proj in (("gate_proj", mlp.gate_proj), ("up_proj", mlp.up_proj)):
+                name = f"/model/layers.{layer_id}/mlp/{part}"
+                outputs.append(f"{self.make_matmul(proj, f'{name}/MatMul', normed)}/output_0")
+                if proj.bias is not None and torch.count_nonzero(proj.bias) > 0:
+                    self.make_add_bias(proj.bias, f"{name}/Add", root_input=outputs[-1])
+                    outputs[-1] = f"{name}/Add/output_0"
+            act = self.make_activation(layer_id, root_input=outputs[0])
+            mul = f"/model/layers.{layer_id}/mlp/Mul"
+            self.make_mul(mul, [f"{act}/output_0", outputs[1]], dtype=self.io_dtype,
+                          shape=self.make_hidden_state_shape(last_dim=self.intermediate_size))
+            return f"{mul}/output_0"
+
+        def _wide_down(self, name: str, mlps: list, activations: list[str]) -> str:
+            """sum_j down_j(m_j) as one MatMul: Concat(m_j) along K times the down weights stacked along K."""
+            concat = f"{name}/Concat"
+            self.make_concat(concat, activations, self.io_dtype,
+                             self.make_hidden_state_shape(last_dim=self.intermediate_size * len(mlps)), axis=-1)
+            weight = torch.cat([mlp.down_proj.weight.detach() for mlp in mlps], dim=1)
+            matmul = self.make_matmul(types.SimpleNamespace(weight=weight), f"{name}/down_proj/MatMul", f"{concat}/output_0")
+            biases = [mlp.down_proj.bias for mlp in mlps if mlp.down_proj.bias is not None]
+            if not biases:
+                return f"{matmul}/output_0"
+            self.make_add_bias(sum(bias.detach().to(torch.float32) for bias in biases), f"{name}/down_proj/Add",
+                               root_input=f"{matmul}/output_0")
+            return f"{name}/down_proj/Add/output_0"
+
         def _add(self, name: str, a: str, b: str, shape) -> str:
             self.make_add(name, [a, b], self.io_dtype, shape)
             return f"{name}/output_0"
@@ -111,7 +241,8 @@ def cqil_builder_class(base: type, plan: Plan) -> type:
     return CqilBuilderModel
 
 
-def build(model: CqilModel, out: Path, precision: str, block_size: int, tokenizer=None) -> None:
+def build(model: CqilModel, out: Path, precision: str, block_size: int, tokenizer=None,
+          layout: str = "branches") -> None:
     """Write the builder's files (model.onnx, model.onnx.data, genai_config.json, tokenizer) for `model` into `out`."""
     from unittest import mock
 
@@ -131,7 +262,7 @@ def build(model: CqilModel, out: Path, precision: str, block_size: int, tokenize
         options = [f"block_size={block_size}", "accuracy_level=4"] if precision in ("int4", "int8") else []
         quiet = io.StringIO()
         quiet_quantizer()
-        with mock.patch.object(builder, BUILDER_CLASSES[architecture], cqil_builder_class(base, model.plan)), \
+        with mock.patch.object(builder, BUILDER_CLASSES[architecture], cqil_builder_class(base, model.plan, layout)), \
                 contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet), mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1"}):
             parsed = builder.parse_extra_options(None, source, str(out), BUILDER_PRECISIONS[precision], "cpu",
                                                  cache, options)
@@ -142,6 +273,8 @@ def build(model: CqilModel, out: Path, precision: str, block_size: int, tokenize
 LAYER_NODE = re.compile(r"^/model/layers\.(\d+)/([a-z_]+)/(.*)$")
 BRANCH_ROLES = {"input_layernorm": "attn_norm", "attn": "attn", "post_attention_layernorm": "ffn_norm", "mlp": "ffn",
                 "bypass": "bypass"}
+# The fused layout's group-wide nodes (named after the group's first layer): part -> role, no branch.
+GROUP_ROLES = {"group_attn_norm": "attn_norm", "group_attn": "attn", "group_ffn": "ffn"}
 
 
 def label_nodes(graph, plan: Plan) -> None:
@@ -151,6 +284,8 @@ def label_nodes(graph, plan: Plan) -> None:
     What joins groups is group-level `combine` (no branch): the sums of a group's terms, the Add that
     makes the next group's input, and a SkipSimplifiedLayerNorm that adds a one-layer group's terms
     to the residual while normalizing for the next layer (for the final norm, the last group's).
+    The fused layout's group-wide nodes (shared norm, wide q/k/v and its Split, Concat and wide down)
+    are `/g{group}/{role}/...` with the group's layers and no branch, as in the portable fused layout.
     """
     from cqil.export.naming import BRANCH, GROUP, LAYER, ROLE
 
@@ -168,6 +303,10 @@ def label_nodes(graph, plan: Plan) -> None:
             owner = group_of[layer][0] - (part != "combine") if layer < layers else len(plan.groups) - 1
             meta = {GROUP: str(owner), LAYER: ",".join(map(str, plan.groups[owner])), ROLE: "combine"}
             node.name = f"/g{owner}/combine/l{layer}/{part}/{rest}"
+        elif part in GROUP_ROLES:
+            index = group_of[layer][0]
+            meta = {GROUP: str(index), LAYER: ",".join(map(str, plan.groups[index])), ROLE: GROUP_ROLES[part]}
+            node.name = f"/g{index}/{GROUP_ROLES[part]}/{rest}"
         elif part in BRANCH_ROLES:
             index, position = group_of[layer]
             meta = {GROUP: str(index), BRANCH: str(position), LAYER: str(layer), ROLE: BRANCH_ROLES[part]}

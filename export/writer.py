@@ -78,9 +78,6 @@ def check_options(layout: str, precision: str, quantization: Quantization = DEFA
     if target not in TARGETS:
         raise CqilError(f"unknown target '{target}': use --target {' or '.join(TARGETS)}")
     check_target_precision(target, precision)
-    if target == "onnxruntime" and layout != "branches":
-        raise CqilError("--target onnxruntime writes the branch layout (the model builder packs each layer's "
-                        "q/k/v); --layout fused is a portable-target layout: drop one of them")
     if layout not in LAYOUTS:
         raise CqilError(f"unknown layout '{layout}': use --layout {' or '.join(LAYOUTS)}")
 
@@ -166,26 +163,28 @@ def _loads_in_onnxruntime(path: Path) -> None:
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _export_onnxruntime(model: CqilModel, out: Path, precision: str, quantization: Quantization, source: dict,
+def _export_onnxruntime(model: CqilModel, out: Path, layout: str, precision: str, quantization: Quantization,
+                        source: dict,
                         tokenizer) -> ExportResult:
     """The onnxruntime target: the model builder writes the folder, then labels, metadata, side files, checks."""
     from cqil.export import ort_target
 
     start = time.perf_counter()
     with atomic_dir(out) as tmp:
-        ort_target.build(model, tmp, precision, quantization.block_size, tokenizer)
+        ort_target.build(model, tmp, precision, quantization.block_size, tokenizer, layout)
         recipe = builder_quantization(quantization.block_size)
-        nodes = ort_target.finish(tmp, model.plan, _metadata(model, "branches", precision, source, "onnxruntime",
-                                                             recipe),
+        nodes = ort_target.finish(tmp, model.plan, _metadata(model, layout, precision, source, "onnxruntime", recipe),
                                    model.head_dim)
         _write_side_files(tmp, model, precision, tokenizer, genai=False)
         _write_source_file(tmp, source)
         _loads_in_onnxruntime(tmp / MODEL_FILE)  # onnx.checker knows no ORT operators (SimplifiedLayerNormalization)
-        structure = check_branch_structure(tmp / MODEL_FILE)
-        if not structure.ok:
-            raise CqilError(f"the exported graph lost its branches: {structure.describe()}")
+        structure = None
+        if layout == "branches":
+            structure = check_branch_structure(tmp / MODEL_FILE)
+            if not structure.ok:
+                raise CqilError(f"the exported graph lost its branches: {structure.describe()}")
         size = sum(f.stat().st_size for f in (tmp / MODEL_FILE, tmp / DATA_FILE) if f.exists())
-    return ExportResult(path=out / MODEL_FILE, layout="branches", precision=precision,
+    return ExportResult(path=out / MODEL_FILE, layout=layout, precision=precision,
                         seconds=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb(), size_bytes=size,
                         external_data=True, nodes=nodes, structure=structure)
 
@@ -208,7 +207,7 @@ def export_model(model: CqilModel, out: Path, layout: str = "branches", precisio
     out = Path(out)
     check_writable(out)
     if target == "onnxruntime":
-        return _export_onnxruntime(model, out, precision, quantization, source or {}, tokenizer)
+        return _export_onnxruntime(model, out, layout, precision, quantization, source or {}, tokenizer)
     start = time.perf_counter()
     steps = tqdm(total=4, desc="export", unit="step", disable=not progress, leave=False)
     steps.set_postfix_str("torch.export -> ONNX")

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from cqil.engines.runner import ContractRunner
 from cqil.export.contract import PRECISION_KEY
 from cqil.model.cqil import CqilModel
+from cqil.model.divergence import Agreement
 from cqil.model.errors import CqilError
 from cqil.model.plan import Plan
-from cqil.model.divergence import Agreement
 from tqdm import tqdm
 
 

@@ -1,8 +1,8 @@
 """Latency under ONNX Runtime GenAI's Generator: its own model-builder export vs our exports, per precision.
 
-    flock /tmp/cqil-bench.lock nice -n -15 python scripts/genai_bench.py [--work DIR] [--plan plan.json]
-        [--precisions fp32,int4] [--target onnxruntime] [--layouts branches] [--threads 2] [--rounds 7] [--steps 24]
-        [--prompts 64,512] [--prefill 128]
+    flock -x /tmp/cqil-cpu.lock nice -n -15 python scripts/genai_bench.py [--work DIR] [--plan plan.json ...]
+        [--precisions fp32,int4] [--target onnxruntime] [--layouts branches,fused] [--threads 2] [--rounds 7]
+        [--steps 24] [--prompts 64,512] [--prefill 128]
 
 On the default model (SmolLM2-135M-Instruct, from the cqil cache; no hub), the folders are made once
 in --work (default <cqil cache>/genai_bench) and reused, for each precision P:
@@ -10,7 +10,8 @@ in --work (default <cqil cache>/genai_bench) and reused, for each precision P:
     builder-P/        python -m onnxruntime_genai.models.builder -i <HF folder> -p P -e cpu
     original-T-P/     cqil export --original --target T --precision P           (every layer alone)
     cqil-LAYOUT-T-P/  cqil export --plan <plan> --target T --layout LAYOUT --precision P
-                      (--plan: default the paper-style --uniform 15:30:2 --bypass 1)
+                      (--plan: default the paper-style --uniform 15:30:2 --bypass 1; the word `uniform` names it)
+    cqil-NAME-LAYOUT-T-P/   the same for each of several --plan options, NAME the plan file's stem (or uniform)
 
 All are loaded at once as `onnxruntime_genai.Model`s with the same intra-op threads and timed
 interleaved: each round runs every model once (the order rotating from round to round): a prefill of
@@ -41,13 +42,23 @@ UNIFORM_PLAN = ("--uniform", "15:30:2", "--bypass", "1")
 BUILDER_PRECISIONS = {"fp32": "fp32", "fp16": "fp16", "int4": "int4"}
 
 
-def kinds(precisions: list[str], layouts: list[str]) -> list[tuple[str, str]]:
-    """(kind, precision) in table order: per precision, the builder, our original, then each CQIL layout."""
-    return [(kind, precision) for precision in precisions
-            for kind in ("builder", "original", *(f"cqil-{layout}" for layout in layouts))]
+def plan_options(plans: list[str]) -> dict[str, tuple[str, ...]]:
+    """Plan name -> `cqil export` options: a plan.json by its stem, `uniform` (or none given) the paper-style plan."""
+    if not plans:
+        return {"": UNIFORM_PLAN}
+    named = {("uniform" if plan == "uniform" else Path(plan).stem):
+             (UNIFORM_PLAN if plan == "uniform" else ("--plan", str(Path(plan).resolve()))) for plan in plans}
+    return {"": next(iter(named.values()))} if len(named) == 1 else named
 
 
-def make_folder(work: Path, model_dir: Path, kind: str, precision: str, plan: tuple[str, ...], target: str) -> Path:
+def kinds(precisions: list[str], layouts: list[str], plans: dict[str, tuple[str, ...]]) -> list[tuple[str, str]]:
+    """(kind, precision) in table order: per precision, the builder, our original, then each CQIL plan and layout."""
+    cqil = [f"cqil-{name}-{layout}" if name else f"cqil-{layout}" for name in plans for layout in layouts]
+    return [(kind, precision) for precision in precisions for kind in ("builder", "original", *cqil)]
+
+
+def make_folder(work: Path, model_dir: Path, kind: str, precision: str, plans: dict[str, tuple[str, ...]],
+                target: str) -> Path:
     """One export, made when missing (each ~1-4 min on two shared cores)."""
     from cqil.pipeline.cli import main as cqil
 
@@ -65,8 +76,12 @@ def make_folder(work: Path, model_dir: Path, kind: str, precision: str, plan: tu
         if result.returncode != 0:
             raise SystemExit(f"genai_bench: the model builder failed:\n{result.stderr[-2000:]}")
         return folder
-    extra = (("--original",) if kind == "original" else (*plan, "--layout", kind.removeprefix("cqil-"))) + (
-        "--target", target)
+    if kind == "original":
+        extra: tuple[str, ...] = ("--original",)
+    else:
+        name, _, layout = kind.removeprefix("cqil-").rpartition("-")
+        extra = (*plans[name], "--layout", layout)
+    extra += ("--target", target)
     print(f"cqil export {' '.join(extra)} --precision {precision} ...", file=sys.stderr)
     if cqil(["export", "--model", str(model_dir), *extra, "--precision", precision, "--out", str(folder)]) != 0:
         raise SystemExit(f"genai_bench: cqil export {' '.join(extra)} failed")
@@ -131,10 +146,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=None, help="folder for the exports and the result")
-    parser.add_argument("--plan", type=Path, default=None, help="plan.json of the CQIL exports")
+    parser.add_argument("--plan", action="append", default=[],
+                        help="plan.json of the CQIL exports, or `uniform` (repeat for several plans)")
     parser.add_argument("--precisions", default="fp32,int4")
     parser.add_argument("--target", default="onnxruntime", help="target of our exports (portable or onnxruntime)")
-    parser.add_argument("--layouts", default="branches", help="CQIL layouts (fused: portable target only)")
+    parser.add_argument("--layouts", default="branches,fused", help="CQIL layouts")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default 2)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=24, help="decode steps timed per run")
@@ -150,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or cache_dir() / "genai_bench"
     work.mkdir(parents=True, exist_ok=True)
     model_dir = default_model_dir()
-    plan = ("--plan", str(args.plan.resolve())) if args.plan else UNIFORM_PLAN
-    table = kinds(args.precisions.split(","), args.layouts.split(","))
-    folders = {(kind, p): make_folder(work, model_dir, kind, p, plan, args.target) for kind, p in table}
+    plans = plan_options(args.plan)
+    table = kinds(args.precisions.split(","), args.layouts.split(","), plans)
+    folders = {(kind, p): make_folder(work, model_dir, kind, p, plans, args.target) for kind, p in table}
     lengths = [int(n) for n in args.prompts.split(",")]
     text = prompt_tokens(model_dir, max([*lengths, args.prefill]))
     models = {key: GenaiModel(folder, threads=args.threads) for key, folder in folders.items()}
@@ -180,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                          "median_ms": 1e3 * statistics.median(x for r in mine for x in r),
                          "vs_builder": ratio, "vs_builder_95": [low, high]})
     result = {"model": model_dir.name, "target": args.target, "threads": args.threads, "rounds": args.rounds, "steps": args.steps,
-              "plan": plan, "date": time.strftime("%Y-%m-%d", time.gmtime()), "seconds": round(time.time() - started, 1),
+              "plans": plans, "date": time.strftime("%Y-%m-%d", time.gmtime()), "seconds": round(time.time() - started, 1),
               "cpu_count": os.cpu_count(), "load_average_before": load_before, "load_average_timed_start": load_start,
               "load_average_after": os.getloadavg(), "rows": rows,
               "greedy_tokens": {f"{k}-{p}": tokens for (k, p), tokens in greedy.items()},
@@ -201,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         ours, theirs = greedy[("original", precision)], greedy[("builder", precision)]
         agree = sum(a == b for a, b in zip(ours, theirs))
         print(f"greedy tokens, {precision}: builder vs our original {agree}/{len(ours)} the same")
+        for kind in dict.fromkeys(kind for kind, _ in table):
+            if kind.endswith("-fused") and (branches := greedy.get((kind.removesuffix("fused") + "branches", precision))):
+                agree = sum(a == b for a, b in zip(greedy[(kind, precision)], branches))
+                print(f"greedy tokens, {precision}: {kind} vs its branch layout {agree}/{len(branches)} the same")
     return 0
 
 

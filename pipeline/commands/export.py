@@ -55,9 +55,6 @@ class ExportSettings:
         check_fields(self)
         check_precision(self.precision, self.quantization)
         check_target_precision(self.target, self.precision)
-        if self.target == "onnxruntime" and self.layout != "branches":
-            raise CqilError("--target onnxruntime writes the branch layout (the model builder packs each layer's "
-                            "q/k/v); --layout fused is a portable-target layout: drop one of them")
 
     @property
     def quantization(self) -> Quantization:

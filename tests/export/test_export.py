@@ -32,6 +32,11 @@ CASES = {
     "qwen2": (3, ["--uniform", "0:3:2"], Plan(((0, 1), (2,)), 0)),
 }
 OVERRIDES = {"mistral": {"sliding_window": 5}}
+# "mistral-nowindow": the mistral case without a sliding window, which --target onnxruntime refuses.
+
+
+def base_family(family: str) -> str:
+    return family.split("-")[0]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +46,7 @@ def model_dir(tmp_path_factory, tokenizer):
 
     def make(family: str) -> Path:
         if family not in made:
-            model = tiny_model(family, CASES[family][0], **OVERRIDES.get(family, {}))
+            model = tiny_model(base_family(family), CASES[base_family(family)][0], **OVERRIDES.get(family, {}))
             generator = torch.Generator().manual_seed(1)
             with torch.no_grad():
                 for name, param in model.named_parameters():
@@ -67,7 +72,8 @@ def exported(tmp_path_factory, model_dir):
         key = (family, options, name)
         if key not in made:
             out = tmp_path_factory.mktemp("onnx") / "onnx"
-            argv = ["export", "--model", str(model_dir(family)), *CASES[family][1], "--out", str(out), *options]
+            argv = ["export", "--model", str(model_dir(family)), *CASES[base_family(family)][1], "--out", str(out),
+                    *options]
             assert main(argv) == 0
             made[key] = out
         return made[key]
@@ -467,10 +473,9 @@ def op_counts(folder: Path) -> dict[str, int]:
     return counts
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])  # mistral's sliding window is refused (test_export_errors)
-def test_onnxruntime_target_equals_portable_on_prefill_and_decode(family, exported):
-    """fp32: the builder-based graph and the portable export agree to 1e-4, each decoding on its own cache."""
-    portable, fused_ops = session(exported(family) / "model.onnx"), session(exported(family, "--target", "onnxruntime") / "model.onnx")
+def assert_matches_portable(portable_folder: Path, folder: Path) -> None:
+    """fp32: `folder` and the portable export agree to 1e-4 on a prefill and 3 decode steps, each on its own cache."""
+    portable, fused_ops = session(portable_folder / "model.onnx"), session(folder / "model.onnx")
     ids = batch(seq=10, pad=(0,))[0]
     expected, expected_past = named_run(portable, ids[:, :7], None, 7)
     logits, past = named_run(fused_ops, ids[:, :7], None, 7)
@@ -481,6 +486,11 @@ def test_onnxruntime_target_equals_portable_on_prefill_and_decode(family, export
         logits, past = named_run(fused_ops, ids[:, step:step + 1], past, step + 1)
         assert np.abs(logits - expected).max() <= TOL, step
         assert max(np.abs(past[name] - expected_past[name]).max() for name in expected_past) <= TOL
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # mistral's sliding window is refused (test_export_errors)
+def test_onnxruntime_target_equals_portable_on_prefill_and_decode(family, exported):
+    assert_matches_portable(exported(family), exported(family, "--target", "onnxruntime"))
 
 
 def test_onnxruntime_target_uses_the_fused_operators_and_keeps_branches(exported):
@@ -584,3 +594,65 @@ def test_optimum_runs_every_runnable_target_and_precision(target, precision, exp
                             capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     assert "new tokens same" in result.stdout and "DIFFER" not in result.stdout
+
+
+# -- --target onnxruntime --layout fused: a group's projections as wide operators ---------------------
+
+ORT_FUSED = ("--target", "onnxruntime", "--layout", "fused")
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral-nowindow", "qwen2"])
+def test_onnxruntime_fused_equals_portable_on_prefill_and_decode(family, exported):
+    """The wide q/k/v (norm scales folded), per-layer attention, bypass, and the down projections summed by one
+    MatMul compute the portable export's logits and caches (llama: a group of 3 with d = 2; mistral: d = 1;
+    qwen2: q/k/v biases, d = 0)."""
+    assert_matches_portable(exported(family), exported(family, *ORT_FUSED))
+
+
+def weight_shapes(graph) -> dict[str, list[int]]:
+    """MatMul node name -> the dims of its weight initializer."""
+    dims = {init.name: list(init.dims) for init in graph.initializer}
+    return {node.name: dims[node.input[1]] for node in graph.node if node.op_type.startswith("MatMul")}
+
+
+def test_onnxruntime_fused_has_one_qkv_and_one_down_matmul_per_group(exported, reference):
+    """llama, groups (0), (1, 2, 3): layer 0 is the builder's layer (5 MatMuls); the group has one q/k/v MatMul
+    [hidden, 3 (q + 2 kv)], three o, three gate, three up and one down [3 ffn, hidden]; logits: 1."""
+    folder = exported("llama", *ORT_FUSED)
+    config = reference("llama").hf.config
+    hidden, ffn, dim = config.hidden_size, config.intermediate_size, config.hidden_size // config.num_attention_heads
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * dim
+    counts = op_counts(folder)
+    assert counts["GroupQueryAttention"] == 4  # each layer keeps its own cache
+    assert counts["MatMul"] == 5 + (1 + 3 + 3 + 3 + 1) + 1
+    assert counts["SimplifiedLayerNormalization"] == 1  # layer 0's input norm: no residual yet
+    # layer 0's post-attention norm, the group's shared norm, its 3 post-attention norms, the final norm
+    assert counts["SkipSimplifiedLayerNormalization"] == 6
+    assert counts["Split"] == 1 and counts["Concat"] == 1
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    shapes = weight_shapes(graph.graph)
+    assert shapes["/g1/attn/qkv_proj/MatMul"] == [hidden, 3 * qkv]
+    assert shapes["/g1/ffn/down_proj/MatMul"] == [3 * ffn, hidden]
+    meta = {prop.key: prop.value for prop in graph.metadata_props}
+    assert meta[contract.LAYOUT_KEY] == "fused" and meta[contract.TARGET_KEY] == "onnxruntime"
+    assert not check_branch_structure(folder / "model.onnx").ok  # the group's layers share nodes now
+
+
+def test_onnxruntime_fused_int4_quantizes_every_matmul_and_runs_in_genai(exported):
+    """int4: MatMulNBits count = the fp32 fused graph's MatMuls (the wide ones included, constants at export);
+    GenAI's Generator on the fp32 fused folder picks the portable file's greedy tokens, and runs the int4 one."""
+    from cqil.engines.genai import GenaiModel
+
+    fp32, int4 = exported("llama", *ORT_FUSED), exported("llama", *ORT_FUSED, "--precision", "int4")
+    counts = op_counts(int4)
+    assert counts["MatMulNBits"] == op_counts(fp32)["MatMul"] and "MatMul" not in counts
+    graph = onnx.load(str(int4 / "model.onnx"), load_external_data=False).graph
+    wide = [attributes(node) for node in graph.node if node.op_type == "MatMulNBits"
+            and node.name.startswith(("/g1/attn/qkv_proj/", "/g1/ffn/down_proj/"))]
+    assert len(wide) == 2 and {(attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) for attrs in wide} == {(4, 32, 4)}
+    ids, mask = batch(seq=6, pad=(0,))
+    expected = greedy(session(exported("llama") / "model.onnx"), ids, mask, 6)[0].tolist()
+    eos = 2  # the tiny config's: the Generator stops there
+    expected = expected[:expected.index(eos) + 1] if eos in expected else expected
+    assert GenaiModel(fp32, threads=1).greedy([ids[0].tolist()], 6)[0] == expected
+    assert GenaiModel(int4, threads=1).greedy([ids[0].tolist()], 6)[0]

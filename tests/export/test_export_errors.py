@@ -103,13 +103,6 @@ def test_api_refuses_bad_precision_before_exporting(tmp_path):
     assert model.hf.model.embed_tokens.weight.dtype == torch.float32
 
 
-def test_onnxruntime_target_refuses_the_fused_layout(tiny_model_dir, tmp_path, capsys):
-    message = export_error(capsys, "--model", str(tiny_model_dir("llama", 2)), "--original", "--target", "onnxruntime",
-                           "--layout", "fused", "--out", str(tmp_path / "onnx"))
-    assert "--target onnxruntime writes the branch layout" in message
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_onnxruntime_target_refuses_a_sliding_window(tmp_path, tokenizer, capsys):
     model_dir = tmp_path / "mistral"
     tiny_model("mistral", 2, sliding_window=5).save_pretrained(model_dir)
