@@ -159,9 +159,10 @@ def _latency_plan(args: argparse.Namespace) -> None:
     print(f"{args.out}: {result.plan.describe()}; predicted latency ratio "
           f"{result.plan.latency['predicted_ratio']:.3f} (budget {args.latency_budget}, {cost_model.target}); "
           f"held-out KL {measured['kl']:.4f}, ppl {measured['ppl']:.3f} (original {measured['original_ppl']:.3f}); "
-          f"scoring {result.seconds['score']:.0f} s, frontier {result.seconds['measure']:.0f} s")
+          f"scoring {result.seconds['score']:.0f} s, verification {result.seconds['verify']:.0f} s, "
+          f"held-out {result.seconds['measure']:.0f} s")
     for kind, points in result.frontier["kinds"].items():
-        row = ", ".join(f"{p['predicted_ratio']:.3f}: KL {p['held_out']['kl']:.3f}" for p in points)
+        row = ", ".join(f"{p['predicted_ratio']:.3f}: KL {p['held_out']['kl']:.3f}" for p in points) or "no plan fits"
         print(f"  {kind:>6}  {row}")
     print(f"search table: {table}; Pareto frontier: {frontier_json}, {chart}")
 

@@ -1,21 +1,37 @@
-"""Hybrid plans under a latency budget: the DP against brute force (synthetic and measured KL, a synthetic
-cost model), the CLI's plan with its `latency` record, and bad cost-model files refused with one line."""
+"""Hybrid plans under a latency budget: the DP (its best and its k best layouts) against brute force (synthetic
+and measured KL, a synthetic cost model), verify-and-repair on a tiny model whose dropped layers' KLs do not add
+up, the CLI's plan with its `latency` record, and bad cost-model files refused with one line."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 
 import pytest
+import torch
 from cqil.engines.cost_model import CostModel, cost_model_from_dict, load_cost_model
 from cqil.model.cqil import CqilModel
 from cqil.model.errors import CqilError
-from cqil.model.plan import from_parallel_groups, identity_plan, load_plan
+from cqil.model.plan import from_parallel_groups, identity_plan, load_plan, pruned_plan
 from cqil.pipeline.autoplan import score_candidates
 from cqil.pipeline.cli import main
 from cqil.pipeline.data import load_split
-from cqil.pipeline.hybrid import KINDS, Parts, choose, parts_from, score_drops
+from cqil.pipeline.autoplan import calibration_kl
+from cqil.pipeline.hybrid import (
+    KINDS,
+    Parts,
+    choose,
+    parts_from,
+    ranked,
+    score_drops,
+    score_parts,
+    tables,
+    verify_frontier,
+)
+
+from tests.helpers import tiny_model
 
 LAYERS = 6
 SEQ = 32
@@ -55,6 +71,27 @@ def brute_force(parts: Parts, budget: float, kind: str, max_size: int) -> float 
     return best
 
 
+def all_layouts_kl(parts: Parts, budget: float, kind: str, max_size: int) -> dict[tuple, float]:
+    """Every distinct plan of `kind` within `budget` (layout and the bypass it records) -> its summed KL."""
+    found = {}
+    for layout in layouts(LAYERS, max_size):
+        if any(p[0] not in KINDS[kind] for p in layout) or all(p[0] == "drop" for p in layout):
+            continue
+        step = COSTS.base + sum({"alone": COSTS.layer, "drop": 0.0}.get(p[0]) if p[0] != "group"
+                                else COSTS.groups["branches"][p[2]] for p in layout)
+        if step / COSTS.original(LAYERS) > budget + 1e-12:
+            continue
+        largest = max([p[2] for p in layout if p[0] == "group"], default=1)
+        for d, costs in parts.groups.items():
+            if any(p[0] == "group" and (p[1], p[2]) not in costs for p in layout):
+                continue
+            kl = sum(parts.drop[p[1]] if p[0] == "drop" else costs[(p[1], p[2])] if p[0] == "group" else 0.0
+                     for p in layout)
+            key = (layout, min(d, largest - 1))
+            found[key] = min(kl, found.get(key, kl))
+    return found
+
+
 def check_against_brute_force(parts: Parts, budget: float, kind: str):
     expected = brute_force(parts, budget, kind, 3)
     if expected is None:
@@ -78,6 +115,23 @@ def test_dp_matches_brute_force_on_random_kl(seed):
         check_against_brute_force(parts, budget, kind)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_k_best_layouts_match_brute_force(seed):
+    """One table up to the largest budget gives the k least-KL distinct plans of every smaller budget."""
+    rng = random.Random(seed)
+    groups = {d: {(s, size): rng.uniform(0.01, 1.0) for size in (2, 3) for s in range(LAYERS - size + 1)}
+              for d in (0, 1)}
+    parts = Parts({i: rng.uniform(0.05, 2.0) for i in range(LAYERS)}, groups)
+    for kind in KINDS:
+        by_d = tables(parts, LAYERS, COSTS, 0.95, kind, 3, k=5)
+        for budget in (0.7, 0.8, 0.95):
+            got = ranked(by_d, budget, 5, LAYERS, COSTS)
+            expected = sorted(all_layouts_kl(parts, budget, kind, 3).values())[:5]
+            assert [c.predicted_kl for c in got] == pytest.approx(expected, abs=1e-12)
+            assert len({c.key for c in got}) == len(got)
+            assert all(c.predicted_ratio <= budget + 1e-12 for c in got)
+
+
 @pytest.fixture(scope="module")
 def measured(tiny_model_dir):
     from cqil.pipeline.sources import load_model
@@ -97,6 +151,53 @@ def test_search_on_measured_kl_picks_the_brute_force_optimum(measured):
         hybrid = choose(measured, LAYERS, COSTS, budget, "hybrid", 3).predicted_kl
         for kind in ("prune", "cqil") if budget > 0.8 else ("prune",):
             assert hybrid <= choose(measured, LAYERS, COSTS, budget, kind, 3).predicted_kl + 1e-12
+
+
+@pytest.fixture(scope="module")
+def twin_layers(tokenizer):
+    """A tiny model whose layer 3 is a copy of layer 2, both scaled to 0.4: each dropped alone costs little,
+    both together remove the same change twice, about twice the sum of their KLs alone."""
+    model = tiny_model("llama", LAYERS)
+    with torch.no_grad():
+        layers = model.model.layers
+        layers[3].load_state_dict(layers[2].state_dict())
+        for layer in (2, 3):
+            layers[layer].self_attn.o_proj.weight.mul_(0.4)
+            layers[layer].mlp.down_proj.weight.mul_(0.4)
+    original = CqilModel(model, identity_plan(LAYERS))
+    calibration = load_split(tokenizer, seq_len=SEQ).train[:2]
+    _, parts = score_parts(original, calibration, 3, (1,), progress=False)
+    return original, calibration, parts
+
+
+def test_repair_keeps_the_measured_best_where_dropped_layers_do_not_add_up(twin_layers):
+    original, calibration, parts = twin_layers
+
+    def measure(plans):
+        return calibration_kl(original, plans, calibration, progress=False)
+
+    budget = 0.75  # two of six layers dropped: (2 + 4) / 8
+    pick = choose(parts, LAYERS, COSTS, budget, "prune", 3)
+    assert pick.dropped == (2, 3)  # the additive prediction takes the twins
+    assert measure([pick.plan({}, LAYERS)])[0] > 1.5 * pick.predicted_kl
+    feasible = [pruned_plan(list(drop), LAYERS) for n in range(2, LAYERS) for drop in itertools.combinations(range(LAYERS), n)]
+    best = min(measure(feasible))  # every prune-only plan within the budget, measured as a whole
+
+    points = verify_frontier(parts, LAYERS, COSTS, [0.85, budget], 3, measure)
+    prune = points["prune"][budget]
+    assert prune.source == "repair" and prune.choice.dropped != (2, 3)
+    assert prune.measured_kl == pytest.approx(best, rel=1e-9)
+    assert prune.measured_kl == pytest.approx(measure([prune.choice.plan({}, LAYERS)])[0], rel=1e-9)
+    assert prune.tried[0][0] == pick and len(prune.tried) > 1
+    for b, hybrid in points["hybrid"].items():  # never worse than either pure kind, measured
+        assert hybrid.choice.predicted_ratio <= b + 1e-12
+        for kind in ("prune", "cqil"):
+            if b in points[kind]:
+                assert hybrid.measured_kl <= points[kind][b].measured_kl + 1e-12
+    assert points["hybrid"][budget].measured_kl < measure([pick.plan({}, LAYERS)])[0]
+
+    unrepaired = verify_frontier(parts, LAYERS, COSTS, [budget], 3, measure, margin=math.inf)
+    assert unrepaired["prune"][budget].choice == pick and unrepaired["prune"][budget].source == "prediction"
 
 
 def test_cli_records_latency_in_the_plan(tiny_model_dir, tmp_path, capsys):
