@@ -128,7 +128,7 @@ class LayoutTable:
         table: list[dict[tuple[int, int], list]] = [{} for _ in range(num_layers + 1)]
         table[0][(0, 0)] = [(0.0, 0, 0, 0, -1)]
         for i in range(num_layers + 1):
-            for key, entries in table[i].items():
+            for entries in table[i].values():
                 entries.sort(key=lambda e: e[0])  # stable: the first found wins a tie
                 del entries[k:]
             if i == num_layers:
@@ -375,6 +375,36 @@ def search(original: CqilModel, calibration: torch.Tensor, held_out: torch.Tenso
     seconds = {"score": round(scored - started, 1), "verify": round(verified - scored, 1),
                "measure": round(time.perf_counter() - verified, 1)}
     return HybridResult(plan, report, frontier_report, seconds, plans)
+
+
+def add_measured_latency(result: HybridResult, original: CqilModel, cost_model: CostModel, repeats: int,
+                         layout: str, workdir, progress: bool = True) -> None:
+    """Export every distinct frontier plan and time its decode step against the original's on the cost model's
+    target (ONNX Runtime CPU, its threads and past length); each point and the plan's `latency` get
+    `measured_ratio` beside `predicted_ratio`. Other targets are refused: measuring plans there is not built."""
+    from cqil.engines.cost_model import ONNX_CPU, CostSettings, measure_plan_ratios
+
+    if cost_model.engine != ONNX_CPU:
+        raise CqilError(f"--measure-latency times plans on ONNX Runtime CPU, and the cost model was measured on "
+                        f"'{cost_model.target}': leave --measure-latency out")
+    names: dict[tuple, str] = {}
+    for name, plan in result.plans.items():
+        names.setdefault((plan.groups, plan.dropped, plan.bypass), name)
+    settings = CostSettings(past=int(cost_model.details.get("past", 128)), repeats=repeats,
+                            threads=cost_model.details.get("threads"))
+    distinct = {name: result.plans[name] for name in names.values()}
+    timed = measure_plan_ratios(original, distinct, layout, settings, workdir, progress)
+    for kind, points in result.frontier["kinds"].items():
+        for point in points:
+            plan = result.plans[f"{kind}@{point['budget']}"]
+            point.update(timed[names[(plan.groups, plan.dropped, plan.bypass)]])
+    result.frontier["measured_latency"] = {"engine": ONNX_CPU, "plans": len(distinct), "past": settings.past,
+                                           "repeats": repeats,
+                                           "threads": settings.threads, "reference": "the original, same rounds"}
+    budget = result.report["request"]["latency_budget"]
+    picked = next(p for p in result.frontier["kinds"]["hybrid"] if p["budget"] == budget)
+    result.plan.latency["measured_ratio"] = picked["measured_ratio"]
+    result.report["plan"] = result.plan.to_dict()
 
 
 def _choice_dict(choice: HybridChoice) -> dict:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from cqil.model.errors import CqilError
 from cqil.model.settings import POSITIVE, TEXT, at_least, number, setting
@@ -46,12 +48,25 @@ class AutoPlanSettings:
                              parse_bypass_choices(self.bypass_choices), self.proxy_keep, self.head_every)
 
 
+@dataclass(frozen=True)
+class FrontierLatency:
+    """The frontier's measured latency (`cqil plan --auto --latency-budget R --cost-model C --measure-latency`)."""
+
+    measure_latency: bool = setting(False, "also export every frontier plan and time its decode step against the "
+                                    "original's on ONNX Runtime CPU (the cost model's threads and past length)",
+                                    toml=False)
+    latency_repeats: int = setting(50, "timed decode rounds per plan for --measure-latency (default %(default)s)",
+                                   check=POSITIVE, metavar="N", toml=False)
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
     from cqil.pipeline.plan_choice import config_and_plan
 
     if not args.auto and (args.target_depth is not None or args.max_kl is not None
                           or args.latency_budget is not None):
         raise CqilError("--target-depth, --max-kl and --latency-budget choose an automatic plan: add --auto")
+    if args.measure_latency and args.latency_budget is None:
+        raise CqilError("--measure-latency times the plans of a --latency-budget search: add --latency-budget R")
     if (args.latency_budget is None) != (args.cost_model is None):
         raise CqilError("--latency-budget R and --cost-model COST.json go together (measure one with "
                         "`cqil bench --cost-model`)")
@@ -121,13 +136,13 @@ def _auto_plan(args: argparse.Namespace) -> None:
 
 
 def _latency_plan(args: argparse.Namespace) -> None:
-    from cqil.engines.cost_model import load_cost_model
+    from cqil.engines.cost_model import ONNX_CPU, load_cost_model
     from cqil.model.cqil import CqilModel
     from cqil.model.fsutil import atomic_write_text, check_output_file
     from cqil.model.plan import identity_plan, model_record
     from cqil.pipeline.autoplan import parse_bypass_choices
     from cqil.pipeline.data import load_split
-    from cqil.pipeline.hybrid import save_frontier_chart, search
+    from cqil.pipeline.hybrid import add_measured_latency, save_frontier_chart, search
     from cqil.pipeline.sources import load_model
 
     if args.target_depth is not None or args.max_kl is not None:
@@ -136,6 +151,10 @@ def _latency_plan(args: argparse.Namespace) -> None:
         raise CqilError(f"--latency-budget {args.latency_budget} must be in (0, 1]: a ratio of the original's "
                         "decode step")
     cost_model = load_cost_model(args.cost_model)
+    latency = from_args(FrontierLatency, args)
+    if latency.measure_latency and cost_model.engine != ONNX_CPU:
+        raise CqilError(f"--measure-latency times plans on ONNX Runtime CPU, and '{args.cost_model}' was measured on "
+                        f"'{cost_model.target}': leave --measure-latency out")
     bypass_choices = parse_bypass_choices(args.bypass_choices)
     table, frontier_json = args.out.with_suffix(".search.json"), args.out.with_suffix(".pareto.json")
     chart = args.out.with_suffix(".pareto.png")
@@ -151,6 +170,13 @@ def _latency_plan(args: argparse.Namespace) -> None:
     original = CqilModel(loaded.model, identity_plan(config.num_hidden_layers))
     result = search(original, calibration, held_out, cost_model, args.latency_budget, model_record(config),
                     args.max_group_size, bypass_choices, args.layout, args.head_every, args.batch_size)
+    if latency.measure_latency:
+        import tempfile
+
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="cqil-frontier-") as workdir:
+            add_measured_latency(result, original, cost_model, latency.latency_repeats, args.layout, Path(workdir))
+        result.seconds["latency"] = round(time.perf_counter() - started, 1)
     atomic_write_text(table, json.dumps({"model": loaded.name, "data": split.source, **result.report}, indent=2) + "\n")
     atomic_write_text(frontier_json, json.dumps({"model": loaded.name, **result.frontier}, indent=2) + "\n")
     save_frontier_chart(result.frontier, chart, f"{loaded.name}: held-out KL vs predicted latency")
@@ -161,8 +187,12 @@ def _latency_plan(args: argparse.Namespace) -> None:
           f"held-out KL {measured['kl']:.4f}, ppl {measured['ppl']:.3f} (original {measured['original_ppl']:.3f}); "
           f"scoring {result.seconds['score']:.0f} s, verification {result.seconds['verify']:.0f} s, "
           f"held-out {result.seconds['measure']:.0f} s")
+    if "latency" in result.seconds:
+        print(f"  measured latency of {result.frontier['measured_latency']['plans']} distinct plans against the "
+              f"original: {result.seconds['latency']:.0f} s (below: predicted/measured ratio)")
     for kind, points in result.frontier["kinds"].items():
-        row = ", ".join(f"{p['predicted_ratio']:.3f}: KL {p['held_out']['kl']:.3f}" for p in points) or "no plan fits"
+        row = ", ".join(f"{p['predicted_ratio']:.3f}" + (f"/{p['measured_ratio']:.3f}" if "measured_ratio" in p else "")
+                        + f": KL {p['held_out']['kl']:.3f}" for p in points) or "no plan fits"
         print(f"  {kind:>6}  {row}")
     print(f"search table: {table}; Pareto frontier: {frontier_json}, {chart}")
 
@@ -220,6 +250,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="the target's costs, measured by `cqil bench --cost-model`")
     group.add_argument("--layout", choices=("branches", "fused"), default="branches",
                        help="export layout whose group costs the search uses (default %(default)s)")
+    add_flags(group, FrontierLatency)
     prune = p.add_argument_group("depth pruning (--prune; the baseline to compare CQIL with)")
     prune.add_argument("--prune", type=POSITIVE, metavar="K", help="drop K decoder layers chosen on calibration text")
     prune.add_argument("--method", choices=("block-influence", "greedy"), default=None,

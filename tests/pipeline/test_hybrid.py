@@ -15,10 +15,9 @@ from cqil.engines.cost_model import CostModel, cost_model_from_dict, load_cost_m
 from cqil.model.cqil import CqilModel
 from cqil.model.errors import CqilError
 from cqil.model.plan import from_parallel_groups, identity_plan, load_plan, pruned_plan
-from cqil.pipeline.autoplan import score_candidates
+from cqil.pipeline.autoplan import calibration_kl, score_candidates
 from cqil.pipeline.cli import main
 from cqil.pipeline.data import load_split
-from cqil.pipeline.autoplan import calibration_kl
 from cqil.pipeline.hybrid import (
     KINDS,
     Parts,
@@ -62,7 +61,7 @@ def brute_force(parts: Parts, budget: float, kind: str, max_size: int) -> float 
                                 else COSTS.groups["branches"][p[2]] for p in layout)
         if step / COSTS.original(LAYERS) > budget + 1e-12:
             continue
-        for d, costs in parts.groups.items():
+        for costs in parts.groups.values():
             if any(p[0] == "group" and (p[1], p[2]) not in costs for p in layout):
                 continue
             kl = sum(parts.drop[p[1]] if p[0] == "drop" else costs[(p[1], p[2])] if p[0] == "group" else 0.0
@@ -180,7 +179,8 @@ def test_repair_keeps_the_measured_best_where_dropped_layers_do_not_add_up(twin_
     pick = choose(parts, LAYERS, COSTS, budget, "prune", 3)
     assert pick.dropped == (2, 3)  # the additive prediction takes the twins
     assert measure([pick.plan({}, LAYERS)])[0] > 1.5 * pick.predicted_kl
-    feasible = [pruned_plan(list(drop), LAYERS) for n in range(2, LAYERS) for drop in itertools.combinations(range(LAYERS), n)]
+    feasible = [pruned_plan(list(drop), LAYERS) for n in range(2, LAYERS)
+                for drop in itertools.combinations(range(LAYERS), n)]
     best = min(measure(feasible))  # every prune-only plan within the budget, measured as a whole
 
     points = verify_frontier(parts, LAYERS, COSTS, [0.85, budget], 3, measure)
@@ -267,3 +267,82 @@ def test_bench_measures_a_cost_model_the_search_reads(tiny_model_dir, tmp_path, 
     assert set(model.groups) == {"branches"} and set(model.groups["branches"]) == {2}
     assert set(model.details["median_step_s"]) == {"1", "n", "g2.branches"}
     assert "layer" in capsys.readouterr().out
+
+
+def test_bench_measures_a_cost_model_on_two_ranks(tiny_model_dir, tmp_path, capfd):
+    """gloo on this CPU: the single-layer cuts run whole on each rank, the pair with one layer per rank."""
+    cost = tmp_path / "cost.json"
+    assert main(["bench", "--model", str(tiny_model_dir("llama", LAYERS)), "--cost-model", str(cost), "--ranks", "2",
+                 "--backend", "gloo", "--past", "16", "--decode-repeats", "5", "--warmup", "1"]) == 0
+    model = load_cost_model(cost)
+    assert model.target == "torch.distributed (2 ranks, gloo, 1 threads each)" and model.engine == "ranks"
+    assert model.groups == {"branches": {2: model.groups["branches"][2]}, "fused": {2: model.groups["branches"][2]}}
+    median = model.details["median_step_s"]
+    assert set(median) == {"1", "n", "g2.branches"}
+    assert model.base + model.layer == pytest.approx(median["1"], rel=1e-4)
+    assert model.base + model.groups["branches"][2] == pytest.approx(median["g2.branches"], rel=1e-4)
+    assert model.layer > 0 and model.groups["branches"][2] > 0
+    assert choose(Parts({i: 1.0 for i in range(LAYERS)}, {1: {}}), LAYERS, model, 0.99, "prune", 2).dropped
+    assert "torch.distributed (2 ranks" in capfd.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ranks", "1"], "--ranks 1: a cost model on ranks needs at least 2"),
+    (["--ranks", "2", "--cost-device", "cuda"], "drop --cost-device"),
+    (["--cost-device", "cuda"], "--cost-device cuda needs a CUDA GPU"),
+])
+def test_cost_model_targets_refused_with_one_line(tiny_model_dir, tmp_path, capsys, extra, message):
+    if "--ranks" not in extra and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: the CUDA cost model would run")
+    cost = tmp_path / "cost.json"
+    assert main(["bench", "--model", str(tiny_model_dir("llama", LAYERS)), "--cost-model", str(cost), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not cost.exists()
+
+
+def test_device_cost_model_code_path_runs_eagerly_off_cuda(tiny_model_dir):
+    """The CUDA cost model's code (cut models, DecodeStep, medians) on the CPU, where DecodeStep runs eagerly."""
+    from cqil.engines.cost_model import CostSettings, measure_device_cost_model
+    from cqil.pipeline.sources import load_model
+
+    loaded = load_model(tiny_model_dir("llama", LAYERS))
+    original = CqilModel(loaded.model, identity_plan(LAYERS))
+    settings = CostSettings(past=8, repeats=3, warmup=1, singles=3, max_group_size=3, layouts=("branches", "fused"))
+    model = measure_device_cost_model(original, settings, "cpu", progress=False)
+    assert model.target == "torch-cpu (eager)" and model.engine == "torch-cpu"
+    assert set(model.groups) == {"branches", "fused"} and model.groups["branches"] == model.groups["fused"]
+    assert set(model.groups["branches"]) == {2, 3} and model.layer > 0
+    median = model.details["median_step_s"]
+    assert model.layer == pytest.approx((median["n"] - median["1"]) / 2, rel=1e-4)
+
+
+def test_measure_latency_refuses_a_target_it_cannot_time(tiny_model_dir, tmp_path, capsys):
+    cost = tmp_path / "cost.json"
+    cost.write_text(json.dumps(COSTS.to_dict()))
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--auto", "--model", str(tiny_model_dir("llama", LAYERS)), "--latency-budget", "0.8",
+                 "--cost-model", str(cost), "--measure-latency", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--measure-latency times plans on ONNX Runtime CPU" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.slow  # exports every distinct frontier plan of the tiny model and times it: a few minutes here
+def test_frontier_carries_measured_latency_beside_predicted(tiny_model_dir, tmp_path):
+    model_dir = str(tiny_model_dir("llama", LAYERS))
+    cost, out = tmp_path / "cost.json", tmp_path / "plan.json"
+    assert main(["bench", "--model", model_dir, "--cost-model", str(cost), "--cost-max-group-size", "2",
+                 "--cost-layouts", "branches", "--past", "16", "--decode-repeats", "20", "--threads", "1"]) == 0
+    assert main(["plan", "--auto", "--model", model_dir, "--latency-budget", "0.8", "--cost-model", str(cost),
+                 "--seq-len", str(SEQ), "--max-chunks", "2", "--eval-chunks", "1", "--measure-latency",
+                 "--latency-repeats", "20", "--out", str(out)]) == 0
+    frontier = json.loads(out.with_suffix(".pareto.json").read_text())
+    points = [p for kind in ("prune", "hybrid") for p in frontier["kinds"][kind]]
+    assert points and all(p["measured_ratio"] > 0 and p["measured_step_s"] > 0 for p in points)
+    for p in points:  # a plan that drops layers runs fewer of them: measurably faster than the original
+        if len(p["dropped"]) >= 2:
+            assert p["measured_ratio"] < 0.95
+    plan = json.loads(out.read_text())
+    assert plan["latency"]["measured_ratio"] == next(p["measured_ratio"] for p in frontier["kinds"]["hybrid"]
+                                                     if p["budget"] == 0.8)
