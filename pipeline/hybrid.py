@@ -3,7 +3,8 @@ cost model (engines/cost_model.py) says buys the least KL for the time saved.
 
 1. Score. Every candidate group (as in pipeline.autoplan) and every layer dropped alone get their calibration KL
    with everything else as in the original, all in one pass over the calibration chunks: the original's stream
-   is cached once per batch and each part resumes from it at its first layer.
+   is cached once per batch and each part resumes from it at its first layer. Group sizes that the cost model
+   prices at no less than their layers alone are not scored: no pick would contain them.
 2. Search. The KL of a plan is predicted as the sum of its parts'. Dynamic programming over the layers, with
    the decode-step cost in whole units of 1/UNITS of the original's step (each part's cost rounded up, so the
    exact prediction never exceeds the budget), keeps the k least-KL layouts per (layer, cost spent): one table
@@ -37,7 +38,7 @@ KINDS = {"prune": ("alone", "drop"), "cqil": ("alone", "group"), "hybrid": ("alo
 FRONTIER_BUDGETS = (0.75, 0.8, 0.85, 0.9, 0.95)
 HYBRID_FORMAT = "cqil-hybrid-search/2"
 REPAIR_MARGIN = 0.05  # a pick measured more than 5 % over its predicted calibration KL is repaired
-REPAIR_TRIES = 6  # layouts measured per repaired pick (the pick included)
+REPAIR_TRIES = 4  # layouts measured per repaired pick (the pick included)
 
 
 @dataclass(frozen=True)
@@ -65,22 +66,35 @@ def plan_bypasses(bypass_choices: Sequence[int], max_group_size: int) -> list[in
     return sorted({min(d, max_group_size - 1) for d in bypass_choices})
 
 
+def paying_sizes(cost_model: CostModel | None, max_group_size: int, layout: str = "branches") -> list[int]:
+    """Group sizes worth scoring: those the cost model prices below their layers alone. A group that costs as
+    much as its layers (ONNX Runtime CPU runs the branches one after another) is never in a plan the search
+    picks: its layers alone cost no more and lose no KL."""
+    return [size for size in range(2, max_group_size + 1) if cost_model is None or (
+        (cost := cost_model.group_cost(size, layout)) is not None and cost < size * cost_model.layer)]
+
+
 def score_parts(original: CqilModel, chunks: torch.Tensor, max_group_size: int, bypass_choices: Sequence[int],
-                batch_size: int = 4, progress: bool = True, head_every: int = 1) -> tuple[list[Candidate], Parts]:
+                batch_size: int = 4, progress: bool = True, head_every: int = 1,
+                sizes: Sequence[int] | None = None) -> tuple[list[Candidate], Parts]:
     """Every candidate group (autoplan's table) and every layer dropped alone, scored in one calibration pass:
-    the original's stream is computed once per batch for all of them."""
+    the original's stream is computed once per batch for all of them. Groups of a size not in `sizes`
+    (default: all) are listed unscored (KL None) and never used."""
     from cqil.pipeline.analysis import layer_input_similarity
 
     layers = original.num_layers
+    sizes = range(2, max_group_size + 1) if sizes is None else sizes
     similarity = layer_input_similarity(original, chunks, batch_size, progress)
     keys = [(s, size, d) for size in range(2, max_group_size + 1) for s in range(layers - size + 1)
             for d in sorted({min(d, size - 1) for d in bypass_choices})]
-    plans = [from_parallel_groups([list(range(s, s + size))], layers, d) for s, size, d in keys]
+    scored = [key for key in keys if key[1] in sizes]
+    plans = [from_parallel_groups([list(range(s, s + size))], layers, d) for s, size, d in scored]
     plans += [pruned_plan([layer], layers) for layer in range(layers)]
     kls = calibration_kl(original, plans, chunks, batch_size, progress, head_every)
-    candidates = [Candidate(s, size, d, float(similarity[s, s + size - 1]), kl)
-                  for (s, size, d), kl in zip(keys, kls)]
-    drops = dict(enumerate(kls[len(keys):]))
+    by_key = dict(zip(scored, kls))
+    candidates = [Candidate(s, size, d, float(similarity[s, s + size - 1]), by_key.get((s, size, d)))
+                  for s, size, d in keys]
+    drops = dict(enumerate(kls[len(scored):]))
     return candidates, parts_from(candidates, drops, plan_bypasses(bypass_choices, max_group_size))
 
 
@@ -323,8 +337,9 @@ def search(original: CqilModel, calibration: torch.Tensor, held_out: torch.Tenso
         raise CqilError(f"--latency-budget {budget} must be in (0, 1]: a ratio of the original's decode step")
     layers = original.num_layers
     started = time.perf_counter()
+    sizes = paying_sizes(cost_model, max_group_size, layout)
     candidates, parts = score_parts(original, calibration, max_group_size, bypass_choices, batch_size, progress,
-                                    head_every)
+                                    head_every, sizes)
     scored = time.perf_counter()
     budgets = sorted(set(frontier_budgets) | {budget})
 
@@ -361,6 +376,7 @@ def search(original: CqilModel, calibration: torch.Tensor, held_out: torch.Tenso
                       "each pick's whole-plan calibration KL measured, and repaired when over the prediction",
         "calibration": {"chunks": len(calibration), "tokens": calibration.numel()},
         "held_out": {"chunks": len(held_out), "tokens": held_out.numel()},
+        "scored_group_sizes": sizes,  # the others cost at least their layers alone on this target: never picked
         "drop_kl": {str(k): _short(v) for k, v in parts.drop.items()},
         "candidates": [c.to_dict() for c in candidates],
         "plan": plan.to_dict(),

@@ -23,6 +23,7 @@ from cqil.pipeline.hybrid import (
     Parts,
     choose,
     parts_from,
+    paying_sizes,
     ranked,
     score_drops,
     score_parts,
@@ -200,6 +201,20 @@ def test_repair_keeps_the_measured_best_where_dropped_layers_do_not_add_up(twin_
     assert unrepaired["prune"][budget].choice == pick and unrepaired["prune"][budget].source == "prediction"
 
 
+def test_groups_that_cost_their_layers_alone_are_not_scored(twin_layers):
+    sequential = CostModel("sequential", 2.0, 1.0, {"branches": {2: 2.0, 3: 2.9}}, {})
+    assert paying_sizes(COSTS, 3) == [2, 3] and paying_sizes(sequential, 3) == [3]
+    assert paying_sizes(sequential, 3, "fused") == [] and paying_sizes(None, 3) == [2, 3]
+    original, calibration, parts = twin_layers
+    candidates, only_triples = score_parts(original, calibration, 3, (1,), progress=False, sizes=[3])
+    assert all(c.kl is None for c in candidates if c.size == 2)
+    assert only_triples.drop == pytest.approx(parts.drop, rel=1e-9)
+    assert only_triples.groups[1] == pytest.approx({key: kl for key, kl in parts.groups[1].items() if key[1] == 3},
+                                                   rel=1e-9)
+    full = score_candidates(original, calibration, 3, (1,), progress=False)  # autoplan's own scoring
+    assert {(c.start, c.size): c.kl for c in full if c.size == 3} == pytest.approx(only_triples.groups[1], rel=1e-6)
+
+
 def test_cli_records_latency_in_the_plan(tiny_model_dir, tmp_path, capsys):
     cost = tmp_path / "cost.json"
     cost.write_text(json.dumps(COSTS.to_dict()))
@@ -279,9 +294,11 @@ def test_bench_measures_a_cost_model_on_two_ranks(tiny_model_dir, tmp_path, capf
     assert model.groups == {"branches": {2: model.groups["branches"][2]}, "fused": {2: model.groups["branches"][2]}}
     median = model.details["median_step_s"]
     assert set(median) == {"1", "n", "g2.branches"}
-    assert model.base + model.layer == pytest.approx(median["1"], rel=1e-4)
-    assert model.base + model.groups["branches"][2] == pytest.approx(median["g2.branches"], rel=1e-4)
-    assert model.layer > 0 and model.groups["branches"][2] > 0
+    # one layer from the cut of 4 against the cut of 1, the rest of that step is the base (clamped at 0 when
+    # load makes the cut of 4 slow), a pair is its cut less the base
+    assert model.layer == pytest.approx(max((median["n"] - median["1"]) / 3, 1e-9), rel=1e-3)
+    assert model.base == pytest.approx(max(median["1"] - model.layer, 0.0), abs=1e-6)
+    assert model.groups["branches"][2] == pytest.approx(max(median["g2.branches"] - model.base, 0.0), abs=1e-6)
     assert choose(Parts({i: 1.0 for i in range(LAYERS)}, {1: {}}), LAYERS, model, 0.99, "prune", 2).dropped
     assert "torch.distributed (2 ranks" in capfd.readouterr().out
 
