@@ -179,7 +179,7 @@ def _latency_plan(args: argparse.Namespace) -> None:
         result.seconds["latency"] = round(time.perf_counter() - started, 1)
     atomic_write_text(table, json.dumps({"model": loaded.name, "data": split.source, **result.report}, indent=2) + "\n")
     atomic_write_text(frontier_json, json.dumps({"model": loaded.name, **result.frontier}, indent=2) + "\n")
-    save_frontier_chart(result.frontier, chart, f"{loaded.name}: held-out KL vs predicted latency")
+    save_frontier_chart(result.frontier, chart, f"{loaded.name}: held-out KL vs decode latency ratio")
     result.plan.save(args.out)
     measured = result.report["measured"]
     print(f"{args.out}: {result.plan.describe()}; predicted latency ratio "
