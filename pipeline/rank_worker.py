@@ -1,6 +1,7 @@
-"""What each rank runs: `torchrun --nproc-per-node P -m cqil.pipeline.rank_worker generate|bench ...`.
+"""What each rank runs: `torchrun --nproc-per-node P -m cqil.pipeline.rank_worker generate|bench|cost-model ...`.
 
-`cqil generate --ranks P` and `cqil bench --ranks P` start these same commands (pipeline/commands/ranks.py).
+`cqil generate --ranks P`, `cqil bench --ranks P` and `cqil bench --cost-model COST.json --ranks P` start these
+same commands (pipeline/commands/ranks.py, pipeline/commands/bench.py).
 Options are those of the one-process commands; rank 0 prints and writes, every rank ends with one
 line on failure (engines/distributed/launch.py).
 """
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 from cqil.engines.bench_report import plot_bench, report_lines
 from cqil.engines.bench_settings import RankBenchSettings
+from cqil.engines.cost_model import measure_rank_cost_model, rank_cost_calls, save_cost_model
 from cqil.engines.distributed.bench import run_rank_bench
 from cqil.engines.distributed.launch import DEFAULT_TIMEOUT_S, run_ranks, together
 from cqil.engines.distributed.per_rank import AgreedTokens, Placement, load_rank_model, parameter_count, rank_model
@@ -26,13 +28,14 @@ from cqil.model.errors import ExitCode
 from cqil.model.fsutil import atomic_write_text
 from cqil.model.steps import greedy_generate
 from cqil.pipeline.cli import OptionError, Parser, quiet_libraries
-from cqil.pipeline.commands.bench import BenchOutput
+from cqil.pipeline.commands.bench import BenchOutput, RankCostSettings, cost_model_lines
 from cqil.pipeline.commands.generate import GenerateSettings, encode_prompts, format_generations
 from cqil.pipeline.commands.options import add_model_options, add_plan_options
 from cqil.pipeline.commands.ranks import RankOptions
 from cqil.pipeline.plan_choice import config_and_plan
 from cqil.pipeline.settings import add_flags, from_args
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from cqil.pipeline.sources import resolve_model_dir
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 PROGRAM = "cqil-ranks"
 
@@ -54,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
             add_flags(p, cls)
         if name == "generate":
             p.add_argument("--memory", action="store_true", help="each rank reports its parameters and resident memory")
+    p = sub.add_parser("cost-model", help="the decode cost per layer and per group size on these ranks (rank 0 "
+                       "writes the cost model)")
+    add_model_options(p)
+    add_flags(p, RankOptions, skip=("ranks",))
+    add_flags(p, RankCostSettings)
     return parser
 
 
@@ -66,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{exc.prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return ExitCode.BAD_INPUT
     quiet_libraries()
-    body = {"generate": _generate, "bench": _bench}[args.command]
+    body = {"generate": _generate, "bench": _bench, "cost-model": _cost_model}[args.command]
     return run_ranks(f"{PROGRAM} {args.command}", args.backend, lambda ctx: body(args, ctx),
                      args.timeout or DEFAULT_TIMEOUT_S)
 
@@ -134,6 +142,20 @@ def _bench(args: argparse.Namespace, ctx) -> int:
         return 0
     print("\n".join(report_lines(result, f"{result['plan']} on {ctx.world} ranks ({ctx.backend}); threads: one "
                                           f"process {result['threads']['one_process']}, each rank {settings.threads}")))
+    return 0
+
+
+def _cost_model(args: argparse.Namespace, ctx) -> int:
+    settings = from_args(RankCostSettings, args)
+    path = resolve_model_dir(args.model)
+    torch.set_num_threads(settings.threads)
+    calls = together(ctx, lambda: rank_cost_calls(ctx, path, settings.cost_settings()))
+    model = measure_rank_cost_model(ctx, calls, settings.cost_settings())
+    if model is None:
+        return 0
+    save_cost_model(model, settings.cost_model)
+    print("\n".join(cost_model_lines(settings.cost_model, path.name, model,
+                                      AutoConfig.from_pretrained(path).num_hidden_layers)), flush=True)
     return 0
 
 

@@ -34,7 +34,6 @@ def child(policy: str, steps: int) -> None:
     sys.path.insert(0, str(ROOT))
     import cqil  # noqa: F401 - "after": the wait policy is set here, before PyTorch loads
     at_torch_import = at_torch_import or os.environ.get("OMP_WAIT_POLICY", "(unset)")
-    import torch  # noqa: F811 - imported already under "before"
     from cqil.model.plan import parse_uniform_spec
     from cqil.pipeline.data import load_split
     from cqil.pipeline.recovery import FinetuneSettings, finetune

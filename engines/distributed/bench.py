@@ -27,7 +27,7 @@ from cqil.engines.latency import BenchResult, compare, interleaved_times, ratio_
 from cqil.model.steps import HFStep, timing_calls
 
 
-def _rank_hooks(ctx: RankContext, threads: dict[str, int]) -> tuple[Callable[[str], None], Callable[[str], None]]:
+def rank_hooks(threads: dict[str, int]) -> tuple[Callable[[str], None], Callable[[str], None]]:
     """Timer hooks: switch threads and wait for every rank before a call, wait again after it."""
 
     def before(name: str) -> None:
@@ -60,7 +60,7 @@ def run_rank_bench(ctx: RankContext, models: dict[str, Any], settings: RankBench
     shapes = {"prefill": {"batch": settings.batch, "seq": settings.seq, "past": 0},
               "decode": {"batch": settings.batch, "seq": 1, "past": settings.past}}
     repeats = {"prefill": settings.prefill_repeats, "decode": settings.decode_repeats}
-    before, after = _rank_hooks(ctx, threads)
+    before, after = rank_hooks(threads)
     synchronize = torch.cuda.synchronize if ctx.device.type == "cuda" else None  # GPU work counts where launched
     scenarios, rows = {}, {}
     for index, scenario in enumerate(("prefill", "decode")):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cqil.engines.cost_model import load_cost_model
+from cqil.engines.cost_model import ONNX_CPU, load_cost_model
 from cqil.export.choices import LAYOUTS
 from cqil.model.errors import CqilError
 from cqil.model.fsutil import atomic_write_text, check_output_file
@@ -54,6 +56,17 @@ class AutoPlanSettings:
 
 
 @dataclass(frozen=True)
+class FrontierLatency:
+    """The frontier's measured latency (`cqil plan --auto --latency-budget R --cost-model C --measure-latency`)."""
+
+    measure_latency: bool = setting(False, "also export every frontier plan and time its decode step against the "
+                                    "original's on ONNX Runtime CPU (the cost model's threads and past length)",
+                                    toml=False)
+    latency_repeats: int = setting(50, "timed decode rounds per plan for --measure-latency (default %(default)s)",
+                                   check=POSITIVE, metavar="N", toml=False)
+
+
+@dataclass(frozen=True)
 class LatencySettings:
     """The latency-budget search (`cqil plan --auto --latency-budget R`, pipeline/hybrid.py). Not build keys:
     the build's plan stage runs the KL-budget search, and a cost model is measured per machine."""
@@ -97,6 +110,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
     if not args.auto and (args.target_depth is not None or args.max_kl is not None
                           or latency.latency_budget is not None):
         raise CqilError("--target-depth, --max-kl and --latency-budget choose an automatic plan: add --auto")
+    if from_args(FrontierLatency, args).measure_latency and latency.latency_budget is None:
+        raise CqilError("--measure-latency times the plans of a --latency-budget search: add --latency-budget R")
     choice = PlanChoice.from_args(args)
     pruning = from_args(PruneSettings, args)
     if pruning.prune is not None:
@@ -158,11 +173,15 @@ def _auto_plan(args: argparse.Namespace) -> None:
 def _latency_plan(args: argparse.Namespace, latency: LatencySettings) -> None:
     from cqil.model.cqil import CqilModel
     from cqil.pipeline.autoplan import parse_bypass_choices
-    from cqil.pipeline.hybrid import save_frontier_chart, search
+    from cqil.pipeline.hybrid import add_measured_latency, save_frontier_chart, search
 
     if args.target_depth is not None or args.max_kl is not None:
         raise CqilError("--latency-budget is the budget of this search: drop --target-depth / --max-kl")
     cost_model = load_cost_model(latency.cost_model)
+    frontier_latency = from_args(FrontierLatency, args)
+    if frontier_latency.measure_latency and cost_model.engine != ONNX_CPU:
+        raise CqilError(f"--measure-latency times plans on ONNX Runtime CPU, and '{latency.cost_model}' was measured "
+                        f"on '{cost_model.target}': leave --measure-latency out")
     bypass_choices = parse_bypass_choices(args.bypass_choices)
     table, frontier_json = args.out.with_suffix(".search.json"), args.out.with_suffix(".pareto.json")
     chart = args.out.with_suffix(".pareto.png")
@@ -178,17 +197,28 @@ def _latency_plan(args: argparse.Namespace, latency: LatencySettings) -> None:
     original = CqilModel(loaded.model, identity_plan(config.num_hidden_layers))
     result = search(original, calibration, held_out, cost_model, latency.latency_budget, model_record(config),
                     args.max_group_size, bypass_choices, latency.layout, args.head_every, args.batch_size)
+    if frontier_latency.measure_latency:
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="cqil-frontier-") as workdir:
+            add_measured_latency(result, original, cost_model, frontier_latency.latency_repeats, latency.layout,
+                                 Path(workdir))
+        result.seconds["latency"] = round(time.perf_counter() - started, 1)
     atomic_write_text(table, json.dumps({"model": loaded.name, "data": split.source, **result.report}, indent=2) + "\n")
     atomic_write_text(frontier_json, json.dumps({"model": loaded.name, **result.frontier}, indent=2) + "\n")
-    save_frontier_chart(result.frontier, chart, f"{loaded.name}: held-out KL vs predicted latency")
+    save_frontier_chart(result.frontier, chart, f"{loaded.name}: held-out KL vs decode latency ratio")
     result.plan.save(args.out)
     measured = result.report["measured"]
     print(f"{args.out}: {result.plan.describe()}; predicted latency ratio "
           f"{result.plan.latency['predicted_ratio']:.3f} (budget {latency.latency_budget}, {cost_model.target}); "
           f"held-out KL {measured['kl']:.4f}, ppl {measured['ppl']:.3f} (original {measured['original_ppl']:.3f}); "
-          f"scoring {result.seconds['score']:.0f} s, frontier {result.seconds['measure']:.0f} s")
+          f"scoring {result.seconds['score']:.0f} s, verification {result.seconds['verify']:.0f} s, "
+          f"held-out {result.seconds['measure']:.0f} s")
+    if "latency" in result.seconds:
+        print(f"  measured latency of {result.frontier['measured_latency']['plans']} distinct plans against the "
+              f"original: {result.seconds['latency']:.0f} s (below: predicted/measured ratio)")
     for kind, points in result.frontier["kinds"].items():
-        row = ", ".join(f"{p['predicted_ratio']:.3f}: KL {p['held_out']['kl']:.3f}" for p in points)
+        row = ", ".join(f"{p['predicted_ratio']:.3f}" + (f"/{p['measured_ratio']:.3f}" if "measured_ratio" in p else "")
+                        + f": KL {p['held_out']['kl']:.3f}" for p in points) or "no plan fits"
         print(f"  {kind:>6}  {row}")
     print(f"search table: {table}; Pareto frontier: {frontier_json}, {chart}")
 
@@ -235,6 +265,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--auto", action="store_true", help="search the plan on calibration text")
     add_flags(group, AutoPlanSettings)
     add_flags(group, LatencySettings)
+    add_flags(group, FrontierLatency)
     add_flags(p.add_argument_group("depth pruning (--prune; the baseline to compare CQIL with)"), PruneSettings)
     add_data_options(p)
     # --max-chunks: the calibration chunks scored
