@@ -64,7 +64,8 @@ class CostTarget:
     """Where `cqil bench --cost-model` measures; `--ranks P` measures P torch.distributed ranks instead."""
 
     cost_device: str = setting("cpu", "cpu: ONNX Runtime on this CPU (default); cuda: PyTorch on the CUDA GPU, a "
-                               "stream per branch, CUDA-graph decode steps", check=one_of("cpu", "cuda"), toml=False)
+                               "stream per branch, CUDA-graph decode steps", check=one_of("cpu", "cuda"),
+                               metavar="{cpu,cuda}", toml=False)
 
 
 @dataclass(frozen=True)
