@@ -387,6 +387,7 @@ class TritonPythonModel:
         self.scheduler = Scheduler(Decoder(session, eos_ids, GRAPH_NAMES), max_batch=parameters["max_batch"],
                                    max_queue=parameters["max_queue"],
                                    max_prefill_tokens=parameters["max_prefill_tokens"], metrics=TritonMetrics(labels))
+        self.scheduler.warm_up(self.context)  # ONNX Runtime's arena at its working size before the first request
         self.scheduler.start()
 
     def execute(self, requests):

@@ -275,6 +275,19 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join()
 
+    def warm_up(self, context: int | None = None) -> None:
+        """Run the largest prefills a step may run, once, before serving.
+
+        ONNX Runtime's CPU arena keeps what it grows to; a prefill of `max_prefill_tokens` tokens (logits
+        alone are tokens x vocab floats) is the largest working set a step has, and the arena reuses it
+        for every smaller call. Warmed here, the server's memory is at its working size when it opens,
+        instead of growing for minutes as ever larger shapes come by (docs/serving.md, Soak). `context`: the
+        model's longest sequence, when shorter than the cap."""
+        tokens = min(self.max_prefill_tokens or 1024, context or 1024 * 1024)
+        rows = min(self.max_batch, tokens)
+        for prompts in ([[0] * tokens], [[0] * (tokens // rows)] * rows):
+            self.decoder.prefill(prompts)
+
     def idle(self) -> bool:
         with self._wake:
             return not self._busy()

@@ -306,3 +306,15 @@ def test_a_chunked_prompt_cancelled_between_chunks_frees_its_cache(session):
     gone.cancel = True
     scheduler.step()
     assert gone.finish == [(FINISH_CANCELLED, None)] and scheduler.chunked is None and scheduler.idle()
+
+
+def test_warm_up_runs_the_largest_prefills_once_and_serves_as_before(session):
+    scheduler, record = make(session, max_batch=4, max_prefill_tokens=32)
+    calls = Calls(scheduler.decoder)
+    scheduler.warm_up(context=24)  # the context is shorter than the cap: the warm-up stays inside it
+    assert calls.take() == [(1, 24, 0), (4, 6, 0)] and scheduler.idle() and record.generated == 0
+    job = Collect(PROMPTS[1], 8)
+    scheduler.submit(job.job)
+    while not scheduler.idle():
+        scheduler.step()
+    assert job.tokens == alone(session, PROMPTS[1], 8)
