@@ -65,8 +65,10 @@ TEXT_INPUTS = (("text_input", "TYPE_STRING", 1, False), ("max_tokens", "TYPE_INT
                ("return_finish_reason", "TYPE_BOOL", 1, True), ("return_num_output_tokens", "TYPE_BOOL", 1, True))
 TEXT_OUTPUTS = (("text_output", "TYPE_STRING"), ("finish_reason", "TYPE_STRING"), ("num_output_tokens", "TYPE_UINT32"))
 # The in-flight batching limits (model.py's DEFAULT_PARAMETERS): rows per graph call, waiting requests,
+# padded prompt tokens prefilled per step (bounds the stall joiners put on running rows; 0: no cap),
 # the largest max_tokens a request may ask, ONNX Runtime intra-op threads (0: its default, every core).
-TEXT_PARAMETERS = {"max_batch": 16, "max_queue": 64, "max_tokens_limit": 512, "onnxruntime_threads": 0}
+TEXT_PARAMETERS = {"max_batch": 16, "max_queue": 64, "max_prefill_tokens": 1024, "max_tokens_limit": 512,
+                   "onnxruntime_threads": 0}
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,14 @@ The cache is one tensor per layer and key/value, [rows, kv_heads, T, head_dim], 
 entries **right-aligned**: row r holds `lengths[r]` real positions at the end and zeros before them.
 The attention mask (zeros over the padding) and per-row position ids make each row compute what it
 computes alone; this is the left-padded batch the ONNX contract already serves (DESIGN.md section 4).
-A new request is prefilled alone (batch 1, its whole prompt) between steps, its first token is sent
-at once, and its cache joins the batch (the shorter side is zero-padded on the left). A finished or
-cancelled row is removed before the next step, and columns that only padding still uses are cut off,
-so T is always the longest row's length.
+Requests join between steps: the waiting requests that fit are prefilled together in one graph call
+(their prompts left-padded to the longest, the same layout), each one's first token is sent at once,
+and their cache rows join the batch (the shorter side is zero-padded on the left). A step's prefill
+is capped at `max_prefill_tokens` padded prompt tokens (rows x longest prompt), so the stall it puts
+on every running row is bounded; a prompt longer than the cap is prefilled alone in chunks of the
+cap, one chunk per step, and joins after its last one. A finished or cancelled row is removed before
+the next step, and columns that only padding still uses are cut off, so T is always the longest
+row's length.
 """
 
 from __future__ import annotations
@@ -112,6 +116,18 @@ class _Row:
     produced: int = 1
 
 
+@dataclass(eq=False)
+class _Chunked:
+    """A prompt longer than `max_prefill_tokens`, prefilled one chunk per step before it joins."""
+
+    job: Job
+    past: list[np.ndarray]
+
+    @property
+    def done(self) -> int:
+        return self.past[0].shape[2]
+
+
 class Decoder:
     """The ONNX decoder run by one ONNX Runtime session: a prefill of one prompt, a decode step of a batch."""
 
@@ -133,11 +149,28 @@ class Decoder:
         presents = [outputs[value.name.replace(n.past_prefix, n.present_prefix, 1)] for value in self.past]
         return outputs[n.logits][:, -1], presents
 
-    def prefill(self, prompt: Sequence[int]) -> tuple[np.ndarray, list[np.ndarray]]:
-        length = len(prompt)
-        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.cache_dtype)
-        logits, presents = self.run(np.array([prompt], dtype=np.int64), np.ones((1, length), dtype=np.int64),
-                                    np.arange(length, dtype=np.int64)[None], [empty] * len(self.past))
+    def empty_cache(self, rows: int) -> list[np.ndarray]:
+        return [np.zeros((rows, self.kv_heads, 0, self.head_dim), dtype=self.cache_dtype)] * len(self.past)
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One graph call for several prompts, left-padded to the longest: each one's last logits [rows, vocab]
+        and the presents, right-aligned with zeros over the padding (the BatchCache layout)."""
+        width = max(len(prompt) for prompt in prompts)
+        ids, mask, positions = (np.zeros((len(prompts), width), dtype=np.int64) for _ in range(3))
+        for row, prompt in enumerate(prompts):
+            pad = width - len(prompt)
+            ids[row, pad:], mask[row, pad:], positions[row, pad:] = prompt, 1, np.arange(len(prompt))
+        logits, presents = self.run(ids, mask, positions, self.empty_cache(len(prompts)))
+        for row, prompt in enumerate(prompts):
+            for tensor in presents:
+                tensor[row, :, :width - len(prompt)] = 0  # what the padding tokens computed: masked, but kept clean
+        return logits, presents
+
+    def extend(self, tokens: Sequence[int], past: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The next chunk of one prompt (batch 1) after `past` (its earlier chunks): last logits [vocab], presents."""
+        done, total = past[0].shape[2], past[0].shape[2] + len(tokens)
+        logits, presents = self.run(np.array([tokens], dtype=np.int64), np.ones((1, total), dtype=np.int64),
+                                    np.arange(done, total, dtype=np.int64)[None], past)
         return logits[0], presents
 
 
@@ -152,16 +185,17 @@ class BatchCache:
     def width(self) -> int:
         return self.tensors[0].shape[2] if self.tensors else 0
 
-    def add(self, presents: Sequence[np.ndarray]) -> None:
-        """Append one prefilled row (its presents, [1, kv, length, dim]) as the last row."""
-        length = presents[0].shape[2]
+    def add(self, presents: Sequence[np.ndarray], lengths: Sequence[int]) -> None:
+        """Append prefilled rows (presents [rows, kv, width, dim], right-aligned, zeros over the padding)."""
+        cut = presents[0].shape[2] - max(lengths)  # columns only padding uses (a longer row finished at once)
+        presents = [tensor[:, :, cut:] for tensor in presents]
         if not self.tensors:
-            self.tensors, self.lengths = list(presents), [length]
+            self.tensors, self.lengths = presents, list(lengths)
             return
-        width = max(self.width, length)
-        self.tensors = [np.concatenate((_pad_left(batch, width), _pad_left(row, width)))
-                        for batch, row in zip(self.tensors, presents)]
-        self.lengths.append(length)
+        width = max(self.width, presents[0].shape[2])
+        self.tensors = [np.concatenate((_pad_left(batch, width), _pad_left(rows, width)))
+                        for batch, rows in zip(self.tensors, presents)]
+        self.lengths += lengths
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only `rows` (indices, in order), then drop the columns no row uses any more."""
@@ -197,13 +231,17 @@ class Scheduler:
     `close()`, sleeping while there is nothing to do.
     """
 
-    def __init__(self, decoder: Decoder, max_batch: int = 16, max_queue: int = 64, metrics: Metrics | None = None):
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError(f"max_batch {max_batch} must be >= 1 and max_queue {max_queue} >= 0")
+    def __init__(self, decoder: Decoder, max_batch: int = 16, max_queue: int = 64, max_prefill_tokens: int = 0,
+                 metrics: Metrics | None = None):
+        if max_batch < 1 or max_queue < 0 or max_prefill_tokens < 0:
+            raise ValueError(f"max_batch {max_batch} must be >= 1, max_queue {max_queue} and "
+                             f"max_prefill_tokens {max_prefill_tokens} >= 0")
         self.decoder, self.max_batch, self.max_queue = decoder, max_batch, max_queue
+        self.max_prefill_tokens = max_prefill_tokens  # padded prompt tokens prefilled per step; 0: no cap
         self.metrics = metrics or Metrics()
         self.waiting: collections.deque[Job] = collections.deque()
         self.rows: list[_Row] = []
+        self.chunked: _Chunked | None = None
         self.cache = BatchCache()
         self._wake = threading.Condition()
         self._closing = False
@@ -237,18 +275,34 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join()
 
+    def warm_up(self, context: int | None = None) -> None:
+        """Run the largest prefills a step may run, once, before serving.
+
+        ONNX Runtime's CPU arena keeps what it grows to; a prefill of `max_prefill_tokens` tokens (logits
+        alone are tokens x vocab floats) is the largest working set a step has, and the arena reuses it
+        for every smaller call. Warmed here, the server's memory is at its working size when it opens,
+        instead of growing for minutes as ever larger shapes come by (docs/serving.md, Soak). `context`: the
+        model's longest sequence, when shorter than the cap."""
+        tokens = min(self.max_prefill_tokens or 1024, context or 1024 * 1024)
+        rows = min(self.max_batch, tokens)
+        for prompts in ([[0] * tokens], [[0] * (tokens // rows)] * rows):
+            self.decoder.prefill(prompts)
+
     def idle(self) -> bool:
         with self._wake:
-            return not self.waiting and not self.rows
+            return not self._busy()
+
+    def _busy(self) -> bool:
+        return bool(self.waiting or self.rows or self.chunked)
 
     # -- the scheduler thread -----------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self.waiting and not self.rows and not self._closing:
+                while not self._busy() and not self._closing:
                     self._wake.wait()
-                if self._closing and not self.waiting and not self.rows:
+                if self._closing and not self._busy():
                     return
             try:
                 self.step()
@@ -256,7 +310,8 @@ class Scheduler:
                 self._fail_rows(f"{type(exc).__name__}: {exc}")
 
     def step(self) -> None:
-        """Retire cancelled rows, admit waiting jobs up to `max_batch`, then decode one token for every row."""
+        """Retire cancelled rows, prefill the joining jobs (up to `max_batch` rows and `max_prefill_tokens`),
+        then decode one token for every row."""
         self._step()
         if self._delivered:
             self.metrics.tokens(self._delivered)
@@ -295,9 +350,9 @@ class Scheduler:
         return FINISH_LENGTH if produced_before + 1 >= job.max_tokens else None
 
     def _fail_rows(self, message: str) -> None:
-        for row in self.rows:
-            row.job.on_finish(FINISH_STOP, message)
-        self.rows, self.cache = [], BatchCache()
+        for job in [row.job for row in self.rows] + ([self.chunked.job] if self.chunked else []):
+            job.on_finish(FINISH_STOP, message)
+        self.rows, self.cache, self.chunked = [], BatchCache(), None
 
     def _retire(self, reasons: dict[int, str]) -> None:
         """Remove the rows `reasons` names (row index -> finish reason), telling each job, in one cache copy."""
@@ -310,26 +365,68 @@ class Scheduler:
         self.cache.keep(keep)
 
     def _admit(self) -> None:
-        while len(self.rows) < self.max_batch:
+        """Prefill what joins this step: the next chunk of a long prompt, or the waiting jobs that fit."""
+        if self.chunked is not None:
+            self._extend_chunked()
+            return
+        joining: list[Job] = []
+        while len(self.rows) + len(joining) < self.max_batch:
             with self._wake:
                 if not self.waiting:
-                    return
-                job = self.waiting.popleft()
+                    break
+                job = self.waiting[0]
+                longest = max([len(job.prompt), *(len(j.prompt) for j in joining)])
+                if joining and self.max_prefill_tokens and (len(joining) + 1) * longest > self.max_prefill_tokens:
+                    break  # the cap: it joins at a later step
+                self.waiting.popleft()
                 self.metrics.queue(len(self.waiting))
             if job.cancelled():
                 job.on_finish(FINISH_CANCELLED, None)
-                continue
-            try:
-                logits, presents = self.decoder.prefill(job.prompt)
-            except Exception as exc:  # noqa: BLE001 -- this job fails with the error; the model goes on
+            elif self.max_prefill_tokens and len(job.prompt) > self.max_prefill_tokens:
+                self.chunked = _Chunked(job, self.decoder.empty_cache(1))  # alone, a chunk per step
+                self._extend_chunked()
+                return
+            else:
+                joining.append(job)
+        if not joining:
+            return
+        try:
+            logits, presents = self.decoder.prefill([job.prompt for job in joining])
+        except Exception as exc:  # noqa: BLE001 -- these jobs fail with the error; the model goes on
+            for job in joining:
                 job.on_finish(FINISH_STOP, f"{type(exc).__name__}: {exc}")
-                continue
-            rng = np.random.default_rng(job.sampling.seed)
-            token = pick_token(logits, job.sampling, rng)
-            self.metrics.first_token(time.monotonic() - job.submitted)
-            reason = self._deliver(job, token, 0)
-            if reason:
-                job.on_finish(reason, None)
-                continue
-            self.rows.append(_Row(job, rng, token))
-            self.cache.add(presents)
+            return
+        joined = [i for i, job in enumerate(joining) if self._first_token(job, logits[i])]
+        if joined:
+            self.cache.add([tensor[joined] for tensor in presents], [len(joining[i].prompt) for i in joined])
+
+    def _extend_chunked(self) -> None:
+        chunked = self.chunked
+        if chunked.job.cancelled():
+            chunked.job.on_finish(FINISH_CANCELLED, None)
+            self.chunked = None
+            return
+        prompt = chunked.job.prompt
+        try:
+            logits, chunked.past = self.decoder.extend(prompt[chunked.done:chunked.done + self.max_prefill_tokens],
+                                                       chunked.past)
+        except Exception as exc:  # noqa: BLE001 -- this job fails with the error; the model goes on
+            chunked.job.on_finish(FINISH_STOP, f"{type(exc).__name__}: {exc}")
+            self.chunked = None
+            return
+        if chunked.done == len(prompt):
+            self.chunked = None
+            if self._first_token(chunked.job, logits):
+                self.cache.add(chunked.past, [len(prompt)])
+
+    def _first_token(self, job: Job, logits: np.ndarray) -> bool:
+        """Pick and send a prefilled job's first token; True when the job goes on as a new last row."""
+        rng = np.random.default_rng(job.sampling.seed)
+        token = pick_token(logits, job.sampling, rng)
+        self.metrics.first_token(time.monotonic() - job.submitted)
+        reason = self._deliver(job, token, 0)
+        if reason:
+            job.on_finish(reason, None)
+            return False
+        self.rows.append(_Row(job, rng, token))
+        return True

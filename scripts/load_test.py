@@ -218,10 +218,10 @@ def soak(args, work: Path, server, python: Path) -> dict:
     stop.set()
     for thread in threads:
         thread.join()
-    warm = [rss for t, rss in samples if t >= args.soak * 0.1]  # after the first tenth: warm-up
+    warm = [rss for t, rss in samples if t >= args.soak_warmup]  # docs/serving.md says why this warm-up
     growth = round(max(warm) / warm[0] - 1, 4) if warm else None  # the largest sample over the first one
     result = {"seconds": args.soak, "concurrency": 16, "record": record(summary, 16, before, after, args.model),
-              "rss_mb_samples": samples, "rss_growth_after_warmup": growth,
+              "rss_mb_samples": samples, "warmup_seconds": args.soak_warmup, "rss_growth_after_warmup": growth,
               "greedy_samples": [{"prompt": p, "served": a, "cqil_generate": expected.get(p),
                                   "equal": a.strip() == expected.get(p)} for p, a in answers]}
     result["goals"] = {"no_failed_request": result["record"]["failed"] == 0,
@@ -297,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-tokens", type=int)
     parser.add_argument("--requests-per-slot", type=int, help="requests per concurrency slot at each level")
     parser.add_argument("--soak", type=int, default=0, help="seconds of the soak at concurrency 16 instead")
+    parser.add_argument("--soak-warmup", type=int, default=60,
+                        help="soak: seconds before RSS growth is counted (default %(default)s: the first wave of "
+                             "16 requests has finished and been replaced)")
     parser.add_argument("--hf-model", type=Path, help="soak: HF model the export came from, for `cqil generate`")
     parser.add_argument("--plan-args", default="--uniform 15:30:2 --bypass 1", help="soak: the export's plan flags")
     parser.add_argument("--work", type=Path, default=Path("out/load-test"), help="scratch folder (default %(default)s)")

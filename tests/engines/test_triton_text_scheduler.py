@@ -219,9 +219,9 @@ def test_the_thread_serves_until_close(session):
 def test_batch_cache_alignment():
     cache = BatchCache()
     row = lambda length, value: [np.full((1, 1, length, 2), value, dtype=np.float32)]  # noqa: E731
-    cache.add(row(2, 1.0))
-    cache.add(row(4, 2.0))  # longer: the first row is padded on the left
-    cache.add(row(1, 3.0))
+    cache.add(row(2, 1.0), [2])
+    cache.add(row(4, 2.0), [4])  # longer: the first row is padded on the left
+    cache.add(row(1, 3.0), [1])
     assert cache.lengths == [2, 4, 1] and cache.width == 4
     np.testing.assert_array_equal(cache.tensors[0][:, 0, :, 0], [[0, 0, 1, 1], [2, 2, 2, 2], [0, 0, 0, 3]])
     mask, positions = cache.step_inputs()
@@ -230,3 +230,91 @@ def test_batch_cache_alignment():
     cache.keep([0, 2])  # the longest row left: two columns only padding used go
     assert cache.width == 2 and cache.lengths == [2, 1]
     np.testing.assert_array_equal(cache.tensors[0][:, 0, :, 0], [[1, 1], [0, 3]])
+
+    # Rows prefilled together arrive padded to their group's longest prompt; columns only padding uses go.
+    cache.add([np.array([[[[0, 0], [0, 0], [4, 4]]], [[[0, 0], [5, 5], [5, 5]]]], dtype=np.float32)], [1, 2])
+    assert cache.lengths == [2, 1, 1, 2] and cache.width == 2
+    np.testing.assert_array_equal(cache.tensors[0][:, 0, :, 0], [[1, 1], [0, 3], [0, 4], [5, 5]])
+
+
+class Calls:
+    """Records the decoder's graph calls: (rows, new tokens per row, past width) each."""
+
+    def __init__(self, decoder: Decoder):
+        self.shapes, self._run = [], decoder.run
+        decoder.run = self
+
+    def __call__(self, ids, mask, positions, past):
+        self.shapes.append((ids.shape[0], ids.shape[1], past[0].shape[2]))
+        return self._run(ids, mask, positions, past)
+
+    def take(self) -> list[tuple[int, int, int]]:
+        shapes, self.shapes = self.shapes, []
+        return shapes
+
+
+def test_joiners_are_prefilled_together_in_one_graph_call(session):
+    scheduler, record = make(session)
+    calls = Calls(scheduler.decoder)
+    running = Collect(PROMPTS[0], 12)
+    scheduler.submit(running.job)
+    scheduler.step()
+    scheduler.step()
+    calls.take()
+    # Three prompts of lengths 11, 1 and 7 join at one step beside the running row; the longest one asks a
+    # single token, so it leaves at its first token and its padding columns are cut from the others.
+    joining = [Collect(PROMPTS[2], 9), Collect(PROMPTS[3], 10), Collect(PROMPTS[1], 1)]
+    for collect in joining:
+        scheduler.submit(collect.job)
+    scheduler.step()
+    assert calls.take() == [(3, 11, 0), (3, 1, 7)]  # one prefill for the three, then one step for 1 + 2 rows
+    assert scheduler.cache.width == 8 and scheduler.cache.lengths == [7, 2, 8]
+    while not scheduler.idle():
+        scheduler.step()
+    assert running.tokens == alone(session, PROMPTS[0], 12)
+    for collect, limit in zip(joining, (9, 10, 1)):
+        assert collect.tokens == alone(session, collect.job.prompt, limit) and collect.finish[0][1] is None
+    assert len(record.first) == 4
+
+
+def test_the_prefill_cap_bounds_each_step_and_long_prompts_go_in_chunks(session):
+    cap = 14
+    scheduler, _ = make(session, max_prefill_tokens=cap)
+    calls = Calls(scheduler.decoder)
+    long_prompt = list(range(10, 40))  # 30 tokens: three chunks of at most 14
+    jobs = [Collect(prompt, 6, Sampling(ignore_eos=True)) for prompt in (*PROMPTS, long_prompt, PROMPTS[0])]
+    for collect in jobs:
+        scheduler.submit(collect.job)
+    while not scheduler.idle():
+        scheduler.step()
+    prefills = [(rows, tokens, past) for rows, tokens, past in calls.take() if tokens > 1 or past == 0]
+    assert all(rows * tokens <= cap for rows, tokens, _ in prefills)
+    # 4 and 11 tokens do not fit 14 together; 11 alone; 1 and 7 pad to 2 x 7; then the 30-token prompt
+    # alone in chunks of 14, 14 and 2 after its own past; then the last 4-token prompt.
+    assert prefills == [(1, 4, 0), (1, 11, 0), (2, 7, 0), (1, 14, 0), (1, 14, 14), (1, 2, 28), (1, 4, 0)]
+    for collect in jobs:
+        assert collect.tokens == alone(session, collect.job.prompt, 6, stop_at_eos=False)
+        assert collect.finish == [(FINISH_LENGTH, None)]
+
+
+def test_a_chunked_prompt_cancelled_between_chunks_frees_its_cache(session):
+    scheduler, _ = make(session, max_prefill_tokens=8)
+    gone = Collect(list(range(10, 40)), 6)
+    scheduler.submit(gone.job)
+    scheduler.step()
+    assert scheduler.chunked is not None and scheduler.chunked.done == 8 and gone.tokens == []
+    gone.cancel = True
+    scheduler.step()
+    assert gone.finish == [(FINISH_CANCELLED, None)] and scheduler.chunked is None and scheduler.idle()
+
+
+def test_warm_up_runs_the_largest_prefills_once_and_serves_as_before(session):
+    scheduler, record = make(session, max_batch=4, max_prefill_tokens=32)
+    calls = Calls(scheduler.decoder)
+    scheduler.warm_up(context=24)  # the context is shorter than the cap: the warm-up stays inside it
+    assert calls.take() == [(1, 24, 0), (4, 6, 0)] and scheduler.idle() and record.generated == 0
+    job = Collect(PROMPTS[1], 8)
+    scheduler.submit(job.job)
+    while not scheduler.idle():
+        scheduler.step()
+    assert job.tokens == alone(session, PROMPTS[1], 8)
