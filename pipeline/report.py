@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cqil.engines.greedy_agreement import describe as describe_greedy
 from cqil.pipeline.manifest import library_versions
 from cqil.pipeline.stages import StageResult
 
@@ -73,6 +72,9 @@ def _validation_rows(validation: dict) -> list[str]:
             rows.append(f"\n{engine}: held-out perplexity {ppl['engine']:.4g} vs the reference's {ppl['reference']:.4g} "
                         f"({ppl['ratio']:.4f}x){'' if ppl['passed'] else ' - over the limit'}.")
         if "greedy" in result:
+            # lazy: greedy_agreement loads torch, and `cqil build --help` imports this module
+            from cqil.engines.greedy_agreement import describe as describe_greedy
+
             rows.append(f"\n{engine}: {describe_greedy(result['greedy'])} (not a pass condition).")
     rows += [f"\nNote: {note}" for note in validation.get("notes", [])]
     return rows

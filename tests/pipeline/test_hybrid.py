@@ -331,7 +331,7 @@ def test_device_cost_model_code_path_runs_eagerly_off_cuda(tiny_model_dir):
     assert set(model.groups) == {"branches", "fused"} and model.groups["branches"] == model.groups["fused"]
     assert set(model.groups["branches"]) == {2, 3} and model.layer > 0
     median = model.details["median_step_s"]
-    assert model.layer == pytest.approx((median["n"] - median["1"]) / 2, rel=1e-4)
+    assert model.layer == pytest.approx((median["n"] - median["1"]) / 2, abs=1e-6)  # the record rounds to 1 µs
 
 
 def test_measure_latency_refuses_a_target_it_cannot_time(tiny_model_dir, tmp_path, capsys):
