@@ -1,11 +1,12 @@
 """Intra-op threads sized to the cores other work leaves free, chosen again before each long step.
 
 OpenMP's passive wait (cqil/__init__.py) stops a waiting thread from burning a core, but a step split
-over two threads still waits at every synchronisation point for the slower one. With one other
-CPU-bound process on a 2-core machine, fair time-slicing gives each of two threads 2/3 of a core and a
-recovery step took 1.79x its idle time; one thread on the free core costs far less (docs/recovery.md,
-"A busy machine"). So long loops ask, before each step, how many of this process's cores other
-processes are running on now, and use the rest. A user's OMP_NUM_THREADS is a choice and is kept.
+over N threads still waits at every synchronisation point for the slowest one, and a thread that shares
+its core with another process runs at half speed. So long loops ask, before each step, how many of this
+process's cores other processes are running on now, and use the rest: the step no longer waits for a
+thread on a shared core, and the other process keeps its core. On 2 cores with one competitor the step
+takes the same time on the free core as on two shared ones (docs/recovery.md, "A busy machine"). A
+user's OMP_NUM_THREADS is a choice and is kept.
 """
 
 from __future__ import annotations
