@@ -202,6 +202,10 @@ def from_parallel_groups(parallel: list[list[int]], num_layers: int, bypass: int
     return Plan(tuple(groups), bypass, model or {}, tuple(sorted(dropped)))
 
 
+# How `cqil plan --prune K` may choose the dropped layers (pipeline/prune.py); here, torch-free, for the flag's check.
+PRUNE_METHODS = ("block-influence", "greedy")
+
+
 def pruned_plan(dropped: list[int], num_layers: int, model: dict | None = None) -> Plan:
     """Depth pruning: the layers `dropped` removed, every other layer alone."""
     return from_parallel_groups([], num_layers, 0, model, tuple(sorted(dropped)))

@@ -20,11 +20,10 @@ import torch.nn.functional as F
 from cqil.model.cqil import CqilModel
 from cqil.model.divergence import token_kl
 from cqil.model.errors import CqilError
-from cqil.model.plan import pruned_plan
+from cqil.model.plan import PRUNE_METHODS, pruned_plan
 from cqil.pipeline.autoplan import original_pass, run_from, scored_positions
 from tqdm import tqdm
 
-METHODS = ("block-influence", "greedy")
 PRUNE_FORMAT = "cqil-prune/1"
 
 
@@ -111,7 +110,7 @@ def choose(method: str, original: CqilModel, calibration: torch.Tensor, count: i
         table = [{"dropped": layer, "kl": _short(r[layer]),
                   "candidates": {str(k): _short(v) for k, v in r.items()}} for layer, r in zip(order, rounds)]
         return Pruning(method, tuple(order), {"rounds": table, "head_every": head_every})
-    raise CqilError(f"--method '{method}' is not one of {', '.join(METHODS)}")
+    raise CqilError(f"--method '{method}' is not one of {', '.join(PRUNE_METHODS)}")
 
 
 def _short(value: float) -> float:

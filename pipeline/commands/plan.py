@@ -13,7 +13,7 @@ from cqil.engines.cost_model import ONNX_CPU, load_cost_model
 from cqil.export.choices import LAYOUTS
 from cqil.model.errors import CqilError
 from cqil.model.fsutil import atomic_write_text, check_output_file
-from cqil.model.plan import identity_plan, model_record, pruned_plan
+from cqil.model.plan import PRUNE_METHODS, identity_plan, model_record, pruned_plan
 from cqil.model.settings import POSITIVE, TEXT, at_least, check_fields, number, one_of, setting
 from cqil.pipeline.commands.options import (
     JSON_FILE,
@@ -96,7 +96,7 @@ class PruneSettings:
                                 metavar="K", toml=False)
     method: str | None = setting(None, "block-influence: ShortGPT's least-changing layers; greedy: SLEB-style, one "
                                  "layer at a time by calibration KL (default greedy)",
-                                 check=one_of("block-influence", "greedy"), metavar="{block-influence,greedy}",
+                                 check=one_of(*PRUNE_METHODS), metavar="{" + ",".join(PRUNE_METHODS) + "}",
                                  toml=False)
 
     def __post_init__(self) -> None:
