@@ -53,24 +53,6 @@ def layouts(layers: int, max_size: int):
             yield (("group", 0, size),) + tuple((p[0], p[1] + size, *p[2:]) for p in rest)
 
 
-def brute_force(parts: Parts, budget: float, kind: str, max_size: int) -> float | None:
-    best = None
-    for layout in layouts(LAYERS, max_size):
-        if any(p[0] not in KINDS[kind] for p in layout) or all(p[0] == "drop" for p in layout):
-            continue
-        step = COSTS.base + sum({"alone": COSTS.layer, "drop": 0.0}.get(p[0]) if p[0] != "group"
-                                else COSTS.groups["branches"][p[2]] for p in layout)
-        if step / COSTS.original(LAYERS) > budget + 1e-12:
-            continue
-        for costs in parts.groups.values():
-            if any(p[0] == "group" and (p[1], p[2]) not in costs for p in layout):
-                continue
-            kl = sum(parts.drop[p[1]] if p[0] == "drop" else costs[(p[1], p[2])] if p[0] == "group" else 0.0
-                     for p in layout)
-            best = kl if best is None else min(best, kl)
-    return best
-
-
 def all_layouts_kl(parts: Parts, budget: float, kind: str, max_size: int) -> dict[tuple, float]:
     """Every distinct plan of `kind` within `budget` (layout and the bypass it records) -> its summed KL."""
     found = {}
@@ -90,6 +72,11 @@ def all_layouts_kl(parts: Parts, budget: float, kind: str, max_size: int) -> dic
             key = (layout, min(d, largest - 1))
             found[key] = min(kl, found.get(key, kl))
     return found
+
+
+def brute_force(parts: Parts, budget: float, kind: str, max_size: int) -> float | None:
+    """The lowest summed KL of any plan of `kind` within `budget`."""
+    return min(all_layouts_kl(parts, budget, kind, max_size).values(), default=None)
 
 
 def check_against_brute_force(parts: Parts, budget: float, kind: str):
