@@ -108,12 +108,7 @@ def cqil_builder_class(base: type, plan: Plan, layout: str = "branches") -> type
                 attention.append(attrs["skip_input"])
             terms = []
             for index, (layer_id, layer) in enumerate(zip(ids, layers)):
-                s = attention[index]
-                for source in range(max(0, index - plan.bypass), index):
-                    s = self._add(f"/model/layers.{layer_id}/bypass/Add_{source}", s, attention[source], shape)
-                attrs["root_input"], attrs["skip_input"] = x, s
-                self.make_layernorm(layer_id, layer.post_attention_layernorm, skip=True, simple=simple,
-                                    location="post_attention")
+                self._bypass_and_norm(layer_id, layer, index, attention, x, simple)
                 self.make_mlp(layer_id, self.get_mlp_module(layer_id, layer), root_input=attrs["output_0"])
                 terms.append(self._add(f"/model/layers.{layer_id}/combine/Add", attention[index],
                                        attrs["skip_input"], shape))
@@ -144,12 +139,7 @@ def cqil_builder_class(base: type, plan: Plan, layout: str = "branches") -> type
                 a.append(attrs["skip_input"])
             activations = []
             for index, (layer_id, layer) in enumerate(zip(ids, layers)):
-                s = a[index]
-                for source in range(max(0, index - plan.bypass), index):
-                    s = self._add(f"/model/layers.{layer_id}/bypass/Add_{source}", s, a[source], shape)
-                attrs["root_input"], attrs["skip_input"] = x, s
-                self.make_layernorm(layer_id, layer.post_attention_layernorm, skip=True,
-                                    simple=attrs["simple"], location="post_attention")
+                s = self._bypass_and_norm(layer_id, layer, index, a, x, attrs["simple"])
                 activations.append(self._gated(layer_id, self.get_mlp_module(layer_id, layer), attrs["output_0"]))
                 if index == len(ids) - 1 and plan.bypass >= index:
                     a_sum = s  # the last layer's bypass sum already holds every a_j
@@ -163,6 +153,20 @@ def cqil_builder_class(base: type, plan: Plan, layout: str = "branches") -> type
             attrs["first_layernorm"] = False
             if ids[-1] == self.num_layers - 1:
                 attrs["last_layernorm"] = True
+
+        def _bypass_and_norm(self, layer_id: int, layer, index: int, attention: list[str], x: str,
+                             simple: bool) -> str:
+            """Layer `index` of a group: its attention output plus those of the `plan.bypass` layers before it
+            (DESIGN.md section 1), added to the group input `x` and normalized (SkipSimplifiedLayerNorm, the
+            FFN's input in attrs["output_0"]); returns the attention sum."""
+            s = attention[index]
+            for source in range(max(0, index - plan.bypass), index):
+                s = self._add(f"/model/layers.{layer_id}/bypass/Add_{source}", s, attention[source],
+                              self.make_hidden_state_shape())
+            self.layernorm_attrs["root_input"], self.layernorm_attrs["skip_input"] = x, s
+            self.make_layernorm(layer_id, layer.post_attention_layernorm, skip=True, simple=simple,
+                                location="post_attention")
+            return s
 
         def _shared_norm(self, name: str, norm) -> tuple[str, str]:
             """(normalized x with unit scale, x): a SkipSimplifiedLayerNorm that adds the previous terms,
