@@ -31,7 +31,6 @@ from cqil.model.divergence import token_kl
 from cqil.model.errors import CqilError
 from cqil.model.fsutil import atomic_dir
 from cqil.model.plan import Plan, identity_plan
-from cqil.model.threads import FreeCoreThreads
 from cqil.pipeline.adapters import (
     RUN_RECORD,
     AdaptersOff,
@@ -121,7 +120,6 @@ class RunState:
     losses: list[float] = field(default_factory=list)
     held_out: list[dict[str, float]] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
-    step_threads: list[int] = field(default_factory=list)
     stopped_early: bool = False
 
 
@@ -192,7 +190,6 @@ class DistillTrainer:
         self.eval_chunks = held_out[: settings.eval_chunks]
         self.tokens_per_step = settings.batch_size * settings.grad_accum * train.shape[1]
         self.run = RunState()
-        self.threads = FreeCoreThreads()
 
     def resume(self, checkpoint_dir: Path) -> None:
         """Continue the run saved in `checkpoint_dir`; refused when it was another run."""
@@ -206,9 +203,7 @@ class DistillTrainer:
 
     def step(self) -> float:
         """One optimizer step over `grad_accum` micro-batches; returns its loss."""
-        settings = self.settings
-        self.run.step_threads.append(self.threads())
-        started = time.perf_counter()
+        settings, started = self.settings, time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for micro in range(settings.grad_accum):
@@ -251,7 +246,7 @@ class DistillTrainer:
         self.peft_model.train()
         if not run.held_out:
             run.held_out.append(self.evaluate())
-        with self.threads, StopOnInterrupt() as stop, tqdm(total=settings.steps, initial=run.step, desc="finetune", unit="step",
+        with StopOnInterrupt() as stop, tqdm(total=settings.steps, initial=run.step, desc="finetune", unit="step",
                                              disable=not self.progress) as bar:
             while run.step < settings.steps:
                 loss = self.step()
@@ -290,7 +285,6 @@ class DistillTrainer:
             "held_out": run.held_out,
             "seconds_per_step": round(statistics.median(run.step_seconds), 3),
             "seconds_training": round(sum(run.step_seconds), 1),
-            "threads_per_step": run.step_threads,
             "peak_memory_mb": peak_memory_mb(),
             "trainable_parameters": sum(p.numel() for p in self.trainable),
         }

@@ -1,13 +1,12 @@
-"""A recovery step of the default model on an idle and on a busy machine, under three thread policies,
-each in a fresh process.
+"""A recovery step of the default model on an idle and on a busy machine, with and without cqil's
+OpenMP wait policy (cqil/__init__.py), each in a fresh process.
 
     flock /tmp/cqil-bench.lock nice -n -15 python scripts/busy_recovery.py [--steps 3] [--out FILE]
 
 "busy" is one other CPU-bound process (`python -c 'while True: pass'`) at the same priority for the
 whole run. "before" imports PyTorch before cqil, so OpenMP starts with its own defaults (threads that
-spin while they wait); "passive" imports cqil first (passive wait); both fix the thread count at the
-cores (OMP_NUM_THREADS), so no step adapts; "after" is what every cqil entry point does: passive wait
-and, before each step, threads on the cores other processes leave free (cqil/model/threads.py). The step is the
+spin while they wait); "passive" imports cqil first, as every cqil entry point does (passive wait). Both
+run as many threads as cores (OMP_NUM_THREADS). The step is the
 default build's: LoRA rank 32 on every projection, 4 x 256 tokens, on the uniform plan S15:30:2 d=1
 (the automatic plan's depth; a plan changes little in the step's cost). Prints a Markdown table.
 """
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-POLICIES = ("before", "passive", "after")
+POLICIES = ("before", "passive")
 
 
 def child(policy: str, steps: int) -> None:
@@ -32,8 +31,9 @@ def child(policy: str, steps: int) -> None:
     if policy == "before":
         import torch  # noqa: F401 - OpenMP reads its settings now, before cqil could set them
     sys.path.insert(0, str(ROOT))
-    import cqil  # noqa: F401 - "after": the wait policy is set here, before PyTorch loads
+    import cqil  # noqa: F401 - "passive": the wait policy is set here, before PyTorch loads
     at_torch_import = at_torch_import or os.environ.get("OMP_WAIT_POLICY", "(unset)")
+    import torch  # noqa: F811 - already imported under "before"
     from cqil.model.plan import parse_uniform_spec
     from cqil.pipeline.data import load_split
     from cqil.pipeline.recovery import FinetuneSettings, finetune
@@ -47,15 +47,14 @@ def child(policy: str, steps: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:  # the median step, the first (warm-up) one included
         record = finetune(loaded.model, plan, split.train, split.held_out, settings, Path(tmp) / "adapter",
                           progress=False)
-    print(json.dumps({"policy": policy, "threads": sorted(set(record["threads_per_step"])),
+    print(json.dumps({"policy": policy, "threads": [torch.get_num_threads()],
                       "omp_wait_policy": at_torch_import,
                       "seconds_per_step": record["seconds_per_step"]}))
 
 
 def measure(policy: str, busy: bool, steps: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "OMP_NUM_THREADS")}
-    if policy != "after":  # a fixed thread count: no step adapts to the load
-        env["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)))
+    env["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)))
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
         started = time.perf_counter()

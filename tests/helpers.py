@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -82,15 +77,3 @@ def original_on_default_text(model_dir: Path, layers: int, seq_len: int):
     loaded = load_model(model_dir)
     return loaded, CqilModel(loaded.model, identity_plan(layers)), load_split(loaded.tokenizer, seq_len=seq_len)
 
-
-@contextmanager
-def cpu_hogs(count: int) -> Iterator[None]:
-    """`count` other CPU-bound processes, running for the length of the block: a busy machine."""
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
-    try:
-        time.sleep(0.5)  # running by now
-        yield
-    finally:
-        for hog in hogs:
-            hog.kill()
-            hog.wait()
