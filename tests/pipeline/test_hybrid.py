@@ -275,7 +275,7 @@ def test_bench_measures_a_cost_model_on_two_ranks(tiny_model_dir, tmp_path, capf
     """gloo on this CPU: the single-layer cuts run whole on each rank, the pair with one layer per rank."""
     cost = tmp_path / "cost.json"
     assert main(["bench", "--model", str(tiny_model_dir("llama", LAYERS)), "--cost-model", str(cost), "--ranks", "2",
-                 "--backend", "gloo", "--past", "16", "--decode-repeats", "5", "--warmup", "1"]) == 0
+                 "--backend", "gloo", "--past", "16", "--decode-repeats", "40", "--warmup", "3"]) == 0
     model = load_cost_model(cost)
     assert model.target == "torch.distributed (2 ranks, gloo, 1 threads each)" and model.engine == "ranks"
     assert model.groups == {"branches": {2: model.groups["branches"][2]}, "fused": {2: model.groups["branches"][2]}}
