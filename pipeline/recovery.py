@@ -8,6 +8,13 @@ temperature 1, so any text works and no labels are needed.
 A run is resumable: a checkpoint holds the LoRA weights, optimizer, scheduler, RNG state, the step
 reached and the curves so far; the data order is a pure function of (seed, step), so a resumed run
 reproduces the loss curve of an uninterrupted one. Ctrl-C finishes the current step and saves one.
+
+A step runs each row of a micro-batch in a thread of its own, one intra-op thread per row
+(`row_threads`), and sums the rows' gradients in row order. A machine with another CPU-bound process
+is why: one batch split by OpenMP across every core waits at each operator for its slowest thread,
+so a descheduled thread stalls them all (2x slower with one competitor on 2 cores), while rows that
+never wait for each other keep every time slice they get (docs/recovery.md measures both). Each row's
+arithmetic and the summing order are fixed, so a run gives the same bytes under any load.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import signal
 import statistics
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +71,11 @@ def stalled(kls: list[float], patience: int) -> bool:
 def distill_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """Mean per-token KL(teacher || student) over the vocabulary at temperature 1."""
     return token_kl(F.log_softmax(teacher_logits.float(), -1), F.log_softmax(student_logits.float(), -1)).mean()
+
+
+def add_gradients(total: list[torch.Tensor | None], more: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """`total` += `more`, elementwise, in place; None is a gradient that was never computed."""
+    return [g if t is None else t if g is None else t.add_(g) for t, g in zip(total, more)]
 
 
 class DataOrder:
@@ -182,7 +195,11 @@ class DistillTrainer:
         self.peft_model = get_peft_model(hf_model, lora_config(settings.rank, settings.alpha, settings.dropout,
                                                                settings.targets))
         self.student = CqilModel(hf_model, plan)
-        self.teacher = AdaptersOff(self.student.with_plan(identity_plan(plan.num_layers)), self.peft_model)
+        self.original = self.student.with_plan(identity_plan(plan.num_layers))
+        self.teacher = AdaptersOff(self.original, self.peft_model)
+        # LoRA dropout draws from the one global RNG: rows drawing in turn keep a run reproducible.
+        self.row_workers = 1 if settings.dropout > 0 else settings.batch_size
+        self.row_threads = max(1, torch.get_num_threads() // self.row_workers)
         self.trainable = [p for p in self.peft_model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=settings.lr, weight_decay=settings.weight_decay)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, settings.warmup_steps, settings.steps)
@@ -202,17 +219,24 @@ class DistillTrainer:
         self.run = RunState(**saved["run"])
 
     def step(self) -> float:
-        """One optimizer step over `grad_accum` micro-batches; returns its loss."""
+        """One optimizer step over `grad_accum` micro-batches, rows in parallel (module docstring); its loss."""
         settings, started = self.settings, time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
+        rows_per_step = settings.batch_size * settings.grad_accum
+        gradients: list[torch.Tensor | None] = [None] * len(self.trainable)
         loss_sum = 0.0
-        for micro in range(settings.grad_accum):
-            batch = self.order.batch(self.run.step * settings.grad_accum + micro)
-            with torch.no_grad():
-                teacher_logits = self.teacher(batch)[0]
-            loss = distill_loss(teacher_logits, self.student(batch)[0]) / settings.grad_accum
-            loss.backward()
-            loss_sum += loss.detach().item()
+        with ThreadPoolExecutor(self.row_workers, initializer=torch.set_num_threads,
+                                initargs=(self.row_threads,)) as pool:
+            for micro in range(settings.grad_accum):
+                rows = self.order.batch(self.run.step * settings.grad_accum + micro).split(1)
+                with self.peft_model.disable_adapter():  # module state, seen by every thread
+                    teacher_logits = list(pool.map(self._teacher_row, rows))
+                for loss, row_gradients in pool.map(self._student_row, rows, teacher_logits,
+                                                    [rows_per_step] * len(rows)):
+                    loss_sum += loss
+                    gradients = add_gradients(gradients, row_gradients)
+        for parameter, gradient in zip(self.trainable, gradients):
+            parameter.grad = gradient
         if settings.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable, settings.max_grad_norm)
         self.optimizer.step()
@@ -221,6 +245,17 @@ class DistillTrainer:
         self.run.losses.append(loss_sum)
         self.run.step_seconds.append(time.perf_counter() - started)
         return loss_sum
+
+    def _teacher_row(self, row: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # grad mode is per thread
+            return self.original(row)[0]
+
+    def _student_row(self, row: torch.Tensor, teacher_logits: torch.Tensor,
+                     rows_per_step: int) -> tuple[float, list[torch.Tensor | None]]:
+        """This row's share of the step's mean loss and its gradients: tensors of its own, no shared `.grad`
+        (None for an adapter the plan never runs, e.g. on a dropped layer, which the optimizer then skips)."""
+        loss = distill_loss(teacher_logits, self.student(row)[0]) / rows_per_step
+        return loss.item(), list(torch.autograd.grad(loss, self.trainable, allow_unused=True))
 
     def evaluate(self) -> dict[str, float]:
         """A held-out point: the student against the teacher, and the original's perplexity."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 
 import pytest
 import torch
@@ -112,7 +113,7 @@ def test_resume_after_ctrl_c_reproduces_the_uninterrupted_run(split, tmp_path, m
 
     def interrupting_loss(teacher, student):
         calls["n"] += 1
-        if calls["n"] == 5:  # during step 3 (two micro-batches per step): a real SIGINT
+        if calls["n"] == 9:  # during step 3 (two micro-batches of two rows per step): a real SIGINT
             signal.raise_signal(signal.SIGINT)
         return real_loss(teacher, student)
 
@@ -233,3 +234,55 @@ def test_a_flat_run_stops_early_and_saves_its_adapter(split, tmp_path):
 def test_patience_needs_held_out_points():
     with pytest.raises(CqilError, match="--patience 2 needs"):
         FinetuneSettings(steps=10, eval_every=0, patience=2).check(100)
+
+
+def _trainer(split, **overrides):
+    settings = FinetuneSettings(**{**SETTINGS.__dict__, "max_grad_norm": 0.0, **overrides})
+    torch.manual_seed(0)
+    return recovery.DistillTrainer(tiny_model("llama", 6), PLAN, split.train, split.held_out, settings,
+                                   progress=False)
+
+
+def test_a_step_of_rows_in_threads_has_the_gradient_of_the_whole_batch(split):
+    """Against one batch through the same modules, backward on the batch's mean loss (the textbook step)."""
+    trainer = _trainer(split, batch_size=3, grad_accum=2)
+    reference = _trainer(split, batch_size=3, grad_accum=2)
+    loss = trainer.step()
+
+    expected_loss = 0.0
+    for micro in range(2):
+        batch = reference.order.batch(micro)
+        with torch.no_grad():
+            teacher_logits = reference.teacher(batch)[0]
+        micro_loss = distill_loss(teacher_logits, reference.student(batch)[0]) / 2
+        micro_loss.backward()
+        expected_loss += micro_loss.item()
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    for ours, theirs in zip(trainer.trainable, reference.trainable):
+        assert theirs.grad is not None and torch.allclose(ours.grad, theirs.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_each_row_runs_in_a_worker_thread_with_its_share_of_the_threads(split):
+    """Why rows run apart: no operator waits for a descheduled sibling (module docstring of recovery)."""
+    torch.set_num_threads(4)
+    trainer = _trainer(split, batch_size=2)
+    seen = []
+    embed = trainer.student.hf.get_input_embeddings()
+    embed.register_forward_pre_hook(lambda module, args: seen.append(
+        (threading.get_ident(), torch.get_num_threads(), torch.is_grad_enabled(), args[0].shape[0])))
+    trainer.step()
+    assert torch.get_num_threads() == 4  # the caller's own setting is left alone
+    assert len(seen) == 4  # teacher and student for each of 2 rows
+    assert all(ident != threading.get_ident() and threads == 2 and rows == 1 for ident, threads, _, rows in seen)
+    assert sorted(grad for _, _, grad, _ in seen) == [False, False, True, True]
+
+
+def test_rows_in_threads_give_the_same_bytes_every_run(split):
+    """Each row's arithmetic and the summing order are fixed, whichever thread finishes first."""
+    runs = []
+    for _ in range(2):
+        trainer = _trainer(split, batch_size=4)
+        losses = [trainer.step() for _ in range(2)]
+        runs.append((losses, [p.detach().clone() for p in trainer.trainable]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
