@@ -6,7 +6,8 @@ OpenMP wait policy (cqil/__init__.py), each in a fresh process.
 "busy" is one other CPU-bound process (`python -c 'while True: pass'`) at the same priority for the
 whole run. "before" imports PyTorch before cqil, so OpenMP starts with its own defaults (threads that
 spin while they wait); "passive" imports cqil first, as every cqil entry point does (passive wait). Both
-run as many threads as cores (OMP_NUM_THREADS). The step is the
+run as many threads as cores (OMP_NUM_THREADS), which the step divides among its rows (each row runs
+in a thread of its own, pipeline/recovery.py). The step is the
 default build's: LoRA rank 32 on every projection, 4 x 256 tokens, on the uniform plan S15:30:2 d=1
 (the automatic plan's depth; a plan changes little in the step's cost). Prints a Markdown table.
 """
