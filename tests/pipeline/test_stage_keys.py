@@ -23,11 +23,11 @@ READS = {
     "source": {"source.*"},
     "analyze": {"analyze.*", *TEXT_KEYS},
     "plan": {"plan.*"},  # + the training text when the plan is searched (auto)
-    "recover": {"recover.*", "data.data", "data.eval_data"},
+    "recover": {"recover.*", "data.data", "data.eval_data", "data.mix", "data.mix_fraction"},
     "merge": set(),
     "export": {"export.*"},
     "engines": {"engines.*"},
-    "validate": {"validate.*", "data.*", "plan.auto", "plan.max_group_size"},
+    "validate": {"validate.*", *TEXT_KEYS, "data.second_eval", "plan.auto", "plan.max_group_size"},
     "bench": {"bench.*"},
     "package": {"package.*"},
 }
@@ -58,7 +58,7 @@ def inputs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("inputs")
     files = {"model": Path(shutil.copytree(tiny_model_dir("llama"), root / "model")),
              "other_model": tiny_model_dir("llama", 4)}
-    for name in ("train.txt", "eval.txt", "second.txt"):
+    for name in ("train.txt", "eval.txt", "second.txt", "mix.txt"):
         (root / name).write_text(f"{name} text\n")
         files[name] = root / name
     (root / "plan.json").write_text(json.dumps({"groups": [[0], [1, 2], [3], [4], [5]], "bypass": 1}))
@@ -87,6 +87,7 @@ def alternative(name: str, default, inputs: dict[str, Path]) -> dict[str, object
         return {name: {"export.block_size": 16, "export.accuracy_level": 0}[name]}
     strings = {"source.model": str(inputs["other_model"]), "data.data": str(inputs["train.txt"]),
                "data.eval_data": str(inputs["eval.txt"]), "data.second_eval": str(inputs["second.txt"]),
+               "data.mix": str(inputs["mix.txt"]),
                "plan.uniform": "1:5:2", "plan.groups": "1-2,3-4", "plan.file": str(inputs["plan.json"]),
                "plan.bypass_choices": "0,1", "export.layout": "fused", "export.precision": "int8",
                "export.target": "onnxruntime", "export.int4_method": "hqq", "export.int8_matmuls": "lm_head",
@@ -117,7 +118,7 @@ def test_each_configuration_value_reruns_exactly_its_readers(name, inputs):
 
 
 EXPLICIT = {"plan.file": "plan.json", "data.data": "train.txt", "data.eval_data": "eval.txt",
-            "data.second_eval": "second.txt"}
+            "data.second_eval": "second.txt", "data.mix": "mix.txt"}
 
 
 @pytest.mark.parametrize("auto", [False, True], ids=["plan-file", "auto-plan"])
