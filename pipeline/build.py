@@ -25,11 +25,14 @@ from cqil.export.contract import find_onnx, read_contract
 from cqil.model import plan as plans
 from cqil.model.cqil import CqilModel
 from cqil.model.errors import CqilError
+from cqil.model.plan import PRUNE_METHODS
 from cqil.model.fsutil import link_or_copy
 from cqil.pipeline.autoplan import uniform_of_depth
+from cqil.pipeline.prune import choose as choose_pruning
 from cqil.pipeline.build_config import BuildRecover, section_settings
 from cqil.pipeline.commands import analyze as analyze_command
 from cqil.pipeline.commands import bench as bench_command
+from cqil.pipeline.commands import compare as compare_command
 from cqil.pipeline.commands import engine as engine_command
 from cqil.pipeline.commands import export as export_command
 from cqil.pipeline.commands import finetune as finetune_command
@@ -248,11 +251,8 @@ def run_validate(ctx: StageContext, config: dict) -> dict:
         candidates["cqil_recovered"] = merged
     # int8/int4/fp16 exports: the shipped file and the original at the same precision, next to the fp32 rows
     candidates.update(at_precision(ctx.upstream("export") / "onnx", source.path, merged.plan))
-    texts = {"held_out": split.held_out[: params["quality_chunks"]]}
+    texts = _held_out_texts(loaded, config, split, params["quality_chunks"])
     second = config["data"]["second_eval"]
-    if second:
-        texts["second"] = spread_chunks(chunk_tokens(loaded.tokenizer, read_text(second), config["data"]["seq_len"]),
-                                        params["quality_chunks"])
     quality, seconds = {"plans": specs}, 0.0
     for name, chunks in texts.items():
         result = evaluate(original, candidates, chunks)
@@ -272,6 +272,56 @@ def run_validate(ctx: StageContext, config: dict) -> dict:
         metrics["second_ppl_ratio"] = round(quality["second_text"][shipped]["ppl"]
                                             / quality["second_text"]["original"]["ppl"], 3)
     return metrics
+
+
+def _held_out_texts(loaded, config: dict, split, count: int) -> dict:
+    """{"held_out": the first `count` held-out chunks, "second": `count` chunks spread over data.second_eval}."""
+    texts = {"held_out": split.held_out[:count]}
+    second = config["data"]["second_eval"]
+    if second:
+        texts["second"] = spread_chunks(chunk_tokens(loaded.tokenizer, read_text(second), config["data"]["seq_len"]),
+                                        count)
+    return texts
+
+
+def run_compare(ctx: StageContext, config: dict) -> dict:
+    """The equal-budget comparison (`cqil compare`) at the plan's depth, with the build's recovery settings."""
+    params = ctx.params
+    if not params["enabled"]:
+        _write_json(ctx.out / "compare.json", {"skipped": "compare.enabled = false"})
+        return {"skipped": True}
+    loaded = _source_model(ctx)
+    layers = loaded.model.config.num_hidden_layers
+    plan = _plan(ctx, loaded.model.config)
+    split = _split(loaded, config)
+    original = CqilModel(loaded.model, plans.identity_plan(layers))
+    record = plans.model_record(loaded.model.config)
+    compared, pruning = {}, {}
+    if plan.depth < layers:  # pruning to the same depth: drop as many layers as the plan saves
+        for method in PRUNE_METHODS:
+            chosen = choose_pruning(method, original, split.train[: params["calibration_chunks"]], layers - plan.depth,
+                                    head_every=config["plan"]["head_every"], progress=False)
+            compared[f"prune-{method}"] = plans.pruned_plan(list(chosen.dropped), layers, record)
+            pruning[method] = chosen.to_dict()
+    uniform = uniform_of_depth(layers, plan.depth, config["plan"]["max_group_size"], plan.bypass)
+    if uniform is not None and uniform[1].groups != plan.groups:
+        compared[f"cqil-uniform-{uniform[0]}"] = uniform[1]
+    own = "cqil-auto" if (ctx.upstream("plan") / "plan.search.json").is_file() else "cqil-plan"
+    compared[own] = plan
+    settings = section_settings(config, "recover", BuildRecover)
+    recovery = None
+    if settings.steps:  # the build's recovery, run to its end for every plan alike: no early stop
+        recovery = dataclasses.replace(settings, eval_every=0, save_every=0, patience=0,
+                                       eval_chunks=min(settings.eval_chunks, params["eval_chunks"]))
+    texts = _held_out_texts(loaded, config, split, params["eval_chunks"])
+    if "second" in texts:
+        texts[config["data"]["second_eval"]] = texts.pop("second")
+    train = _recovery_text(loaded, config, _split(loaded, config, config["recover"]["seq_len"]))
+    report = compare_command.run(ctx.upstream("source"), compared, train, texts, recovery, settings.batch_size)
+    _write_json(ctx.out / "compare.json", {**report, "pruning": pruning,
+                                           "mix": {k: config["data"][k] for k in ("mix", "mix_fraction")}})
+    result = report.get("after", report["before"])["held_out"]
+    return {f"{name}_ppl": round(result[name]["ppl"], 3) for name in compared}
 
 
 def run_bench(ctx: StageContext, config: dict) -> dict:
@@ -315,8 +365,17 @@ TRAINING_TEXT = ("data", "eval_data", "seq_len")
 RECOVERY_TEXT = ("data", "eval_data", "mix", "mix_fraction")
 
 
+def compare_stage(config: dict, stage, files: dict[str, Path | None]) -> Stage:
+    """[compare] reads only its own section while it is off; on, what the comparison reads besides."""
+    if not config["compare"]["enabled"]:
+        return stage("compare", run_compare, (), {"compare": None})
+    return stage("compare", run_compare, ("source", "plan"),
+                 {"compare": None, "recover": None, "data": (*TRAINING_TEXT, "mix", "mix_fraction", "second_eval"),
+                  "plan": ("max_group_size", "head_every")}, files)
+
+
 def make_stages(config: dict[str, dict[str, Any]]) -> list[Stage]:
-    """The ten stages, each declaring what it reads: configuration, earlier stages, input files.
+    """The eleven stages, each declaring what it reads: configuration, earlier stages, input files.
 
     A stage's function gets only the configuration it declared (its own section as `ctx.params`, every
     declared section as `config`) and may open only the stages it declared, so what it reads is keyed.
@@ -330,6 +389,7 @@ def make_stages(config: dict[str, dict[str, Any]]) -> list[Stage]:
     texts = {"data.data": _text_input(data["data"]), "data.eval_data": _text_input(data["eval_data"])
              if data["eval_data"] else None}
     mixed = {f"data.mix[{source}]": _text_input(source) for source in mix_sources(data["mix"])}
+    second = _text_input(data["second_eval"]) if data["second_eval"] else None
 
     def stage(name: str, run, after: tuple[str, ...], reads: dict[str, tuple[str, ...] | None],
               files: dict[str, Path | None] | None = None) -> Stage:
@@ -349,7 +409,8 @@ def make_stages(config: dict[str, dict[str, Any]]) -> list[Stage]:
         stage("engines", run_engines, ("export",), {"engines": None}),
         stage("validate", run_validate, ("source", "recover", "merge", "export"),
               {"validate": None, "data": (*TRAINING_TEXT, "second_eval"), "plan": ("auto", "max_group_size")},
-              {**texts, "data.second_eval": _text_input(data["second_eval"]) if data["second_eval"] else None}),
+              {**texts, "data.second_eval": second}),
+        compare_stage(config, stage, {**texts, **mixed, "data.second_eval": second}),
         stage("bench", run_bench, ("source", "merge", "export"), {"bench": None}),
         stage("package", run_package, ("export", "engines"), {"package": None}),
     ]

@@ -30,8 +30,8 @@ from cqil.pipeline.settings import toml_keys, toml_section
 
 # The build's stages in order (DESIGN.md section 2; pipeline/build.py runs them): each section below is
 # named after the stage that reads it, but [source] and [data] which several read.
-STAGE_ORDER = ("source", "analyze", "plan", "recover", "merge", "export", "engines", "validate", "bench",
-               "package")
+STAGE_ORDER = ("source", "analyze", "plan", "recover", "merge", "export", "engines", "validate", "compare",
+               "bench", "package")
 
 
 # -- what only the build has (the rest are the commands' own settings) ------------------------------------
@@ -71,6 +71,16 @@ class RecoverText:
 
 
 @dataclass(frozen=True)
+class EqualBudget:
+    """[compare]: the plan against depth pruning (both methods) and the uniform plan at the plan's depth, each
+    before and after the build's own recovery settings; off by default: it costs one recovery per plan."""
+
+    enabled: bool = setting(False, "compare with depth pruning at equal depth and equal recovery")
+    eval_chunks: int = setting(16, "held-out chunks per text", check=at_least(1))
+    calibration_chunks: int = setting(16, "training chunks that choose the pruned layers", check=at_least(1))
+
+
+@dataclass(frozen=True)
 class QualityChunks:
     quality_chunks: int = setting(16, "held-out chunks of the quality report", check=at_least(1))
 
@@ -100,6 +110,7 @@ SECTIONS: dict[str, tuple[tuple[Any, tuple[str, ...] | None], ...]] = {
     "export": ((ExportSettings(), None),),
     "engines": ((EngineOptions(precision="fp16"), None),),
     "validate": ((ValidateSettings(decode_steps=4), None), (QualityChunks(), None)),
+    "compare": ((EqualBudget(), None),),
     "bench": ((BenchSettings(), None),),
     "package": ((TritonSettings(), None),),
 }
