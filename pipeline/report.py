@@ -51,6 +51,34 @@ def _recovery_lines(build_dir: Path) -> list[str]:
     return lines
 
 
+def _comparison_lines(compare: dict) -> list[str]:
+    """The equal-budget comparison: every plan's KL, top-1 and PPL on each held-out text, before and after
+    the same recovery."""
+    recovery = compare.get("recovery")
+    mix = compare.get("mix", {})
+    mixed = f", {mix['mix_fraction']:g} of the chunks from {mix['mix']}" if mix.get("mix") else ""
+    lines = [("Every plan below got the same recovery: " + (
+        f"{recovery['steps']} LoRA steps of {recovery['batch_size']} chunks ({recovery['tokens']:,} tokens{mixed}), "
+        f"rank {recovery['rank']}, lr {recovery['lr']:g}, seed {recovery['seed']}, from the same weights."
+        if recovery else "none (recover.steps = 0): before recovery only.")), ""]
+    after = compare.get("after")
+    for text, info in compare["texts"].items():
+        before = compare["before"][text]
+        label = "the training text's held-out part" if text == "held_out" else f"`{text}`"
+        lines += [f"{label} ({info['tokens']:,} tokens), original PPL {before['original']['ppl']:.3f}:", "",
+                  "| plan | depth | KL before | top-1 | PPL before |" + (" KL after | top-1 | PPL after |" if after else ""),
+                  "|---|---:|---:|---:|---:|" + ("---:|---:|---:|" if after else "")]
+        for name, plan in compare["plans"].items():
+            row = before[name]
+            line = f"| {name} | {plan['depth']} | {row['kl']:.4f} | {row['top1']:.3f} | {row['ppl']:.3f} |"
+            if after:
+                rec = after[text][name]
+                line += f" {rec['kl']:.4f} | {rec['top1']:.3f} | {rec['ppl']:.3f} |"
+            lines.append(line)
+        lines.append("")
+    return lines
+
+
 def _validation_rows(validation: dict) -> list[str]:
     data = validation["data"]
     rows = [f"Overall: **{'PASS' if validation['passed'] else 'FAIL'}** ({validation['precision']}; "
@@ -128,6 +156,9 @@ def render(build_dir: Path, results: list[StageResult], seconds: float) -> str:
     recovery = _recovery_lines(build_dir)
     if recovery:
         lines += ["## Recovery", "", *recovery]
+    compare = _load(build_dir / "compare" / "compare.json")
+    if compare and "skipped" not in compare:
+        lines += ["## Equal-budget comparison: depth pruning and CQIL at the plan's depth", "", *_comparison_lines(compare)]
     validation = _load(build_dir / "validate" / "validation.json")
     if validation:
         lines += ["## Validation against the PyTorch reference", "", *_validation_rows(validation), ""]

@@ -22,11 +22,16 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
   fi
   touch "$stamp"
 fi
-# The build's second held-out text (data.second_eval = "jargon-file"): the Jargon File, a Debian package.
-if [[ ! -f /usr/share/doc/jargon-text/jargon.txt.gz ]] && command -v apt-get >/dev/null && [[ $EUID -eq 0 ]]; then
-  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jargon-text \
-      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jargon-text; }; } >/dev/null 2>&1 \
-    || echo "could not install jargon-text: set data.second_eval = \"\" or install it by hand" >&2
-fi
+# The build's second held-out text (data.second_eval = "jargon-file") and the prose its recovery mixes in
+# (data.mix = "fortunes"): the Jargon File and the fortunes collections, two Debian packages.
+for cqil_deb in jargon-text:/usr/share/doc/jargon-text/jargon.txt.gz fortunes:/usr/share/games/fortunes/literature; do
+  cqil_pkg=${cqil_deb%%:*} cqil_file=${cqil_deb#*:}
+  if [[ ! -f $cqil_file ]] && command -v apt-get >/dev/null && [[ $EUID -eq 0 ]]; then
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$cqil_pkg" \
+        || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$cqil_pkg"; }; } >/dev/null 2>&1 \
+      || echo "could not install $cqil_pkg: set data.second_eval = \"\" / data.mix = \"\" or install it by hand" >&2
+  fi
+done
+unset cqil_deb cqil_pkg cqil_file
 export PATH="$VENV/bin:$PATH"
 export TOKENIZERS_PARALLELISM=false

@@ -8,11 +8,12 @@ from cqil.model.fsutil import check_output_dir
 from cqil.pipeline.commands.options import (
     OUTPUT_DIR,
     add_data_options,
+    TrainingMix,
     add_model_options,
     add_plan_options,
     limit_chunks,
 )
-from cqil.pipeline.data import load_split
+from cqil.pipeline.data import check_mix, load_split, mixed_training
 from cqil.pipeline.plan_choice import load_model_and_plan
 from cqil.pipeline.recovery_settings import FinetuneSettings
 from cqil.pipeline.settings import add_flags, from_args
@@ -22,12 +23,17 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from cqil.pipeline.recovery import default_checkpoint_dir, summary_line
 
     settings = from_args(FinetuneSettings, args)
+    mix = from_args(TrainingMix, args)
+    check_mix(mix.mix, args.data, args.eval_data)
     if args.checkpoint_dir is None:
         check_output_dir(default_checkpoint_dir(args.out), "--checkpoint-dir (default <out>.checkpoint)")
     loaded, plan = load_model_and_plan(args)
     split = load_split(loaded.tokenizer, args.data, args.eval_data, args.seq_len)
-    print(f"{loaded.name}: {plan.describe()}; {split.describe()}")
-    record = run(settings, loaded, plan, limit_chunks(split.train, args.max_chunks), split.held_out, args.out,
+    own = limit_chunks(split.train, args.max_chunks)
+    train = mixed_training(loaded.tokenizer, own, mix.mix, mix.mix_fraction)
+    mixed = f"; {len(train) - len(own)} more training chunks from {mix.mix}" if len(train) > len(own) else ""
+    print(f"{loaded.name}: {plan.describe()}; {split.describe()}{mixed}")
+    record = run(settings, loaded, plan, train, split.held_out, args.out,
                  args.checkpoint_dir, args.resume, source={"name": loaded.name, "path": str(loaded.path)})
     print(f"wrote {args.out}: {summary_line(record)}")
 
@@ -47,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_options(p)
     add_plan_options(p)
     add_data_options(p, batch_size=FinetuneSettings.batch_size)
+    add_flags(p, TrainingMix)
     add_flags(p, FinetuneSettings, skip=("batch_size",))  # --batch-size is a data option
     p.add_argument("--out", type=OUTPUT_DIR, default="adapter", help="adapter directory (default %(default)s)")
     p.add_argument("--checkpoint-dir", type=OUTPUT_DIR, default=None, help="default: <out>.checkpoint")

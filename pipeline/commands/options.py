@@ -132,6 +132,27 @@ class DataSettings:
     max_chunks: int | None = setting(None, "use at most this many chunks", check=POSITIVE, unset=0)
 
 
+def _mix_sources(text: str, option: str) -> str:
+    """--mix: comma-separated text sources, each readable (pipeline/data.py); '' for none."""
+    from cqil.pipeline.data import mix_sources
+
+    for source in mix_sources(text):
+        _text_source(source, option)
+    return text
+
+
+@dataclass(frozen=True)
+class TrainingMix:
+    """Recovery's training text of more than one kind: the training chunks plus chunks of other texts (`cqil
+    finetune`'s flags, the build's [data] keys; pipeline/data.py:mixed_training). Held-out texts stay unseen."""
+
+    mix: str | None = setting(None, "more training texts of other kinds, comma-separated: named texts (e.g. "
+                              "fortunes) or files (default: none)", check=Check(_mix_sources, "text sources", named=True),
+                              unset="")
+    mix_fraction: float = setting(0.5, "share of the training chunks taken from --mix (default %(default)s)",
+                                  check=number(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+
+
 def add_data_options(parser: argparse.ArgumentParser, batch_size: int = 4) -> None:
     add_flags(parser, DataSettings, defaults={"batch_size": batch_size})
 

@@ -23,11 +23,14 @@ READS = {
     "source": {"source.*"},
     "analyze": {"analyze.*", *TEXT_KEYS},
     "plan": {"plan.*"},  # + the training text when the plan is searched (auto)
-    "recover": {"recover.*", "data.data", "data.eval_data"},
+    "recover": {"recover.*", "data.data", "data.eval_data", "data.mix", "data.mix_fraction"},
     "merge": set(),
     "export": {"export.*"},
     "engines": {"engines.*"},
-    "validate": {"validate.*", "data.*", "plan.auto", "plan.max_group_size"},
+    "validate": {"validate.*", *TEXT_KEYS, "data.second_eval", "plan.auto", "plan.max_group_size"},
+    # on (compare.enabled); off, it reads only its own section and opens nothing
+    "compare": {"compare.*", "recover.*", *TEXT_KEYS, "data.mix", "data.mix_fraction", "data.second_eval",
+                "plan.max_group_size", "plan.head_every"},
     "bench": {"bench.*"},
     "package": {"package.*"},
 }
@@ -35,20 +38,26 @@ READS = {
 OPENS = {
     "source": set(), "analyze": {"source"}, "plan": {"source"}, "recover": {"source", "plan"},
     "merge": {"source", "plan", "recover"}, "export": {"merge"}, "engines": {"export"},
-    "validate": {"source", "recover", "merge", "export"}, "bench": {"source", "merge", "export"},
+    "validate": {"source", "recover", "merge", "export"}, "compare": {"source", "plan"},
+    "bench": {"source", "merge", "export"},
     "package": {"export", "engines"},
 }
 
 
-def expected_reruns(changed: set[str], auto: bool) -> set[str]:
+def expected_reruns(changed: set[str], auto: bool, compare: bool = False) -> set[str]:
     """The stages that read one of `changed` (config names or input-file names), and everything downstream."""
     def reads(stage: str) -> set[str]:
+        if stage == "compare" and not compare:
+            return {"compare.*"}
         return READS[stage] | (TEXT_KEYS if stage == "plan" and auto else set())
+
+    def opens(stage: str) -> set[str]:
+        return set() if stage == "compare" and not compare else OPENS[stage]
 
     rerun = {stage for stage in STAGE_ORDER
              if any(name in reads(stage) or f"{name.split('.')[0]}.*" in reads(stage) for name in changed)}
     for stage in STAGE_ORDER:  # in order: an upstream stage is settled before its readers
-        if OPENS[stage] & rerun:
+        if opens(stage) & rerun:
             rerun.add(stage)
     return rerun
 
@@ -58,7 +67,7 @@ def inputs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("inputs")
     files = {"model": Path(shutil.copytree(tiny_model_dir("llama"), root / "model")),
              "other_model": tiny_model_dir("llama", 4)}
-    for name in ("train.txt", "eval.txt", "second.txt"):
+    for name in ("train.txt", "eval.txt", "second.txt", "mix.txt"):
         (root / name).write_text(f"{name} text\n")
         files[name] = root / name
     (root / "plan.json").write_text(json.dumps({"groups": [[0], [1, 2], [3], [4], [5]], "bypass": 1}))
@@ -87,6 +96,7 @@ def alternative(name: str, default, inputs: dict[str, Path]) -> dict[str, object
         return {name: {"export.block_size": 16, "export.accuracy_level": 0}[name]}
     strings = {"source.model": str(inputs["other_model"]), "data.data": str(inputs["train.txt"]),
                "data.eval_data": str(inputs["eval.txt"]), "data.second_eval": str(inputs["second.txt"]),
+               "data.mix": str(inputs["mix.txt"]),
                "plan.uniform": "1:5:2", "plan.groups": "1-2,3-4", "plan.file": str(inputs["plan.json"]),
                "plan.bypass_choices": "0,1", "export.layout": "fused", "export.precision": "int8",
                "export.target": "onnxruntime", "export.int4_method": "hqq", "export.int8_matmuls": "lm_head",
@@ -105,25 +115,30 @@ def alternative(name: str, default, inputs: dict[str, Path]) -> dict[str, object
 CONFIG_KEYS = [f"{section}.{key}" for section, values in DEFAULTS.items() for key in values if section != "source"]
 
 
+@pytest.mark.parametrize("compare", [False, True], ids=["compare-off", "compare-on"])
 @pytest.mark.parametrize("name", ["source.model", *CONFIG_KEYS])
-def test_each_configuration_value_reruns_exactly_its_readers(name, inputs):
-    base = {"source.model": str(inputs["model"])}
+def test_each_configuration_value_reruns_exactly_its_readers(name, compare, inputs):
+    base = {"source.model": str(inputs["model"]), **({"compare.enabled": True} if compare else {})}
     before = keys_of(base)
     section, key = name.split(".")
     overrides = alternative(name, DEFAULTS[section][key], inputs)
+    if compare and name == "compare.enabled":  # on in the base: off is the other value
+        overrides = {name: False}
     after = keys_of({**base, **overrides})
     changed = set(overrides) | ({"plan.auto"} if name in ("plan.uniform", "plan.groups", "plan.file") else set())
-    assert {s for s in STAGE_ORDER if before[s] != after[s]} == expected_reruns(changed, auto=True)
+    assert {s for s in STAGE_ORDER if before[s] != after[s]} == expected_reruns(changed, auto=True, compare=compare)
 
 
 EXPLICIT = {"plan.file": "plan.json", "data.data": "train.txt", "data.eval_data": "eval.txt",
-            "data.second_eval": "second.txt"}
+            "data.second_eval": "second.txt", "data.mix": "mix.txt"}
 
 
+@pytest.mark.parametrize("compare", [False, True], ids=["compare-off", "compare-on"])
 @pytest.mark.parametrize("auto", [False, True], ids=["plan-file", "auto-plan"])
 @pytest.mark.parametrize("name", [*EXPLICIT, "source.model"])
-def test_each_input_files_content_reruns_exactly_its_readers(name, auto, inputs):
-    config = {"source.model": str(inputs["model"]), **{key: str(inputs[file]) for key, file in EXPLICIT.items()}}
+def test_each_input_files_content_reruns_exactly_its_readers(name, auto, compare, inputs):
+    config = {"source.model": str(inputs["model"]), **{key: str(inputs[file]) for key, file in EXPLICIT.items()},
+              "compare.enabled": compare}
     if auto:
         config = {**config, "plan.auto": True, "plan.file": ""}
         if name == "plan.file":
@@ -136,7 +151,7 @@ def test_each_input_files_content_reruns_exactly_its_readers(name, auto, inputs)
         after = keys_of(config)
     finally:
         path.write_bytes(original)
-    assert {s for s in STAGE_ORDER if before[s] != after[s]} == expected_reruns({name}, auto=auto)
+    assert {s for s in STAGE_ORDER if before[s] != after[s]} == expected_reruns({name}, auto=auto, compare=compare)
     assert keys_of(config) == before
 
 
