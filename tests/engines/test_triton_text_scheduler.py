@@ -237,6 +237,44 @@ def test_batch_cache_alignment():
     np.testing.assert_array_equal(cache.tensors[0][:, 0, :, 0], [[1, 1], [0, 3], [0, 4], [5, 5]])
 
 
+def test_the_decoder_reuses_one_logits_buffer_and_returns_what_a_plain_run_returns(session):
+    decoder = Decoder(session, {EOS})
+    outputs = [v.name for v in session.get_outputs()]
+    past_names = [v.name for v in decoder.past]
+
+    def plain(ids, past):
+        """The graph run as ONNX Runtime returns it, without the decoder's buffers."""
+        rows, tokens = ids.shape
+        width = past[0].shape[2]
+        result = dict(zip(outputs, session.run(outputs, {
+            "input_ids": ids, "attention_mask": np.ones((rows, width + tokens), dtype=np.int64),
+            "position_ids": np.tile(np.arange(width, width + tokens, dtype=np.int64), (rows, 1)),
+            **dict(zip(past_names, past))})))
+        return result["logits"][:, -1], [result[n.replace("past_key_values.", "present.")] for n in past_names]
+
+    ids = np.array([PROMPTS[0], PROMPTS[0][::-1]], dtype=np.int64)
+    logits, presents = decoder.prefill(ids.tolist())
+    expected_logits, expected_presents = plain(ids, decoder.empty_cache(2))
+    np.testing.assert_allclose(logits, expected_logits, rtol=1e-5, atol=1e-5)
+    for got, want in zip(presents, expected_presents):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    buffer = decoder._logits
+    assert buffer.size == 2 * len(PROMPTS[0]) * decoder.vocab
+
+    # The next call writes into the same buffer (a smaller one: a decode step of both rows; one as large:
+    # the rows swapped, whose last logits land where the first prefill's were); the logits already handed
+    # out are a copy and stay as they were.
+    step = np.array([[3], [4]], dtype=np.int64)
+    mask = np.ones((2, len(PROMPTS[0]) + 1), dtype=np.int64)
+    positions = np.full((2, 1), len(PROMPTS[0]), dtype=np.int64)
+    step_logits, _ = decoder.run(step, mask, positions, presents)
+    np.testing.assert_allclose(step_logits, plain(step, presents)[0], rtol=1e-5, atol=1e-5)
+    swapped_logits, _ = decoder.prefill(ids[::-1].tolist())
+    assert decoder._logits is buffer
+    np.testing.assert_allclose(swapped_logits, expected_logits[::-1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits, expected_logits, rtol=1e-5, atol=1e-5)
+
+
 class Calls:
     """Records the decoder's graph calls: (rows, new tokens per row, past width) each."""
 
