@@ -18,9 +18,9 @@ from typing import Any
 import tomllib
 from cqil.engines.bench_settings import BenchSettings
 from cqil.engines.tensorrt.options import EngineOptions
-from cqil.model.errors import CqilError
 from cqil.export.choices import LAYOUTS, PRECISIONS, TARGETS
 from cqil.export.precision import check_target_precision
+from cqil.model.errors import CqilError
 from cqil.model.settings import NON_NEGATIVE, TEXT, Check, at_least, check_value, one_of, setting, spelled_fields
 from cqil.pipeline.commands.export import ExportSettings
 from cqil.pipeline.commands.options import JSON_FILE, MODEL, TEXT_SOURCE, DataSettings
