@@ -92,10 +92,12 @@ PRECISION_LIST = Check(_precision_list, "a comma-separated list of precisions", 
 @dataclass(frozen=True)
 class ServeSettings:
     """[serve]: the ONNX Runtime / GenAI artifact (serve/onnx/), apart from the portable export/onnx/ that
-    TensorRT and Triton read. The defaults are the combination that decoded fastest under ONNX Runtime
-    GenAI on this project's 2-core CPU (docs/export.md, "Benchmark: every export at fp32, int8 and int4"):
-    the first precision of the list whose export passes validate's quality checks ships. int4 is faster
-    still but fails the top-1 check on the default model, so the default list leaves it out."""
+    TensorRT and Triton read; the first precision of the list whose export passes validate's quality checks
+    ships. Target and layout are the fastest measured under ONNX Runtime GenAI on this project's 2-core CPU
+    (SERVE_BASIS). int4 decodes 3x faster than fp32 but fails the top-1 check on the default model, so the
+    default list leaves it out. int8 goes first because its weights are a quarter of fp32's bytes and its
+    portable export passed the int8 limits on the default model (top-1 0.959, perplexity 1.005x); its speed
+    under GenAI has not been measured on this machine yet (docs/export.md)."""
 
     target: str = setting("onnxruntime", "portable or onnxruntime (ONNX Runtime's fused operators)",
                           check=one_of(*TARGETS))
@@ -113,8 +115,10 @@ class ServeSettings:
 
 
 # What the benchmark behind ServeSettings' defaults measured: the report quotes it when the defaults ship.
-SERVE_BASIS = ("decode after 64 tokens under ONNX Runtime GenAI, 2 threads, this project's 2-core CPU, "
-               "2026-12-05 (docs/export.md, \"Benchmark: every export at fp32, int8 and int4\")")
+SERVE_BASIS = ("decode after 64 tokens under ONNX Runtime GenAI, 2 threads, 2026-12-05: `--target onnxruntime "
+               "--layout fused` 0.974x the GenAI model builder's fp32 export and 1.000x its int4 one, the branch "
+               "layout 0.985x and 1.010x; in plain ONNX Runtime InferenceSessions the portable branches export "
+               "was 1.16-1.90x the builder's (docs/export.md)")
 
 
 # The default build: SmolLM2-135M, an automatic plan of depth 23 (the depth of the paper's S15:30:2 on
