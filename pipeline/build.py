@@ -1,12 +1,13 @@
 """`cqil build`: the stages of DESIGN.md section 2 wired to the stage runner.
 
-    source -> analyze -> plan -> recover -> merge -> export -> engines -> validate -> bench -> package
+    source -> analyze -> plan -> recover -> merge -> export -> engines -> validate -> serve -> bench -> package
 
 Each stage reads only the finished directories of the stages it names in `after` and the section of
 the build configuration that its key hashes. The stage directories hold what DESIGN.md names:
 `source/`, `analyze/` (similarity.json + png), `plan/plan.json`, `recover/adapter/`,
 `merge/model/`, `export/onnx/`, `engines/trt/`, `validate/` (validation.json, quality.json),
-`bench/` (latency.json + png), `package/triton/`; `manifest.json`, `report.md` and the resolved
+`serve/onnx/` (the ONNX Runtime / GenAI artifact) + serving.json, `bench/` (latency.json + png),
+`package/triton/`; `manifest.json`, `report.md` and the resolved
 `build.toml` sit at the top of the build directory.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,7 @@ from cqil.model.errors import CqilError
 from cqil.model.plan import PRUNE_METHODS
 from cqil.model.fsutil import link_or_copy
 from cqil.pipeline.autoplan import uniform_of_depth
-from cqil.pipeline.prune import choose as choose_pruning
-from cqil.pipeline.build_config import BuildRecover, section_settings
+from cqil.pipeline.build_config import BuildRecover, ServeSettings, section_settings
 from cqil.pipeline.commands import analyze as analyze_command
 from cqil.pipeline.commands import bench as bench_command
 from cqil.pipeline.commands import compare as compare_command
@@ -54,6 +55,7 @@ from cqil.pipeline.data import (
     spread_chunks,
 )
 from cqil.pipeline.plan_choice import PlanChoice, resolve_plan
+from cqil.pipeline.prune import choose as choose_pruning
 from cqil.pipeline.quality import at_precision, evaluate
 from cqil.pipeline.recovery_chart import save_curve
 from cqil.pipeline.reference import cached_reference
@@ -274,6 +276,55 @@ def run_validate(ctx: StageContext, config: dict) -> dict:
     return metrics
 
 
+# The [export] keys the serving export shares: how int8/int4 weights are quantized.
+QUANTIZATION_KEYS = ("block_size", "int4_method", "int8_matmuls", "accuracy_level")
+
+
+def validation_failures(validation: dict) -> list[str]:
+    """What failed in a validation record, one phrase each (the structure, each engine's phases and perplexity)."""
+    failures = [] if validation["structure"]["passed"] else [f"structure: {validation['structure'].get('detail')}"]
+    for engine, result in validation["engines"].items():
+        if "skipped" in result:
+            continue
+        failures += [f"{engine} {phase}: {failure}" for phase in ("prefill", "decode")
+                     for failure in result[phase]["failures"]]
+        ppl = result["perplexity"]
+        if not ppl["passed"]:
+            failures.append(f"{engine} perplexity {ppl['ratio']:.4f}x the reference's")
+    return failures
+
+
+def run_serve(ctx: StageContext, config: dict) -> dict:
+    """The ONNX Runtime / GenAI artifact: [serve]'s target and layout at the first of its precisions (fastest
+    first) whose export passes validate's checks against the merged PyTorch model; each one tried is recorded."""
+    loaded, merged = _merged(ctx)
+    serve = section_settings(config, "serve", ServeSettings)
+    recipe = section_settings(config, "export", export_command.ExportSettings)
+    checks = section_settings(config, "validate", validate_command.ValidateSettings)
+    held_out, prompts = _split(loaded, config).held_out, prompt_ids(loaded.tokenizer)
+    tried = []
+    for precision in serve.precision_list:
+        folder = ctx.out / f"try-{precision}"
+        settings = dataclasses.replace(recipe, target=serve.target, layout=serve.layout, precision=precision,
+                                       external_data=False)
+        export_command.run(settings, loaded, merged.plan, folder, source={"name": loaded.name})
+        validation = validate_command.run(checks, folder, merged, held_out, greedy_prompts=prompts)
+        validation["onnx"] = f"serve/onnx/{find_onnx(folder).name}"  # relative to the build
+        tried.append({"precision": precision, "passed": validation["passed"],
+                      "failures": validation_failures(validation)})
+        if validation["passed"]:
+            folder.rename(ctx.out / "onnx")
+            _write_json(ctx.out / "serving.json", {"target": serve.target, "layout": serve.layout,
+                                                    "precision": precision, "defaults": serve == ServeSettings(),
+                                                    "tried": tried, "validation": validation})
+            return {"shipped": f"{serve.target} {serve.layout} {precision}",
+                    "refused": ", ".join(t["precision"] for t in tried[:-1]) or "none"}
+        shutil.rmtree(folder)
+    refused = "; ".join(f"{t['precision']}: {', '.join(t['failures'])}" for t in tried)
+    raise CqilError(f"serve: no precision of serve.precisions ({serve.precisions}) passed validate's checks "
+                    f"({refused}); add fp32 to serve.precisions")
+
+
 def _held_out_texts(loaded, config: dict, split, count: int) -> dict:
     """{"held_out": the first `count` held-out chunks, "second": `count` chunks spread over data.second_eval}."""
     texts = {"held_out": split.held_out[:count]}
@@ -410,6 +461,9 @@ def make_stages(config: dict[str, dict[str, Any]]) -> list[Stage]:
         stage("validate", run_validate, ("source", "recover", "merge", "export"),
               {"validate": None, "data": (*TRAINING_TEXT, "second_eval"), "plan": ("auto", "max_group_size")},
               {**texts, "data.second_eval": second}),
+        stage("serve", run_serve, ("merge",),
+              {"serve": None, "export": QUANTIZATION_KEYS, "validate": ("chunks", "decode_steps"), "data": TRAINING_TEXT},
+              texts),
         compare_stage(config, stage, {**texts, **mixed, "data.second_eval": second}),
         stage("bench", run_bench, ("source", "merge", "export"), {"bench": None}),
         stage("package", run_package, ("export", "engines"), {"package": None}),

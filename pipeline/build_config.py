@@ -18,8 +18,10 @@ from typing import Any
 import tomllib
 from cqil.engines.bench_settings import BenchSettings
 from cqil.engines.tensorrt.options import EngineOptions
+from cqil.export.choices import LAYOUTS, PRECISIONS, TARGETS
+from cqil.export.precision import check_target_precision
 from cqil.model.errors import CqilError
-from cqil.model.settings import NON_NEGATIVE, TEXT, at_least, check_value, setting, spelled_fields
+from cqil.model.settings import NON_NEGATIVE, TEXT, Check, at_least, check_value, one_of, setting, spelled_fields
 from cqil.pipeline.commands.export import ExportSettings
 from cqil.pipeline.commands.options import JSON_FILE, MODEL, TEXT_SOURCE, DataSettings, TrainingMix
 from cqil.pipeline.commands.plan import AutoPlanSettings
@@ -30,8 +32,8 @@ from cqil.pipeline.settings import toml_keys, toml_section
 
 # The build's stages in order (DESIGN.md section 2; pipeline/build.py runs them): each section below is
 # named after the stage that reads it, but [source] and [data] which several read.
-STAGE_ORDER = ("source", "analyze", "plan", "recover", "merge", "export", "engines", "validate", "compare",
-               "bench", "package")
+STAGE_ORDER = ("source", "analyze", "plan", "recover", "merge", "export", "engines", "validate", "serve",
+               "compare", "bench", "package")
 
 
 # -- what only the build has (the rest are the commands' own settings) ------------------------------------
@@ -85,6 +87,50 @@ class QualityChunks:
     quality_chunks: int = setting(16, "held-out chunks of the quality report", check=at_least(1))
 
 
+def _precision_list(text: str, option: str) -> str:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PRECISIONS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise CqilError(f"{option} must list precisions ({', '.join(PRECISIONS)}) once each, fastest first, "
+                        f"e.g. int8,fp32 (got {text!r})")
+    return ",".join(names)
+
+
+PRECISION_LIST = Check(_precision_list, "a comma-separated list of precisions", named=True)
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """[serve]: the ONNX Runtime / GenAI artifact (serve/onnx/), apart from the portable export/onnx/ that
+    TensorRT and Triton read; the first precision of the list whose export passes validate's quality checks
+    ships. Target and layout are the fastest measured under ONNX Runtime GenAI on this project's 2-core CPU
+    (SERVE_BASIS). int4 decodes 3x faster than fp32 but fails the top-1 check on the default model, so the
+    default list leaves it out. int8 goes first: it decodes 2.6x faster than fp32 and passed the int8 limits
+    on the default model (top-1 0.959, perplexity 1.005x; docs/export.md)."""
+
+    target: str = setting("onnxruntime", "portable or onnxruntime (ONNX Runtime's fused operators)",
+                          check=one_of(*TARGETS))
+    layout: str = setting("fused", "branches or fused", check=one_of(*LAYOUTS))
+    precisions: str = setting("int8,fp32", "precisions to try, fastest first; the first that passes validate's "
+                              "quality checks ships", check=PRECISION_LIST)
+
+    def __post_init__(self) -> None:
+        for precision in self.precision_list:
+            check_target_precision(self.target, precision)
+
+    @property
+    def precision_list(self) -> tuple[str, ...]:
+        return tuple(_precision_list(self.precisions, "serve.precisions").split(","))
+
+
+# What the benchmark behind ServeSettings' defaults measured: the report quotes it when the defaults ship.
+SERVE_BASIS = ("decode after 64 tokens under ONNX Runtime GenAI, 2 threads, 2026-12-05: `--target onnxruntime "
+               "--layout fused` 0.974x the GenAI model builder's fp32 export and 1.000x its int4 one, the branch "
+               "layout 0.985x and 1.010x (9 rounds); int8 weights 9.8 ms/token against fp32's 26.0; in plain "
+               "ONNX Runtime InferenceSessions the portable branches export was 1.16-1.90x the builder's "
+               "(docs/export.md)")
+
+
 # The default build: SmolLM2-135M, an automatic plan of depth 23 (the depth of the paper's S15:30:2 on
 # this model) found by the fast search, then a recovery on a mix of texts sized to the budget: 10 min 16 s
 # on 2 CPU cores with the model cached, merged PPL 1.111x the original's on the training text's held-out
@@ -111,6 +157,8 @@ SECTIONS: dict[str, tuple[tuple[Any, tuple[str, ...] | None], ...]] = {
     "export": ((ExportSettings(), None),),
     "engines": ((EngineOptions(precision="fp16"), None),),
     "validate": ((ValidateSettings(decode_steps=4), None), (QualityChunks(), None)),
+    # the ONNX Runtime / GenAI artifact; export/onnx/ above stays the one TensorRT and Triton read
+    "serve": ((ServeSettings(), None),),
     "compare": ((EqualBudget(), None),),
     "bench": ((BenchSettings(), None),),
     "package": ((TritonSettings(), None),),

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cqil.pipeline.build_config import SERVE_BASIS
 from cqil.pipeline.manifest import library_versions
 from cqil.pipeline.stages import StageResult
 
@@ -108,6 +109,27 @@ def _validation_rows(validation: dict) -> list[str]:
     return rows
 
 
+def _serving_lines(serving: dict) -> list[str]:
+    """Which export serves ONNX Runtime and GenAI, why, and what was refused on the way."""
+    shipped = f"`--target {serving['target']} --layout {serving['layout']} --precision {serving['precision']}`"
+    why = (f"the defaults: the fastest combination measured ({SERVE_BASIS})" if serving["defaults"]
+           else "set in the build configuration ([serve])")
+    order = ", ".join(t["precision"] for t in serving["tried"])
+    lines = [f"`serve/onnx/` is {shipped}: what ONNX Runtime and ONNX Runtime GenAI (its genai_config.json) load. "
+             f"Target and layout are {why}; the precision is the first of serve.precisions, fastest first, "
+             f"whose export passed validate's checks against the merged PyTorch model (tried: {order}). "
+             "`export/onnx/` stays the portable export that TensorRT and the Triton repository read.", ""]
+    lines += [f"- {t['precision']}: refused ({'; '.join(t['failures'])})" for t in serving["tried"] if not t["passed"]]
+    validation = serving["validation"]
+    for engine, result in validation["engines"].items():
+        if "skipped" not in result:
+            ppl = result["perplexity"]
+            lines.append(f"- {serving['precision']}, {engine}: top-1 {result['prefill']['top1']:.3f} prefill / "
+                         f"{result['decode']['top1']:.3f} decode, KL {result['prefill']['kl']:.2e} / "
+                         f"{result['decode']['kl']:.2e}, perplexity {ppl['ratio']:.4f}x the reference's: passed")
+    return lines
+
+
 def _latency_rows(latency: dict) -> list[str]:
     """ONNX Runtime reference vs CQIL per scenario, and the eager PyTorch pair timed in the same rounds."""
     ideal = latency.get("ideal_depth_ratio")
@@ -162,6 +184,9 @@ def render(build_dir: Path, results: list[StageResult], seconds: float) -> str:
     validation = _load(build_dir / "validate" / "validation.json")
     if validation:
         lines += ["## Validation against the PyTorch reference", "", *_validation_rows(validation), ""]
+    serving = _load(build_dir / "serve" / "serving.json")
+    if serving:
+        lines += ["## Serving artifact (ONNX Runtime, GenAI)", "", *_serving_lines(serving), ""]
     latency = _load(build_dir / "bench" / "latency.json")
     if latency:
         lines += ["## Latency", "", *_latency_rows(latency), ""]

@@ -39,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 UNIFORM_PLAN = ("--uniform", "15:30:2", "--bypass", "1")
-BUILDER_PRECISIONS = {"fp32": "fp32", "fp16": "fp16", "int4": "int4"}
+BUILDER_PRECISIONS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int4"}
 
 
 def plan_options(plans: list[str]) -> dict[str, tuple[str, ...]]:

@@ -124,3 +124,75 @@ def test_the_default_plan_is_searched(tiny_model_dir, tmp_path):
     assert search["request"]["head_every"] == 4 and search["calibration"]["chunks"] == 4
     report = (out / "report.md").read_text()
     assert "**Plan** (automatic): depth 4 of 6" in report and "Searched for depth 4: 5 candidate groups" in report
+
+
+def _metadata(onnx_path: Path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(onnx_path, load_external_data=False).metadata_props}
+
+
+def test_serve_ships_the_first_precision_that_validates(built):
+    """serve/onnx/ is [serve]'s target and layout (default onnxruntime, fused) at the first of its precisions
+    that passes validation: the file's own metadata says so, its logits track the merged PyTorch model, and
+    ONNX Runtime GenAI runs it with the greedy tokens of a plain ONNX Runtime InferenceSession."""
+    import torch
+    from cqil.engines.genai import GenaiModel
+    from cqil.engines.onnxruntime import OrtRunner
+    from cqil.model.cqil import CqilModel
+    from cqil.model.plan import plan_from_config
+    from cqil.model.steps import greedy_generate
+    from cqil.pipeline.sources import load_model
+
+    _, out = built
+    serving = json.loads((out / "serve" / "serving.json").read_text())
+    tried = [t["precision"] for t in serving["tried"]]
+    assert tried == ["int8", "fp32"][:len(tried)] and serving["tried"][-1]["passed"]
+    assert all(not t["passed"] and t["failures"] for t in serving["tried"][:-1])
+    shipped = serving["precision"]
+    assert (serving["target"], serving["layout"], shipped, serving["defaults"]) == ("onnxruntime", "fused", tried[-1], True)
+    metadata = _metadata(out / "serve" / "onnx" / "model.onnx")
+    assert (metadata["cqil.target"], metadata["cqil.layout"], metadata["cqil.precision"]) == ("onnxruntime", "fused", shipped)
+
+    loaded = load_model(out / "merge" / "model")
+    merged = CqilModel(loaded.model, plan_from_config(loaded.model.config))
+    runner = OrtRunner(out / "serve" / "onnx", threads=1)
+    ids = torch.randint(3, loaded.model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = merged(ids)[0]
+    logits = runner(ids)[0]
+    if shipped == "fp32":
+        assert torch.allclose(logits, expected, atol=1e-4)
+    else:  # int8 weights: the top token of nearly every position, as validate's check asks
+        assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.95
+    prompt = ids[:1, :8]
+    tokens = greedy_generate(runner, prompt, torch.ones_like(prompt), 6)[0].tolist()
+    eos = loaded.model.config.eos_token_id
+    tokens = tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+    assert GenaiModel(out / "serve" / "onnx", threads=1).greedy([prompt[0].tolist()], 6)[0] == tokens
+    report = (out / "report.md").read_text()
+    assert "## Serving artifact" in report and f"--layout fused --precision {shipped}`" in report
+
+
+def test_serve_refuses_a_precision_that_fails_validation(built, tmp_path, capsys):
+    """int4 blocks on the tiny model's random weights fail validate's int4 limits (tests/export measures KL ~0.3
+    there, against a limit of 0.1): listed first, int4 is tried, recorded as refused with its failures, and fp32 ships; only
+    the serve stage reruns. With int4 alone nothing passes: one line naming the failures, and no serve/."""
+    model, out = built
+    copy = shutil.copytree(out, tmp_path / "copy")
+    capsys.readouterr()
+    assert main(build_args(model, copy, "--set", 'serve.precisions="int4,fp32"')) == 0
+    err = capsys.readouterr().err
+    assert {name for name in STAGE_ORDER if f"[{name}] running" in err} == {"serve"}
+    serving = json.loads((copy / "serve" / "serving.json").read_text())
+    assert [(t["precision"], t["passed"]) for t in serving["tried"]] == [("int4", False), ("fp32", True)]
+    assert serving["tried"][0]["failures"]
+    assert _metadata(copy / "serve" / "onnx" / "model.onnx")["cqil.precision"] == "fp32"
+    assert sorted(p.name for p in (copy / "serve").iterdir() if not p.name.startswith(".")) == ["onnx", "serving.json"]
+    assert "- int4: refused (" in (copy / "report.md").read_text()
+
+    shutil.rmtree(copy / "serve")
+    assert main(build_args(model, copy, "--set", 'serve.precisions="int4"')) != 0
+    err = capsys.readouterr().err
+    assert "serve: no precision of serve.precisions (int4) passed validate's checks (int4: " in err
+    assert not (copy / "serve").exists()

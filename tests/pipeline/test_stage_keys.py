@@ -31,6 +31,8 @@ READS = {
     # on (compare.enabled); off, it reads only its own section and opens nothing
     "compare": {"compare.*", "recover.*", *TEXT_KEYS, "data.mix", "data.mix_fraction", "data.second_eval",
                 "plan.max_group_size", "plan.head_every"},
+    "serve": {"serve.*", "export.block_size", "export.int4_method", "export.int8_matmuls", "export.accuracy_level",
+              "validate.chunks", "validate.decode_steps", *TEXT_KEYS},
     "bench": {"bench.*"},
     "package": {"package.*"},
 }
@@ -38,7 +40,7 @@ READS = {
 OPENS = {
     "source": set(), "analyze": {"source"}, "plan": {"source"}, "recover": {"source", "plan"},
     "merge": {"source", "plan", "recover"}, "export": {"merge"}, "engines": {"export"},
-    "validate": {"source", "recover", "merge", "export"}, "compare": {"source", "plan"},
+    "validate": {"source", "recover", "merge", "export"}, "serve": {"merge"}, "compare": {"source", "plan"},
     "bench": {"source", "merge", "export"},
     "package": {"export", "engines"},
 }
@@ -101,7 +103,8 @@ def alternative(name: str, default, inputs: dict[str, Path]) -> dict[str, object
                "plan.bypass_choices": "0,1", "export.layout": "fused", "export.precision": "int8",
                "export.target": "onnxruntime", "export.int4_method": "hqq", "export.int8_matmuls": "lm_head",
                "bench.schedule": "packed", "recover.targets": "q_proj,v_proj",
-               "engines.precision": "fp32", "package.name": "other"}
+               "engines.precision": "fp32", "package.name": "other", "serve.target": "portable",
+               "serve.layout": "branches", "serve.precisions": "fp32"}
     if isinstance(default, bool):
         return {name: not default}
     if isinstance(default, int):
