@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import build_args, tiny_model, tiny_tokenizer
+from tests.helpers import BUILD_THREADS, build_args, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -65,10 +65,17 @@ def tiny_cqil_onnx(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def built(tiny_model_dir, tmp_path_factory):
-    """(model dir, build dir) of one tiny build; read it, or copy it before changing anything."""
+    """(model dir, build dir) of one tiny build; read it, or copy it before changing anything. Built on one
+    torch thread, whatever fixture is active when it is first asked for: float sums follow the thread count,
+    and tests rebuild in another process (BUILD_THREADS) to compare bytes."""
     from cqil.pipeline.cli import main
 
     model = tiny_model_dir("llama")
     out = tmp_path_factory.mktemp("build") / "artifacts"
-    assert main(build_args(model, out)) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(BUILD_THREADS["OMP_NUM_THREADS"]))
+    try:
+        assert main(build_args(model, out)) == 0
+    finally:
+        torch.set_num_threads(threads)
     return model, out

@@ -63,6 +63,10 @@ SMALL = ["--set", "data.seq_len=32", "--set", "analyze.max_chunks=4", "--set", "
 TIMED = {("recover", "adapter/training_run.json"), ("bench", "latency.json"), ("bench", "latency.png")}
 
 
+# The torch thread count of the `built` reference build, for another process that must give its bytes.
+BUILD_THREADS = {"OMP_NUM_THREADS": "1"}
+
+
 def build_args(model: Path, out: Path, *extra: str) -> list[str]:
     return ["build", "--model", str(model), "--out", str(out), *SMALL, *extra]
 

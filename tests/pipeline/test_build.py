@@ -16,7 +16,7 @@ from cqil.pipeline.cli import main
 from cqil.pipeline.stages import build_lock
 
 from tests.engines.test_triton import config_tensors, graph_tensors, parse_config
-from tests.helpers import TIMED, build_args
+from tests.helpers import BUILD_THREADS, TIMED, build_args
 
 
 def stage_files(build: Path) -> dict[tuple[str, str], str]:
@@ -82,7 +82,7 @@ def test_second_run_skips_and_one_option_reruns_only_what_follows(built, tmp_pat
 def test_killed_build_resumes_to_the_same_artifacts(built, tmp_path):
     model, reference = built
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), **BUILD_THREADS}
     proc = subprocess.Popen([sys.executable, "-m", "cqil", *build_args(model, out)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
