@@ -32,6 +32,7 @@ from pathlib import Path
 import onnx as onnx_lib
 from cqil.export.contract import (
     PLAN_KEY,
+    TARGET_KEY,
     ContractSpec,
     find_onnx,
     output_names,
@@ -87,6 +88,7 @@ class GraphIO:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     external_data: tuple[str, ...]  # locations relative to the ONNX file's folder
+    target: str = "portable"  # the export's --target (contract.TARGET_KEY)
 
 
 @dataclass(frozen=True)
@@ -116,8 +118,9 @@ def read_graph_io(onnx: Path) -> GraphIO:
         problem = f"lacks outputs {', '.join(missing)}" if missing else f"has outputs outside the contract: {', '.join(unknown)}"
         raise CqilError(f"'{path}' {problem}: it does not follow the cqil ONNX contract (export it with `cqil export`)")
     inputs = tuple(_tensor(value, path) for value in model.graph.input)
+    target = {prop.key: prop.value for prop in model.metadata_props}.get(TARGET_KEY, "portable")
     return GraphIO(path, spec, inputs, tuple(_tensor(value, path) for value in model.graph.output),
-                   _external_data(model, path))
+                   _external_data(model, path), target)
 
 
 def _tensor(value, path: Path) -> TensorSpec:
@@ -228,6 +231,10 @@ def write_model_repository(onnx: Path, repo_dir: Path, model_name: str = "cqil",
     io = read_graph_io(Path(onnx))
     if engine_plan is not None and not (Path(engine_plan).is_file() and Path(engine_plan).stat().st_size):
         raise CqilError(f"--engine '{engine_plan}' is not a TensorRT engine file: build it with `cqil engine`")
+    if io.target != "portable" and has_tokenizer(io.onnx.parent):
+        raise CqilError(f"'{io.onnx}' is a --target {io.target} export, whose attention reads a cache padded on the "
+                        "right, and the text model batches rows padded on the left: give `cqil triton` a "
+                        "--target portable export")
     repo_dir = Path(repo_dir)
     names = model_names(model_name)
     _refuse_foreign(repo_dir, names)

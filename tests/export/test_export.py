@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from cqil.engines.triton import has_tokenizer
 from cqil.export import contract
 from cqil.export.check import check_branch_structure
 from cqil.export.precision import DEFAULT_QUANTIZATION
@@ -491,6 +492,17 @@ def assert_matches_portable(portable_folder: Path, folder: Path) -> None:
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # mistral's sliding window is refused (test_export_errors)
 def test_onnxruntime_target_equals_portable_on_prefill_and_decode(family, exported):
     assert_matches_portable(exported(family), exported(family, "--target", "onnxruntime"))
+
+
+def test_triton_refuses_an_onnxruntime_target_export_for_its_text_model(exported, tmp_path, capsys):
+    """Its GroupQueryAttention reads a right-padded cache; the text model batches left-padded rows."""
+    folder = exported("llama", "--target", "onnxruntime")
+    assert has_tokenizer(folder)
+    capsys.readouterr()  # the export's own progress
+    code = main(["triton", "--onnx", str(folder), "--out", str(tmp_path / "repo")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--target onnxruntime export" in err and "--target portable" in err
+    assert not (tmp_path / "repo").exists()
 
 
 def test_onnxruntime_target_uses_the_fused_operators_and_keeps_branches(exported):
