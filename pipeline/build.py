@@ -229,6 +229,16 @@ def run_engines(ctx: StageContext, config: dict) -> dict:
     return {"tensorrt": "built", "aux_streams": settings.aux_streams}
 
 
+def _held_out_texts(loaded, config: dict, split, count: int) -> dict:
+    """{"held_out": the first `count` held-out chunks, "second": `count` chunks spread over data.second_eval}."""
+    texts = {"held_out": split.held_out[:count]}
+    second = config["data"]["second_eval"]
+    if second:
+        texts["second"] = spread_chunks(chunk_tokens(loaded.tokenizer, read_text(second), config["data"]["seq_len"]),
+                                        count)
+    return texts
+
+
 def run_validate(ctx: StageContext, config: dict) -> dict:
     params = ctx.params
     loaded, merged = _merged(ctx)
@@ -323,16 +333,6 @@ def run_serve(ctx: StageContext, config: dict) -> dict:
     refused = "; ".join(f"{t['precision']}: {', '.join(t['failures'])}" for t in tried)
     raise CqilError(f"serve: no precision of serve.precisions ({serve.precisions}) passed validate's checks "
                     f"({refused}); add fp32 to serve.precisions")
-
-
-def _held_out_texts(loaded, config: dict, split, count: int) -> dict:
-    """{"held_out": the first `count` held-out chunks, "second": `count` chunks spread over data.second_eval}."""
-    texts = {"held_out": split.held_out[:count]}
-    second = config["data"]["second_eval"]
-    if second:
-        texts["second"] = spread_chunks(chunk_tokens(loaded.tokenizer, read_text(second), config["data"]["seq_len"]),
-                                        count)
-    return texts
 
 
 def run_compare(ctx: StageContext, config: dict) -> dict:
