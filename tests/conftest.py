@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from tests.helpers import BUILD_THREADS, build_args, tiny_model, tiny_tokenizer
 
@@ -49,6 +53,22 @@ def cache_env(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
+def once_per_run(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """`make(folder)` once per test run, the folder shared by every xdist worker (the first one to ask makes it
+    under a file lock, the others wait and read it): the tiny export and build below take 10-30 s each, and
+    each worker would otherwise make its own. A folder whose `make` failed is made again by the next one."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's folder, above the workers'
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_cqil_onnx(tmp_path_factory, tiny_model_dir):
     """One `cqil export` of a tiny 4-layer llama under groups 1-3, d=1 (branches): (model dir, onnx dir).
@@ -57,10 +77,13 @@ def tiny_cqil_onnx(tmp_path_factory, tiny_model_dir):
     """
     from cqil.pipeline.cli import main
 
-    model_dir = tiny_model_dir("llama", 4)
-    out = tmp_path_factory.mktemp("cqil-onnx") / "onnx"
-    assert main(["export", "--model", str(model_dir), "--groups", "1-3", "--bypass", "1", "--out", str(out)]) == 0
-    return model_dir, out
+    def make(folder: Path) -> None:
+        shutil.copytree(tiny_model_dir("llama", 4), folder / "model")
+        argv = ["export", "--model", str(folder / "model"), "--groups", "1-3", "--bypass", "1"]
+        assert main([*argv, "--out", str(folder / "onnx")]) == 0
+
+    folder = once_per_run(tmp_path_factory, "tiny-cqil-onnx", make)
+    return folder / "model", folder / "onnx"
 
 
 @pytest.fixture(scope="session")
@@ -70,12 +93,14 @@ def built(tiny_model_dir, tmp_path_factory):
     and tests rebuild in another process (BUILD_THREADS) to compare bytes."""
     from cqil.pipeline.cli import main
 
-    model = tiny_model_dir("llama")
-    out = tmp_path_factory.mktemp("build") / "artifacts"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(int(BUILD_THREADS["OMP_NUM_THREADS"]))
-    try:
-        assert main(build_args(model, out)) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return model, out
+    def make(folder: Path) -> None:
+        shutil.copytree(tiny_model_dir("llama"), folder / "model")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(int(BUILD_THREADS["OMP_NUM_THREADS"]))
+        try:
+            assert main(build_args(folder / "model", folder / "artifacts")) == 0
+        finally:
+            torch.set_num_threads(threads)
+
+    folder = once_per_run(tmp_path_factory, "built", make)
+    return folder / "model", folder / "artifacts"

@@ -506,30 +506,23 @@ def test_written_files_follow_the_umask(tiny_model_dir, tmp_path, capsys):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
 
 
-def test_onnx_bytes_do_not_depend_on_how_the_model_path_is_typed(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    model = tiny_model_dir("llama", 2)
-    monkeypatch.chdir(model.parent)
-    spellings = [str(model), f"./{model.name}/../{model.name}"]
-    outputs = []
-    for index, spelling in enumerate(spellings):
-        out = tmp_path / f"onnx{index}"
-        assert run(capsys, ["export", "--model", spelling, "--groups", "0-1", "--out", str(out)])[0] == 0
-        outputs.append(snapshot(out))
-    assert outputs[0] == outputs[1]
-    assert str(model.resolve()) in outputs[0]["cqil_source.json"].decode()  # recorded, resolved and absolute
-
-
-def test_onnx_bytes_do_not_depend_on_where_the_model_folder_lies(tiny_model_dir, tmp_path, capsys):
-    """The same model in two places exports the same model.onnx; each folder records its own source path."""
+def test_onnx_bytes_do_not_depend_on_the_model_paths_spelling_or_place(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """The same model exports the same model.onnx however its path is typed and wherever its folder lies;
+    each folder records its own source path, resolved and absolute."""
     from cqil.export.contract import read_contract
 
     here = tiny_model_dir("llama", 2)
     there = Path(shutil.copytree(here, tmp_path / "elsewhere" / here.name))  # same name, another place
-    outputs = []
-    for index, model in enumerate((here, there)):
-        out = tmp_path / f"onnx{index}"
-        assert run(capsys, ["export", "--model", str(model), "--groups", "0-1", "--out", str(out)])[0] == 0
-        outputs.append(snapshot(out))
+    monkeypatch.chdir(here.parent)
+    spellings = {"plain": (str(here), here), "dotted": (f"./{here.name}/../{here.name}", here),
+                 "elsewhere": (str(there), there)}
+    outputs = {}
+    for label, (spelling, model) in spellings.items():
+        out = tmp_path / f"onnx-{label}"
+        assert run(capsys, ["export", "--model", spelling, "--groups", "0-1", "--out", str(out)])[0] == 0
+        outputs[label] = snapshot(out)
         assert read_contract(out / "model.onnx").source_model()["path"] == str(model.resolve())
-    assert outputs[0]["model.onnx"] == outputs[1]["model.onnx"]
-    assert {name for name in outputs[0] if outputs[0][name] != outputs[1][name]} == {"cqil_source.json"}
+    assert outputs["dotted"] == outputs["plain"]
+    assert str(here.resolve()) in outputs["plain"]["cqil_source.json"].decode()
+    differ = {name for name in outputs["plain"] if outputs["plain"][name] != outputs["elsewhere"][name]}
+    assert differ == {"cqil_source.json"}
