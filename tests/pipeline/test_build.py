@@ -51,6 +51,7 @@ def test_build_writes_every_stage_and_the_report(built):
     for heading in ("## Quality", "## Recovery", "recover/curve.png", "Second held-out text", "## Validation",
                     "## Latency", "## Stages", "TensorRT is not installed"):
         assert heading in report
+    assert "LoRA self-distillation plus 1 × the text's next-token cross-entropy, 4 steps" in report  # label_weight
     assert 'uniform = "1:5:2"' in (out / "build.toml").read_text()
 
 

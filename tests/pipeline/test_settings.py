@@ -94,8 +94,8 @@ def cli_defaults(*argv: str) -> dict:
 BUILD_OWN = {
     "analyze": {"max_chunks": 16},
     "plan": {"auto": True, "bypass": 1, "target_depth": 23, "eval_chunks": 8},
-    "recover": {"steps": 60, "lr": 1e-3, "warmup_steps": 3, "eval_every": 10, "eval_chunks": 8, "patience": 3,
-                "save_every": 10},
+    "recover": {"steps": 80, "lr": 1e-3, "warmup_steps": 3, "label_weight": 1.0, "eval_every": 20, "eval_chunks": 8,
+                "save_every": 20},
     "engines": {"precision": "fp16"},
     "validate": {"decode_steps": 4},
 }
