@@ -139,7 +139,7 @@ def test_the_resolved_config_round_trips_through_build_toml(tmp_path):
     assert build_config.load_config(tmp_path / "build.toml") == config
     assert config["bench"]["prefill_repeats"] == 3  # `repeats`, the old key, is today's prefill_repeats
     recover = build_config.section_settings(config, "recover", build_config.BuildRecover)
-    assert recover.targets == ("q_proj", "v_proj") and recover.steps == 60
+    assert recover.targets == ("q_proj", "v_proj") and recover.steps == 80
 
 
 @pytest.mark.parametrize("override, message", [
