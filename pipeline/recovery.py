@@ -3,7 +3,8 @@
 One copy of the weights: peft injects LoRA layers into the loaded model in place. The student is the
 CQIL model over those modules (adapters on); the teacher is the same modules under the identity plan
 with the adapters disabled, run under no_grad. The loss is the per-token KL(teacher || student) at
-temperature 1, so any text works and no labels are needed.
+temperature 1, so any text works and no labels are needed; `label_weight` > 0 adds the student's own
+next-token cross-entropy on the text (what its perplexity measures), weighted.
 
 A run is resumable: a checkpoint holds the LoRA weights, optimizer, scheduler, RNG state, the step
 reached and the curves so far; the data order is a pure function of (seed, step), so a resumed run
@@ -71,6 +72,11 @@ def stalled(kls: list[float], patience: int) -> bool:
 def distill_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """Mean per-token KL(teacher || student) over the vocabulary at temperature 1."""
     return token_kl(F.log_softmax(teacher_logits.float(), -1), F.log_softmax(student_logits.float(), -1)).mean()
+
+
+def label_loss(student_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of the student on the text itself: the log of its perplexity there."""
+    return F.cross_entropy(student_logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
 
 
 def add_gradients(total: list[torch.Tensor | None], more: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
@@ -254,7 +260,11 @@ class DistillTrainer:
                      rows_per_step: int) -> tuple[float, list[torch.Tensor | None]]:
         """This row's share of the step's mean loss and its gradients: tensors of its own, no shared `.grad`
         (None for an adapter the plan never runs, e.g. on a dropped layer, which the optimizer then skips)."""
-        loss = distill_loss(teacher_logits, self.student(row)[0]) / rows_per_step
+        logits = self.student(row)[0]
+        loss = distill_loss(teacher_logits, logits)
+        if self.settings.label_weight:
+            loss = loss + self.settings.label_weight * label_loss(logits, row)
+        loss = loss / rows_per_step
         return loss.item(), list(torch.autograd.grad(loss, self.trainable, allow_unused=True))
 
     def evaluate(self) -> dict[str, float]:

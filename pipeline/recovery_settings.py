@@ -34,6 +34,8 @@ class FinetuneSettings:
     lr: float = setting(1e-4, "peak learning rate (default %(default)s, official)", check=POSITIVE_NUMBER)
     warmup_steps: int | None = setting(None, "linear warm-up steps (default 5%% of --steps)", check=NON_NEGATIVE)
     weight_decay: float = setting(0.1, "AdamW weight decay (default %(default)s, official)", check=NON_NEGATIVE_NUMBER)
+    label_weight: float = setting(0.0, "weight of the text's own next-token cross-entropy, added to the distillation "
+                                  "KL (default %(default)s: distillation only)", check=NON_NEGATIVE_NUMBER)
     max_grad_norm: float = setting(1.0, "gradient clipping, 0 = off (default %(default)s; the official run used 0)",
                                    check=NON_NEGATIVE_NUMBER)
     batch_size: int = setting(4, "chunks per batch (default %(default)s)", check=POSITIVE)

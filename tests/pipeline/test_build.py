@@ -51,6 +51,7 @@ def test_build_writes_every_stage_and_the_report(built):
     for heading in ("## Quality", "## Recovery", "recover/curve.png", "Second held-out text", "## Validation",
                     "## Latency", "## Stages", "TensorRT is not installed"):
         assert heading in report
+    assert "LoRA self-distillation plus 1 × the text's next-token cross-entropy, 4 steps" in report  # label_weight
     assert 'uniform = "1:5:2"' in (out / "build.toml").read_text()
 
 
@@ -142,6 +143,7 @@ def test_serve_ships_the_first_precision_that_validates(built):
     from cqil.model.cqil import CqilModel
     from cqil.model.plan import plan_from_config
     from cqil.model.steps import greedy_generate
+    from cqil.pipeline.data import load_split
     from cqil.pipeline.sources import load_model
 
     _, out = built
@@ -157,7 +159,9 @@ def test_serve_ships_the_first_precision_that_validates(built):
     loaded = load_model(out / "merge" / "model")
     merged = CqilModel(loaded.model, plan_from_config(loaded.model.config))
     runner = OrtRunner(out / "serve" / "onnx", threads=1)
-    ids = torch.randint(3, loaded.model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    # validate's chunks (SMALL: data.seq_len=32, validate.chunks=2): the text its int8 check passed on; a tiny
+    # random model's near-flat distributions flip more top tokens on random ids than int8 does on text
+    ids = load_split(loaded.tokenizer, seq_len=32).held_out[:2]
     with torch.no_grad():
         expected = merged(ids)[0]
     logits = runner(ids)[0]

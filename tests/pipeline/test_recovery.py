@@ -243,9 +243,17 @@ def _trainer(split, **overrides):
                                    progress=False)
 
 
-def test_a_step_of_rows_in_threads_has_the_gradient_of_the_whole_batch(split):
-    """Against one batch through the same modules, backward on the batch's mean loss (the textbook step)."""
-    trainer = _trainer(split, batch_size=3, grad_accum=2)
+def _text_nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean -log p(next token), gathered by hand."""
+    log_probs = logits[:, :-1].log_softmax(-1)
+    return -log_probs.gather(-1, tokens[:, 1:, None]).mean()
+
+
+@pytest.mark.parametrize("label_weight", [0.0, 0.5])
+def test_a_step_of_rows_in_threads_has_the_gradient_of_the_whole_batch(split, label_weight):
+    """Against one batch through the same modules, backward on the batch's mean loss (the textbook step):
+    the distillation KL, plus the text's next-token cross-entropy times `label_weight`."""
+    trainer = _trainer(split, batch_size=3, grad_accum=2, label_weight=label_weight)
     reference = _trainer(split, batch_size=3, grad_accum=2)
     loss = trainer.step()
 
@@ -254,7 +262,9 @@ def test_a_step_of_rows_in_threads_has_the_gradient_of_the_whole_batch(split):
         batch = reference.order.batch(micro)
         with torch.no_grad():
             teacher_logits = reference.teacher(batch)[0]
-        micro_loss = distill_loss(teacher_logits, reference.student(batch)[0]) / 2
+        student_logits = reference.student(batch)[0]
+        micro_loss = (distill_loss(teacher_logits, student_logits)
+                      + label_weight * _text_nll(student_logits, batch)) / 2
         micro_loss.backward()
         expected_loss += micro_loss.item()
     assert loss == pytest.approx(expected_loss, rel=1e-5)

@@ -94,8 +94,8 @@ def cli_defaults(*argv: str) -> dict:
 BUILD_OWN = {
     "analyze": {"max_chunks": 16},
     "plan": {"auto": True, "bypass": 1, "target_depth": 23, "eval_chunks": 8},
-    "recover": {"steps": 60, "lr": 1e-3, "warmup_steps": 3, "eval_every": 10, "eval_chunks": 8, "patience": 3,
-                "save_every": 10},
+    "recover": {"steps": 80, "lr": 1e-3, "warmup_steps": 3, "label_weight": 1.0, "eval_every": 20, "eval_chunks": 8,
+                "save_every": 20},
     "engines": {"precision": "fp16"},
     "validate": {"decode_steps": 4},
 }
@@ -139,7 +139,7 @@ def test_the_resolved_config_round_trips_through_build_toml(tmp_path):
     assert build_config.load_config(tmp_path / "build.toml") == config
     assert config["bench"]["prefill_repeats"] == 3  # `repeats`, the old key, is today's prefill_repeats
     recover = build_config.section_settings(config, "recover", build_config.BuildRecover)
-    assert recover.targets == ("q_proj", "v_proj") and recover.steps == 60
+    assert recover.targets == ("q_proj", "v_proj") and recover.steps == 80
 
 
 @pytest.mark.parametrize("override, message", [
