@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from cqil.model.errors import CqilError
 from cqil.model.kv import KV
 from torch import nn
@@ -85,17 +84,25 @@ def sliding_window_of(config) -> int | None:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: KV | None, step: StepInputs) -> tuple[torch.Tensor, KV]:
     """Rotary, cache append and masked attention of projected q [b, H, s, d], k/v [b, KV, s, d].
 
-    Heads are grouped: query head h reads kv head h // (H / KV). With several layers packed on the
-    head axis (layer-major), that rule keeps each layer's queries on its own keys.
+    Heads are grouped: query head h reads kv head h // (H / KV). The queries are regrouped instead
+    of the keys and values repeated: q is viewed as [b, KV, rep * s, d] (head h = kv * rep + r), so
+    each product reads the KV cache once, and the graph carries no repeated or transposed copy of it
+    per query head. With several layers packed on the head axis (layer-major), the same rule keeps
+    each layer's queries on its own keys.
     """
     q, k = apply_rotary(q, k, *step.rope)
     if past is not None:
         k = torch.cat((past[0], k), dim=2)
         v = torch.cat((past[1], v), dim=2)
-    repeat = q.shape[1] // k.shape[1]
-    k_all = k.repeat_interleave(repeat, dim=1) if repeat > 1 else k
-    v_all = v.repeat_interleave(repeat, dim=1) if repeat > 1 else v
-    return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=step.bias), (k, v)
+    batch, heads, seq, dim = q.shape
+    kv_heads, total = k.shape[1], k.shape[2]
+    repeat = heads // kv_heads
+    # Shapes name only the inputs' own sizes and -1 (views, so the -1 stays in the graph): a product
+    # of sizes would be computed once, in the first layer's scope, and read by every later group.
+    grouped = (q * dim ** -0.5).contiguous().view(batch, kv_heads, -1, dim)
+    scores = torch.matmul(grouped, k.transpose(2, 3)).reshape(batch, kv_heads, repeat, seq, -1)
+    weights = (scores + step.bias.unsqueeze(1)).softmax(dim=-1).reshape(batch, kv_heads, -1, total)
+    return torch.matmul(weights, v).reshape(batch, heads, -1, dim), (k, v)
 
 
 def layer_attention(layer: nn.Module, shape: AttentionShape, x: torch.Tensor, step: StepInputs,

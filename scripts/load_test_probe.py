@@ -3,34 +3,44 @@
 Times, for each export given, with ONNX Runtime's defaults as the text model opens it, a decode step
 of 1, 16 and 32 rows over 100 cached positions (and the 16-row step over the 1-row one: the most a
 16-row batch can gain over one row) and prefills of 1, 4 and 16 prompts of 64 tokens in one call
-(medians of 3, 2 for the largest, after one untimed call). docs/serving.md quotes it. Run it alone:
+(medians of 3, 2 for the largest, after one untimed call). With `--ops`, also where the 16-row
+step's time goes: ONNX Runtime's profiler in an InferenceSession of its own, kernel time per operator
+type over 5 calls after one untimed. docs/serving.md quotes it. Run it alone:
 
-    flock -x /tmp/cqil-cpu.lock nice -n -15 python scripts/load_test_probe.py out/onnx/model.onnx [more.onnx ...]
+    flock -x /tmp/cqil-cpu.lock nice -n -15 python scripts/load_test_probe.py [--ops] out/onnx/model.onnx [more.onnx ...]
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
+import tempfile
 import time
+from collections import Counter
 
 import numpy as np
 import onnxruntime
 
 
-def probe(path: str) -> None:
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+def run_call(session: onnxruntime.InferenceSession, rows: int, tokens: int, width: int) -> None:
+    """One graph call of `rows` rows of `tokens` new tokens over `width` cached positions (zeros)."""
     inputs = {value.name for value in session.get_inputs()}
     past = [value for value in session.get_inputs() if value.name.startswith("past_key_values.")]
-    outputs = [value.name for value in session.get_outputs()]
     kv_heads, head_dim = past[0].shape[1], past[0].shape[3]
+    feed = {"input_ids": np.full((rows, tokens), 5, np.int64),
+            "attention_mask": np.ones((rows, width + tokens), np.int64),
+            "position_ids": np.tile(np.arange(width, width + tokens), (rows, 1)),
+            **{value.name: np.zeros((rows, kv_heads, width, head_dim), np.float32) for value in past}}
+    session.run([value.name for value in session.get_outputs()],
+                {name: array for name, array in feed.items() if name in inputs})
+
+
+def probe(path: str) -> None:
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
 
     def call(rows: int, tokens: int, width: int) -> None:
-        feed = {"input_ids": np.full((rows, tokens), 5, np.int64),
-                "attention_mask": np.ones((rows, width + tokens), np.int64),
-                "position_ids": np.tile(np.arange(width, width + tokens), (rows, 1)),
-                **{value.name: np.zeros((rows, kv_heads, width, head_dim), np.float32) for value in past}}
-        session.run(outputs, {name: array for name, array in feed.items() if name in inputs})
+        run_call(session, rows, tokens, width)
 
     def median_ms(rows: int, tokens: int, width: int, repeats: int = 3) -> float:
         call(rows, tokens, width)
@@ -52,6 +62,31 @@ def probe(path: str) -> None:
               flush=True)
 
 
+def operator_shares(path: str, rows: int = 16, calls: int = 5) -> None:
+    """Kernel time per operator type of a decode step of `rows` rows over 100 positions."""
+    options = onnxruntime.SessionOptions()
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as folder:
+        options.profile_file_prefix = f"{folder}/ort"
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        for _ in range(calls + 1):
+            run_call(session, rows, 1, 100)
+        with open(session.end_profiling()) as trace:
+            events = json.load(trace)
+    timed_from = [event["ts"] for event in events if event.get("name") == "model_run"][1]
+    kernel_us = Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= timed_from:
+            kernel_us[event["args"]["op_name"]] += event["dur"]
+    total = sum(kernel_us.values())
+    print(f"  {rows}-row step, kernel time per call by operator ({total / calls / 1000:.1f} ms in all):", flush=True)
+    for op, us in kernel_us.most_common(8):
+        print(f"    {op:16s} {us / calls / 1000:6.1f} ms {100 * us / total:5.1f} %", flush=True)
+
+
 if __name__ == "__main__":
-    for model in sys.argv[1:]:
+    arguments = sys.argv[1:]
+    for model in [argument for argument in arguments if argument != "--ops"]:
         probe(model)
+        if "--ops" in arguments:
+            operator_shares(model)

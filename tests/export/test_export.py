@@ -296,6 +296,39 @@ def test_fused_layout_equals_branch_layout(exported):
     assert group_matmuls(fused) == 15
 
 
+@pytest.mark.parametrize("layout", ["branches", "fused"])
+def test_attention_reads_each_kv_head_once(layout, exported):
+    """GQA without repeating the cache: the attention products read the appended cache [b, kv_heads, T, d]
+    itself (the key only transposed), and no Expand or Tile copies it out to the query heads.
+
+    The repeated copy, built every step over every cached position, was a third of a batched decode
+    step on ONNX Runtime CPU (docs/serving.md)."""
+    folder = exported("llama", *(("--layout", "fused") if layout == "fused" else ()))  # branches: the default
+    config = json.loads((folder / "config.json").read_text())
+    assert config["num_attention_heads"] > config["num_key_value_heads"]  # the tiny model is GQA
+    graph = onnx.load(folder / "model.onnx").graph
+    producer = {out: node for node in graph.node for out in node.output}
+    role = {node.name: {p.key: p.value for p in node.metadata_props}.get("cqil.role") for node in graph.node}
+    attention = [node for node in graph.node if role[node.name] == "attn"]
+    assert [node.name for node in attention if node.op_type in ("Expand", "Tile")] == []
+
+    def is_cache(name: str) -> bool:
+        """A Concat of past and new along the time axis: the cache as the layer presents it."""
+        node = producer[name]
+        return node.op_type == "Concat" and attributes(node)["axis"] in (2, -2)
+
+    weights = {tensor.name for tensor in graph.initializer}
+    products = [node for node in attention if node.op_type == "MatMul" and node.input[1] not in weights]
+    # scores and values: per layer (4), or per group (2) with the group's layers packed on the head axis
+    assert len(products) == {"branches": 8, "fused": 4}[layout]
+    for node in products:
+        source = producer[node.input[1]]
+        if source.op_type == "Transpose":
+            assert attributes(source)["perm"] == [0, 1, 3, 2] and is_cache(source.input[0]), node.name
+        else:
+            assert is_cache(node.input[1]), node.name
+
+
 def test_fp16_export_runs_with_external_data(exported, reference):
     folder = exported("llama", "--precision", "fp16", "--external-data")
     # the graph file holds no weights, the data file all of them
