@@ -102,11 +102,15 @@ def test_every_command_exits_128_plus_the_signal(signum, tmp_path, monkeypatch, 
 
 # (stage whose temporary folder appears, seconds after that, signal): before, inside and after recovery; both
 # signals inside recovery, whose first Ctrl-C finishes the step, and one inside torch.export.
-POINTS = [("analyze", 0.0, signal.SIGINT), ("recover", 0.3, signal.SIGINT), ("recover", 0.3, signal.SIGTERM),
-          ("export", 1.0, signal.SIGINT)]
+# The slow suite adds SIGTERM inside recovery; the fast suite keeps one case of each stage.
+POINTS = [("analyze", 0.0, signal.SIGINT), ("recover", 0.3, signal.SIGINT),
+          pytest.param("recover", 0.3, signal.SIGTERM, marks=pytest.mark.slow), ("export", 1.0, signal.SIGINT)]
 
 
-@pytest.mark.parametrize("stage, delay, signum", POINTS, ids=[f"{s}+{d}s-{signal.Signals(g).name}" for s, d, g in POINTS])
+POINT_IDS = ["analyze+0.0s-SIGINT", "recover+0.3s-SIGINT", "recover+0.3s-SIGTERM", "export+1.0s-SIGINT"]
+
+
+@pytest.mark.parametrize("stage, delay, signum", POINTS, ids=POINT_IDS)
 def test_a_signalled_build_exits_128_plus_the_signal_with_one_line(tiny_model_dir, tmp_path, stage, delay, signum):
     out = tmp_path / "build"
     proc = cqil(*build_args(tiny_model_dir("llama"), out))
@@ -132,8 +136,11 @@ def start_generate(tiny_model_dir) -> tuple[subprocess.Popen, list[int]]:
     return proc, rank_pids(proc)
 
 
-@pytest.mark.parametrize("delay, signum", [(0.0, signal.SIGINT), (2.0, signal.SIGINT), (2.0, signal.SIGTERM)],
-                         ids=["starting-SIGINT", "running-SIGINT", "running-SIGTERM"])
+# running-SIGINT runs in the slow suite
+RANK_POINTS = [(0.0, signal.SIGINT), pytest.param(2.0, signal.SIGINT, marks=pytest.mark.slow), (2.0, signal.SIGTERM)]
+
+
+@pytest.mark.parametrize("delay, signum", RANK_POINTS, ids=["starting-SIGINT", "running-SIGINT", "running-SIGTERM"])
 def test_a_signalled_ranks_run_stops_every_rank_with_one_line(tiny_model_dir, delay, signum):
     proc, ranks = start_generate(tiny_model_dir)
     time.sleep(delay)
@@ -144,6 +151,7 @@ def test_a_signalled_ranks_run_stops_every_rank_with_one_line(tiny_model_dir, de
     assert not any(alive(pid) for pid in ranks)
 
 
+@pytest.mark.slow  # two ranks started and the launcher SIGKILLed: 10 s, in the slow suite
 def test_killing_the_launcher_kills_its_ranks(tiny_model_dir):
     proc, ranks = start_generate(tiny_model_dir)
     time.sleep(1.0)

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from cqil.pipeline.build_config import STAGE_ORDER
 from cqil.pipeline.cli import main
 from cqil.pipeline.stages import build_lock
@@ -80,6 +82,9 @@ def test_second_run_skips_and_one_option_reruns_only_what_follows(built, tmp_pat
     assert ran == {"export", "engines", "validate", "bench", "package"}
 
 
+# Slow suite: a tiny build in a second process, then the rest of it here (25 s); the fast suite keeps the
+# signalled builds, which leave nothing half-written, and the second run that skips every finished stage.
+@pytest.mark.slow
 def test_killed_build_resumes_to_the_same_artifacts(built, tmp_path):
     model, reference = built
     out = tmp_path / "killed"
