@@ -133,7 +133,7 @@ SERVE_BASIS = ("decode after 64 tokens under ONNX Runtime GenAI, 2 threads, 2026
 
 # The default build: SmolLM2-135M, an automatic plan of depth 23 (the depth of the paper's S15:30:2 on
 # this model) found by the fast search, then a recovery on a mix of texts sized to the budget (80 steps,
-# distillation plus the text's cross-entropy): 12 min 56 s on 2 CPU cores with the model cached, merged PPL
+# distillation plus the text's cross-entropy): 14 min 49 s on 2 CPU cores with the model cached, merged PPL
 # 0.913x the original's on the training text's held-out part and 1.079x on the Jargon File (README, "The
 # build"; docs/recovery.md, docs/autoplan.md).
 # Each section is made of settings objects (the build's defaults where they differ from the command's),

@@ -21,7 +21,6 @@ import json
 import time
 from pathlib import Path
 
-import cqil  # noqa: F401 - OpenMP's wait policy is set before PyTorch loads
 from cqil.model import plan as plans
 from cqil.model.cqil import CqilModel
 from cqil.pipeline.build import _held_out_texts, _recovery_text, _split
@@ -30,6 +29,8 @@ from cqil.pipeline.commands import finetune as finetune_command
 from cqil.pipeline.quality import evaluate
 from cqil.pipeline.sources import load_model
 from cqil.pipeline.stages import read_record
+
+import cqil  # noqa: F401 - OpenMP's wait policy is set before PyTorch loads
 
 
 def main() -> None:
@@ -58,8 +59,8 @@ def main() -> None:
     loaded.model.eval()
     original = CqilModel(load_model(model_dir).model, plans.identity_plan(plan.num_layers))
     recovered = CqilModel(loaded.model, plan)  # the peft adapters sit in these modules, switched on
-    result = {"set": args.set, "original": args.original, "steps": record["steps"], "seconds_per_step": record["seconds_per_step"],
-              "seconds": round(seconds, 1), "curve": record["held_out"]}
+    result = {"set": args.set, "original": args.original, "steps": record["steps"],
+              "seconds_per_step": record["seconds_per_step"], "seconds": round(seconds, 1), "curve": record["held_out"]}
     texts = _held_out_texts(loaded, config, _split(loaded, config), config["validate"]["quality_chunks"])
     for name, chunks in texts.items():
         metrics = evaluate(original, {"recovered": recovered}, chunks, progress=False)

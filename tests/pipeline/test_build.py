@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cqil.pipeline.build_config import STAGE_ORDER
 from cqil.pipeline.cli import main
 from cqil.pipeline.stages import build_lock
