@@ -7,8 +7,8 @@
     <repo>/<name>_python/config.pbtxt     backend "python": ONNX Runtime on CPU inside Triton
                          1/model.py       + model.onnx and its data (hard links to the _onnx copy)
     <repo>/<name>_text/config.pbtxt       backend "python", decoupled: text in, text out (generate extension)
-                       1/model.py         + triton_text_scheduler.py (in-flight batching), model.onnx,
-                                          its data, the tokenizer and generation config
+                       1/model.py         + triton_text_scheduler.py (in-flight batching), model.onnx
+                                          (last-position logits), its data, the tokenizer and generation config
                                           (only when the export folder holds its tokenizer files)
 
 Every model declares the ONNX graph's own inputs and outputs (DESIGN.md section 4) with their dtypes
@@ -38,6 +38,7 @@ from cqil.export.contract import (
     output_names,
     read_contract,
 )
+from cqil.export.last_logits import keep_last_position_logits
 from cqil.export.standalone import inline_contract
 from cqil.model.errors import CqilError
 from cqil.model.fsutil import atomic_dir, link_or_copy
@@ -252,8 +253,12 @@ def write_model_repository(onnx: Path, repo_dir: Path, model_name: str = "cqil",
 
         if has_tokenizer(io.onnx.parent):
             text_version = tmp / names["text"] / VERSION
-            for relative in ("model.onnx", *io.external_data):
+            text_version.mkdir(parents=True)
+            for relative in io.external_data:
                 link_or_copy(onnx_version / relative, text_version / relative)
+            # The same weights; the graph returns the last position's logits only (export/last_logits.py).
+            graph = keep_last_position_logits(onnx_lib.load(str(io.onnx), load_external_data=False))
+            onnx_lib.save_model(graph, str(text_version / "model.onnx"))
             for side in TEXT_SIDE_FILES:
                 if (io.onnx.parent / side).is_file():
                     shutil.copyfile(io.onnx.parent / side, text_version / side)

@@ -140,22 +140,26 @@ class Decoder:
         self.kv_heads, self.head_dim = self.past[0].shape[1], self.past[0].shape[3]
         logits = next(value for value in session.get_outputs() if value.name == names.logits)
         self.logits_dtype, self.vocab = dtypes[logits.type], logits.shape[-1]
+        # `cqil triton` serves a graph returning the last position's logits only (export/last_logits.py);
+        # the contract's own graph returns every position's.
+        self.last_position_only = logits.shape[1] == 1
         self._logits = np.empty(0, dtype=self.logits_dtype)  # reused by every call: see run
 
     def run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
             past: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Last-position logits [rows, vocab] and the presents, in the order of the past inputs.
 
-        The graph writes every position's logits ([rows, tokens, vocab]: 200 MB for a 1024-token prefill
-        of a 49k vocabulary) of which only the last are used. They go into one buffer kept across calls,
-        as large as the largest call so far (the warm-up's), instead of a new array per call that is
-        mapped and unmapped again: the server's memory stays level instead of jumping by a prefill's
-        logits whenever one runs."""
+        The contract's graph writes every position's logits ([rows, tokens, vocab]: 200 MB for a
+        1024-token prefill of a 49k vocabulary) of which only the last are used; the served graph writes
+        the last only. They go into one buffer kept across calls, as large as the largest call so far
+        (the warm-up's), instead of a new array per call that is mapped and unmapped again: the server's
+        memory stays level instead of jumping by a prefill's logits whenever one runs."""
         n = self.names
         rows, tokens = ids.shape
-        if self._logits.size < rows * tokens * self.vocab:
-            self._logits = np.empty(rows * tokens * self.vocab, dtype=self.logits_dtype)
-        logits = self._logits[:rows * tokens * self.vocab].reshape(rows, tokens, self.vocab)
+        scored = 1 if self.last_position_only else tokens  # positions whose logits the graph writes
+        if self._logits.size < rows * scored * self.vocab:
+            self._logits = np.empty(rows * scored * self.vocab, dtype=self.logits_dtype)
+        logits = self._logits[:rows * scored * self.vocab].reshape(rows, scored, self.vocab)
         binding = self.session.io_binding()
         feed = {n.input_ids: ids, n.attention_mask: mask, n.position_ids: positions,
                 **{value.name: array for value, array in zip(self.past, past)}}

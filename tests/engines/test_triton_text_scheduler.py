@@ -4,8 +4,10 @@ the tiny CQIL export, held to a plain batch-1 greedy loop over the same graph wr
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime
 import pytest
+from cqil.export.last_logits import keep_last_position_logits
 from cqil.engines.triton_text_scheduler import (
     FINISH_CANCELLED,
     FINISH_LENGTH,
@@ -23,11 +25,15 @@ EOS = 2  # tests/helpers.py: eos_token_id of the tiny models
 PROMPTS = ([5, 17, 200, 33], [9, 9, 40, 41, 42, 43, 44, 45, 46, 47, 300], [120], [7, 8, 250, 251, 252, 31, 60])
 
 
-@pytest.fixture(scope="module")
-def session(tiny_cqil_onnx):
+@pytest.fixture(scope="module", params=["every-position", "last-position"])
+def session(request, tiny_cqil_onnx):
+    """The export's graph (logits at every position) and the graph `cqil triton` serves (the last only)."""
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1
-    return onnxruntime.InferenceSession(str(tiny_cqil_onnx[1] / "model.onnx"), sess_options=options,
+    model = onnx.load(str(tiny_cqil_onnx[1] / "model.onnx"))
+    if request.param == "last-position":
+        model = keep_last_position_logits(model)
+    return onnxruntime.InferenceSession(model.SerializeToString(), sess_options=options,
                                         providers=["CPUExecutionProvider"])
 
 
@@ -259,7 +265,8 @@ def test_the_decoder_reuses_one_logits_buffer_and_returns_what_a_plain_run_retur
     for got, want in zip(presents, expected_presents):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     buffer = decoder._logits
-    assert buffer.size == 2 * len(PROMPTS[0]) * decoder.vocab
+    scored = 1 if decoder.last_position_only else len(PROMPTS[0])  # positions whose logits the graph writes
+    assert buffer.size == 2 * scored * decoder.vocab
 
     # The next call writes into the same buffer (a smaller one: a decode step of both rows; one as large:
     # the rows swapped, whose last logits land where the first prefill's were); the logits already handed

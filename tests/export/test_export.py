@@ -16,8 +16,10 @@ import torch
 from cqil.engines.triton import has_tokenizer
 from cqil.export import contract
 from cqil.export.check import check_branch_structure
+from cqil.export.last_logits import SLICE_NAME, keep_last_position_logits
 from cqil.export.precision import DEFAULT_QUANTIZATION
 from cqil.model.cqil import CqilModel
+from cqil.model.errors import CqilError
 from cqil.model.plan import Plan
 from cqil.model.steps import greedy_generate
 from cqil.pipeline.cli import main
@@ -472,6 +474,40 @@ def test_int4_folder_runs_in_genai_as_in_onnxruntime(exported):
     eos = 2  # the tiny config's: the Generator stops there
     expected = expected[:expected.index(eos) + 1] if eos in expected else expected
     assert GenaiModel(folder, threads=1).greedy([ids[0].tolist()], 8)[0] == expected
+
+
+
+# -- the served graph: last-position logits (export/last_logits.py) ---------------------------------
+
+@pytest.mark.parametrize("options", [(), ("--layout", "fused", "--precision", "int4")], ids=["fp32", "int4-fused"])
+def test_last_position_logits_are_the_contract_graphs_last_logits(options, exported):
+    """The served graph returns, for a left-padded prefill and a decode step after it, the last row of the
+    contract graph's logits and the same presents; nothing else in the graph changes."""
+    model = onnx.load(str(exported("llama", *options) / "model.onnx"))
+    served = keep_last_position_logits(model)
+    assert [n.op_type for n in served.graph.node if n.op_type == "Slice" and n.name == SLICE_NAME] == ["Slice"]
+    assert len(served.graph.node) == len(model.graph.node) + 1
+    full, last = session(model.SerializeToString()), session(served.SerializeToString())
+    ids, mask = batch(seq=7, pad=(0, 3))
+    expected, expected_presents = run(full, ids, mask)
+    logits, presents = run(last, ids, mask)
+    assert logits.shape == (2, 1, expected.shape[-1])
+    np.testing.assert_allclose(logits[:, 0], expected[:, -1], rtol=1e-5, atol=1e-5)
+    for got, want in zip(presents, expected_presents, strict=True):
+        np.testing.assert_array_equal(got, want)
+    step, mask = torch.tensor([[11], [12]]), torch.cat((mask, torch.ones(2, 1, dtype=torch.long)), 1)
+    np.testing.assert_allclose(run(last, step, mask, presents)[0], run(full, step, mask, expected_presents)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_last_position_logits_refuse_a_graph_without_an_output_layer():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 4])])
+    with pytest.raises(CqilError, match="comes from Identity"):
+        keep_last_position_logits(helper.make_model(graph))
 
 
 # -- --target onnxruntime: the model builder's graph with the CQIL groups ---------------------------
