@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
-
 from cqil.export.contract import LOGITS
 from cqil.model.errors import CqilError
+from onnx import helper, numpy_helper
 
 # The output layer's node types in our exports: a plain MatMul (fp32, fp16) or ONNX Runtime's
 # quantized MatMulNBits (int8, int4). Both work position by position on their first input.

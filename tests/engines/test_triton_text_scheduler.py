@@ -7,7 +7,6 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from cqil.export.last_logits import keep_last_position_logits
 from cqil.engines.triton_text_scheduler import (
     FINISH_CANCELLED,
     FINISH_LENGTH,
@@ -19,6 +18,7 @@ from cqil.engines.triton_text_scheduler import (
     Sampling,
     Scheduler,
 )
+from cqil.export.last_logits import keep_last_position_logits
 
 EOS = 2  # tests/helpers.py: eos_token_id of the tiny models
 # Prompts of different lengths (token ids of the tiny vocabulary), joining at different steps.
