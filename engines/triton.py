@@ -68,9 +68,10 @@ TEXT_INPUTS = (("text_input", "TYPE_STRING", 1, False), ("max_tokens", "TYPE_INT
 TEXT_OUTPUTS = (("text_output", "TYPE_STRING"), ("finish_reason", "TYPE_STRING"), ("num_output_tokens", "TYPE_UINT32"))
 # The in-flight batching limits (model.py's DEFAULT_PARAMETERS): rows per graph call, waiting requests,
 # padded prompt tokens prefilled per step (bounds the stall joiners put on running rows; 0: no cap),
+# decode steps a waiting request may be held for others to share its prefill (0: joins at once),
 # the largest max_tokens a request may ask, ONNX Runtime intra-op threads (0: its default, every core).
-TEXT_PARAMETERS = {"max_batch": 16, "max_queue": 64, "max_prefill_tokens": 1024, "max_tokens_limit": 512,
-                   "onnxruntime_threads": 0}
+TEXT_PARAMETERS = {"max_batch": 16, "max_queue": 64, "max_prefill_tokens": 1024, "join_wait_steps": 4,
+                   "max_tokens_limit": 512, "onnxruntime_threads": 0}
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,8 @@ GRAPH_NAMES = GraphNames(*TOKEN_INPUTS, logits=LOGITS, past_prefix=past_pair(0)[
                          present_prefix=present_pair(0)[0].removesuffix("0.key"))
 DEFAULT_MAX_TOKENS = 16  # vLLM's default; TensorRT-LLM requires max_tokens
 # Config `parameters` and their defaults (engines/triton.py writes the same values into config.pbtxt).
-DEFAULT_PARAMETERS = {"max_batch": "16", "max_queue": "64", "max_prefill_tokens": "1024", "max_tokens_limit": "512",
-                      "onnxruntime_threads": "0"}
+DEFAULT_PARAMETERS = {"max_batch": "16", "max_queue": "64", "max_prefill_tokens": "1024", "join_wait_steps": "4",
+                      "max_tokens_limit": "512", "onnxruntime_threads": "0"}
 # What `sampling_parameters` (vLLM's SamplingParams names) may hold, and the field each one sets.
 SAMPLING_KEYS = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                  "seed": "random_seed", "stop": "stop", "ignore_eos": "ignore_eos"}
@@ -386,7 +386,8 @@ class TritonPythonModel:
         labels = {"model": args.get("model_name", config.get("name", "")), "version": args["model_version"]}
         self.scheduler = Scheduler(Decoder(session, eos_ids, GRAPH_NAMES), max_batch=parameters["max_batch"],
                                    max_queue=parameters["max_queue"],
-                                   max_prefill_tokens=parameters["max_prefill_tokens"], metrics=TritonMetrics(labels))
+                                   max_prefill_tokens=parameters["max_prefill_tokens"],
+                                   join_wait_steps=parameters["join_wait_steps"], metrics=TritonMetrics(labels))
         self.scheduler.warm_up(self.context)  # ONNX Runtime's arena at its working size before the first request
         self.scheduler.start()
 

@@ -132,16 +132,22 @@ def run_server(repo: Path, work: Path, model: str, python_bin: Path | None = Non
     log_path = Path(work) / "tritonserver.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    ready = f"http://127.0.0.1:{http_port}/v2/models/{model}/ready"
+    # The model's readiness, and the metrics endpoint, which Triton opens after the HTTP one.
+    pending = [f"http://127.0.0.1:{http_port}/v2/models/{model}/ready"]
+    pending += [f"http://127.0.0.1:{metrics_port}/metrics"] if metrics else []
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
             if process.poll() is not None:
                 raise CqilError(f"tritonserver exited with status {process.returncode}:\n{_log_tail(log_path)}")
             with contextlib.suppress(OSError):
-                with urllib.request.urlopen(ready, timeout=5) as response:
-                    if response.status == 200:
-                        break
+                while pending:
+                    with urllib.request.urlopen(pending[0], timeout=5) as response:
+                        if response.status != 200:
+                            break
+                    pending.pop(0)
+            if not pending:
+                break
             if time.monotonic() > deadline:
                 raise CqilError(f"{model} not ready after {READY_TIMEOUT_S} s:\n{_log_tail(log_path)}")
             time.sleep(0.5)

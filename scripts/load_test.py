@@ -10,7 +10,13 @@ exactly the asked output length) and `response_field: text_output` to read the s
 It counts tokens with the model's own tokenizer (the export folder). Per concurrency it reports time
 to first token, inter-token latency (AIPerf's: per request, (latency - TTFT) / (tokens - 1)), output
 tokens/s and failed requests; Triton's metrics endpoint adds the server's side (failures, queue-full
-rejections). AIPerf runs from its own virtualenv in the cqil cache (it pins huggingface-hub < 2,
+rejections). Requests go out at most `PACING_RATE` a second, far more than the server completes, so
+`--concurrency` alone decides how many are in flight: with a concurrency and no rate, AIPerf's timing
+manager polls for a free slot without ever sleeping (0-interval yields to its event loop), a whole
+core for as long as requests remain to be sent, and on a 2-core machine that core is taken from the
+server (every step of the first wave at concurrency 16 took twice as long as the last wave's, until
+the last request was sent). With a rate it sleeps between ticks, a freed slot waiting at most one
+tick (10 ms). AIPerf runs from its own virtualenv in the cqil cache (it pins huggingface-hub < 2,
 which would downgrade this project's transformers).
 
     scripts/load_test.sh --onnx out/onnx                      # concurrency 1, 4, 16, 32 -> docs/serving-load.json
@@ -42,6 +48,7 @@ TEMPLATE = ('{"text_input": {{ text|tojson }}, "max_tokens": {{ max_tokens }}, "
             '"sampling_parameters": "{\\"ignore_eos\\": true}"}')
 FULL = {"concurrency": [1, 4, 16, 32], "input_tokens": 64, "output_tokens": 64, "requests_per_slot": 2}
 QUICK = {"concurrency": [1, 4], "input_tokens": 16, "output_tokens": 8, "requests_per_slot": 1}
+PACING_RATE = 100  # requests/s, constant arrivals: the tick the timing manager sleeps to (docstring)
 MAX_REQUESTS = 48  # per concurrency level: three waves of 16 rows at the top levels, ~3 min on the 2-core CPU
 SOAK_TOKENS = 24
 SOAK_PROMPTS = ("The object model of Python", "A for statement iterates over", "Lambda expressions create")
@@ -95,7 +102,8 @@ def run_aiperf(python: Path, args, concurrency: int, work: Path, requests: int |
                "--synthetic-input-tokens-mean", str(args.input_tokens),
                "--synthetic-input-tokens-stddev", str(args.input_stddev),
                "--output-tokens-mean", str(args.output_tokens), "--output-tokens-stddev", "0",
-               "--concurrency", str(concurrency), "--random-seed", "0", "--ui-type", "none",
+               "--concurrency", str(concurrency), "--request-rate", str(PACING_RATE), "--arrival-pattern", "constant",
+               "--random-seed", "0", "--ui-type", "none",
                "--artifact-dir", str(artifacts), *extra]
     command += ["--benchmark-duration", str(duration)] if duration else \
         ["--request-count", str(requests), "--warmup-request-count", str(min(concurrency, 4))]
@@ -116,6 +124,7 @@ def stat(summary: dict, metric: str, key: str) -> float:
     return float(value.get(key) or 0.0)
 
 
+SOAK_CANCEL_AFTER_S = 2  # seconds; a soak request lasts ~4-6 s here (64 tokens), so most are cut mid-stream
 CANCELLED_BY_CLIENT = "RequestCancellationError"  # AIPerf's error type for its deliberate cancellations (499)
 
 
@@ -221,7 +230,8 @@ def soak(args, work: Path, server, python: Path) -> dict:
         thread.start()
     before = scrape(args.metrics_url)
     summary = run_aiperf(python, args, 16, work, duration=total,
-                         extra=["--request-cancellation-rate", "10", "--request-cancellation-delay", "10",
+                         extra=["--request-cancellation-rate", "10", "--request-cancellation-delay",
+                                str(SOAK_CANCEL_AFTER_S),
                                 "--benchmark-grace-period", "60"])
     after = scrape(args.metrics_url)
     stop.set()

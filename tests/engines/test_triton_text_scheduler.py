@@ -322,6 +322,32 @@ def test_joiners_are_prefilled_together_in_one_graph_call(session):
     assert len(record.first) == 4
 
 
+
+def test_waiting_requests_are_held_to_share_one_prefill_while_rows_decode(session):
+    """join_wait_steps 2: the first request joins at once (nothing runs); a later one waits up to 2 steps,
+    and one arriving meanwhile shares its prefill; enough waiting requests to fill the batch join at once."""
+    scheduler, _ = make(session, max_batch=4, join_wait_steps=2)
+    calls = Calls(scheduler.decoder)
+    jobs = [Collect(prompt, 10, Sampling(ignore_eos=True)) for prompt in PROMPTS]
+    scheduler.submit(jobs[0].job)
+    scheduler.step()
+    assert calls.take() == [(1, 4, 0), (1, 1, 4)]  # prefill alone, then its first step
+    scheduler.submit(jobs[1].job)
+    scheduler.step()
+    scheduler.submit(jobs[2].job)
+    scheduler.step()
+    assert calls.take() == [(1, 1, 5), (1, 1, 6)]  # held two steps: only the running row decodes
+    scheduler.step()
+    assert calls.take() == [(2, 11, 0), (3, 1, 11)]  # the wait is over: both prefilled in one call
+    scheduler.submit(jobs[3].job)
+    scheduler.step()
+    assert calls.take() == [(1, 7, 0), (4, 1, 12)]  # it fills the batch: no wait
+    while not scheduler.idle():
+        scheduler.step()
+    for collect in jobs:
+        assert collect.tokens == alone(session, collect.job.prompt, 10, stop_at_eos=False)
+
+
 def test_the_prefill_cap_bounds_each_step_and_long_prompts_go_in_chunks(session):
     cap = 14
     scheduler, _ = make(session, max_prefill_tokens=cap)
