@@ -43,6 +43,6 @@ def test_the_server_is_ready_only_once_its_metrics_endpoint_answers(tmp_path, mo
     binary.chmod(0o755)
     monkeypatch.setattr(triton_server, "pytriton_server", lambda: (server, tmp_path))
     monkeypatch.setattr(triton_server, "python_backend_dir", lambda server, root: Path(root))
-    with triton_server.run_server(tmp_path / "repo", tmp_path, "cqil_text", metrics=True) as started:
-        with urllib.request.urlopen(f"http://127.0.0.1:{started.metrics_port}/metrics", timeout=5) as response:
-            assert response.status == 200
+    with triton_server.run_server(tmp_path / "repo", tmp_path, "cqil_text", metrics=True) as started, \
+            urllib.request.urlopen(f"http://127.0.0.1:{started.metrics_port}/metrics", timeout=5) as response:
+        assert response.status == 200
