@@ -13,7 +13,8 @@ The cache is one tensor per layer and key/value, [rows, kv_heads, T, head_dim], 
 entries **right-aligned**: row r holds `lengths[r]` real positions at the end and zeros before them.
 The attention mask (zeros over the padding) and per-row position ids make each row compute what it
 computes alone; this is the left-padded batch the ONNX contract already serves (DESIGN.md section 4).
-Requests join between steps: the waiting requests that fit are prefilled together in one graph call
+Requests join between steps (while rows decode, a few may wait up to `join_wait_steps` steps for more to
+share their prefill: Scheduler._hold): the waiting requests that fit are prefilled together in one graph call
 (their prompts left-padded to the longest, the same layout), each one's first token is sent at once,
 and their cache rows join the batch (the shorter side is zero-padded on the left). A step's prefill
 is capped at `max_prefill_tokens` padded prompt tokens (rows x longest prompt), so the stall it puts
