@@ -101,6 +101,13 @@ def stub_python_bin() -> Path:
     return venv / "bin"
 
 
+def _answers(url: str) -> bool:
+    """Whether `url` answers 200 now (a port not open yet is no error)."""
+    with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as response:
+        return response.status == 200
+    return False
+
+
 def _log_tail(path: Path) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-25:])
 
@@ -140,12 +147,7 @@ def run_server(repo: Path, work: Path, model: str, python_bin: Path | None = Non
         while True:
             if process.poll() is not None:
                 raise CqilError(f"tritonserver exited with status {process.returncode}:\n{_log_tail(log_path)}")
-            with contextlib.suppress(OSError):
-                while pending:
-                    with urllib.request.urlopen(pending[0], timeout=5) as response:
-                        if response.status != 200:
-                            break
-                    pending.pop(0)
+            pending = [url for url in pending if not _answers(url)]
             if not pending:
                 break
             if time.monotonic() > deadline:

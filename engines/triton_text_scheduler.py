@@ -407,7 +407,7 @@ class Scheduler:
                     break
                 job = self.waiting[0]
                 longest = max([len(job.prompt), *(len(j.prompt) for j in joining)])
-                if joining and self.max_prefill_tokens and (len(joining) + 1) * longest > self.max_prefill_tokens:
+                if joining and self._over_prefill_cap(len(joining) + 1, longest):
                     break  # the cap: it joins at a later step
                 self.waiting.popleft()
                 self.metrics.queue(len(self.waiting))
@@ -431,6 +431,10 @@ class Scheduler:
         if joined:
             self.cache.add([tensor[joined] for tensor in presents], [len(joining[i].prompt) for i in joined])
 
+    def _over_prefill_cap(self, prompts: int, longest: int) -> bool:
+        """Whether `prompts` prompts left-padded to `longest` tokens exceed a step's `max_prefill_tokens`."""
+        return bool(self.max_prefill_tokens) and prompts * longest > self.max_prefill_tokens
+
     def _hold(self) -> bool:
         """Whether the waiting jobs wait one more step for others to join them in one prefill.
 
@@ -442,8 +446,8 @@ class Scheduler:
         the wait is over. The cost is at most that many steps of time to first token."""
         with self._wake:
             waiting = [len(job.prompt) for job in self.waiting]
-        full = len(waiting) >= self.max_batch - len(self.rows) or (
-            self.max_prefill_tokens and (len(waiting) + 1) * max(waiting, default=0) > self.max_prefill_tokens)
+        full = (len(waiting) >= self.max_batch - len(self.rows)
+                or self._over_prefill_cap(len(waiting) + 1, max(waiting, default=0)))
         if not waiting or not self.rows or full or self._held_steps >= self.join_wait_steps:
             self._held_steps = 0
             return False

@@ -30,12 +30,12 @@ def keep_last_position_logits(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
-    index, output_layer = next(((i, node) for i, node in enumerate(graph.node) if LOGITS in node.output),
-                               (None, None))
-    if output_layer is None or output_layer.op_type not in OUTPUT_LAYER_OPS:
-        found = output_layer.op_type if output_layer is not None else "no node"
+    producers = [i for i, node in enumerate(graph.node) if LOGITS in node.output]
+    found = graph.node[producers[0]].op_type if producers else "no node"
+    if found not in OUTPUT_LAYER_OPS:
         raise CqilError(f"the graph's '{LOGITS}' output comes from {found}, not the output layer's "
-                        f"{' or '.join(sorted(OUTPUT_LAYER_OPS))}: serve it with every position's logits")
+                        f"{' or '.join(sorted(OUTPUT_LAYER_OPS))}: give `cqil triton` a `cqil export` folder")
+    index, output_layer = producers[0], graph.node[producers[0]]
     hidden, last = output_layer.input[0], f"{output_layer.input[0]}_last_position"
     bounds = {"starts": -1, "ends": np.iinfo(np.int64).max, "axes": 1}
     for role, value in bounds.items():

@@ -5,9 +5,14 @@ of 1, 16 and 32 rows over 100 cached positions (and the 16-row step over the 1-r
 16-row batch can gain over one row) and prefills of 1, 4 and 16 prompts of 64 tokens in one call
 (medians of 3, 2 for the largest, after one untimed call). With `--ops`, also where the 16-row
 step's time goes: ONNX Runtime's profiler in an InferenceSession of its own, kernel time per operator
-type over 5 calls after one untimed. docs/serving.md quotes it. Run it alone:
+type over 5 calls after one untimed. With `--paired A B`, the two graphs' calls alternate in one process
+instead (each InferenceSession without spinning threads, so that neither's idle pool takes the cores from
+the other), and it prints each shape's medians and the median of the per-pair ratios B / A: a side by
+side comparison, e.g. of an export and the text model's last-position-logits graph beside it.
+docs/serving.md quotes it. Run it alone:
 
     flock -x /tmp/cqil-cpu.lock nice -n -15 python scripts/load_test_probe.py [--ops] out/onnx/model.onnx [more.onnx ...]
+    flock -x /tmp/cqil-cpu.lock nice -n -15 python scripts/load_test_probe.py --paired A.onnx B.onnx
 """
 
 from __future__ import annotations
@@ -84,8 +89,33 @@ def operator_shares(path: str, rows: int = 16, calls: int = 5) -> None:
         print(f"    {op:16s} {us / calls / 1000:6.1f} ms {100 * us / total:5.1f} %", flush=True)
 
 
+def paired(first: str, second: str) -> None:
+    """Decode steps and prefills of both graphs, calls alternating (the order flipping each round)."""
+    sessions = []
+    for path in (first, second):
+        options = onnxruntime.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sessions.append(onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"]))
+    print(f"A {first}\nB {second}", flush=True)
+    for rows, tokens, width, rounds in ((1, 1, 100, 41), (16, 1, 100, 41), (1, 64, 0, 11), (16, 64, 0, 5)):
+        times: list[list[float]] = [[], []]
+        for round_ in range(rounds + 1):  # round 0 untimed
+            for which in ((0, 1) if round_ % 2 else (1, 0)):
+                start = time.perf_counter()
+                run_call(sessions[which], rows, tokens, width)
+                if round_:
+                    times[which].append((time.perf_counter() - start) * 1000)
+        ratios = [b / a for a, b in zip(*times)]
+        kind = f"decode step, {rows} rows over {width} positions" if tokens == 1 else f"prefill, {rows} x {tokens} tokens"
+        print(f"  {kind}: A {statistics.median(times[0]):.1f} ms, B {statistics.median(times[1]):.1f} ms, "
+              f"B / A {statistics.median(ratios):.3f} (median of {rounds} pairs)", flush=True)
+
+
 if __name__ == "__main__":
     arguments = sys.argv[1:]
+    if arguments[:1] == ["--paired"]:
+        paired(*arguments[1:3])
+        sys.exit(0)
     for model in [argument for argument in arguments if argument != "--ops"]:
         probe(model)
         if "--ops" in arguments:
